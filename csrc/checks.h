@@ -1,0 +1,56 @@
+// Argument checks shared by the kernels. Every message names the op, the tensor and the
+// constraint, and every check runs before a kernel touches memory.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fastrnn {
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+inline void check_defined(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+}
+
+inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got device ",
+              t.device());
+}
+
+inline void check_dim(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(), "-D tensor of shape ",
+              shape_str(t.sizes()));
+}
+
+inline void check_shape(const at::Tensor& t, const char* op, const char* name, std::vector<int64_t> expected,
+                        const char* meaning) {
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), op, ": ", name, " must have shape ", meaning, " = ",
+              shape_str(expected), ", got ", shape_str(t.sizes()));
+}
+
+inline void check_dtype(const at::Tensor& t, const char* op, const char* name, const at::Tensor& ref,
+                        const char* ref_name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " and ", ref_name,
+                    " must have the same dtype, got ", t.scalar_type(), " and ", ref.scalar_type());
+}
+
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+                    " must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_finite_size(int64_t v, const char* op, const char* what) {
+  TORCH_CHECK(v > 0, op, ": ", what, " must be greater than zero, got ", v);
+}
+
+}  // namespace fastrnn

@@ -1,0 +1,504 @@
+// CPU kernels for the LSTM, GRU and Elman RNN: one layer, one direction, a whole sequence.
+//
+// One driver serves the three cells; they differ only in the pointwise row functions of
+// fastrnn/cells.h. Flow of a forward call:
+//   1. xg = X W_ih^T + folded biases: one GEMM over every step (outside the loop).
+//   2. per step: hg = h W_hh^T (packed BLAS, no dispatcher), one fused pointwise pass over the
+//      active rows writing the new state, the output row, and (training only) what backward needs.
+// Backward runs the steps in reverse with one pointwise pass and one GEMM per step; the weight
+// gradients and the input gradient are single GEMMs over all steps after the loop.
+//
+// Sequences are laid out "packed": rows of step t are input[off_t : off_t + bs_t]; a dense
+// [T, B, I] input is the special case bs_t = B. Batch sizes never grow with t (PackedSequence
+// order), so the rows alive at a step are a prefix of the state buffers, finished rows keep
+// their final state, and the reverse direction starts each row from its initial state.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/gemm.h"
+#include "fastrnn/cells.h"
+
+namespace fastrnn {
+namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+enum class Cell { LSTM, GRU, RNN };
+
+inline int64_t gates_of(Cell c) { return c == Cell::LSTM ? 4 : (c == Cell::GRU ? 3 : 1); }
+
+// The time-step schedule over packed rows.
+struct Schedule {
+  int64_t T = 0, B = 0, N = 0;
+  bool reverse = false;
+  std::vector<int64_t> bs, off;
+
+  int64_t time_at(int64_t s) const { return reverse ? T - 1 - s : s; }
+  // Row (into the [N, *] layout) holding the state that step t of row b starts from, or -1 for
+  // the initial state.
+  int64_t prev_row(int64_t t, int64_t b) const {
+    if (!reverse) return t == 0 ? -1 : off[t - 1] + b;
+    return (t + 1 < T && b < bs[t + 1]) ? off[t + 1] + b : -1;
+  }
+};
+
+struct Args {
+  const char* op;
+  Cell cell;
+  bool relu = false;  // RNN nonlinearity
+  at::Tensor x;       // [N, I]
+  at::Tensor w_ih;    // [G*H, I]
+  at::Tensor w_hh;    // [G*H, P]
+  at::Tensor b_ih;    // [G*H] or undefined
+  at::Tensor b_hh;    // [G*H] or undefined
+  at::Tensor w_hr;    // [P, H] or undefined (LSTM projection)
+  at::Tensor hx;      // [B, P]
+  at::Tensor cx;      // [B, H] (LSTM) or undefined
+  std::vector<int64_t> out_lead;  // leading shape of input/output ([T, B] or [N])
+  Schedule sched;
+  int64_t I = 0, H = 0, P = 0, G = 0;
+};
+
+// Validates every argument and builds the schedule; nothing is read from tensor memory
+// except batch_sizes, whose contents are themselves validated.
+Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh,
+             const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+             const c10::optional<at::Tensor>& w_hr, const at::Tensor& hx, const c10::optional<at::Tensor>& cx,
+             const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  Args a;
+  a.op = op;
+  a.cell = cell;
+  a.G = gates_of(cell);
+  using Named = std::pair<const at::Tensor*, const char*>;
+  for (const Named& n : std::initializer_list<Named>{{&input, "input"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}, {&hx, "hx"}}) {
+    check_defined(*n.first, op, n.second);
+    check_cpu(*n.first, op, n.second);
+  }
+  check_floating(input, op, "input");
+  check_dtype(w_ih, op, "w_ih", input, "input");
+  check_dtype(w_hh, op, "w_hh", input, "input");
+  check_dtype(hx, op, "hx", input, "input");
+  check_dim(w_ih, op, "w_ih", 2);
+  check_dim(w_hh, op, "w_hh", 2);
+  check_dim(hx, op, "hx", 2);
+
+  const bool packed = batch_sizes.has_value() && batch_sizes->defined();
+  if (packed) {
+    check_dim(input, op, "input (packed, with batch_sizes)", 2);
+  } else {
+    check_dim(input, op, "input", 3);
+  }
+  a.I = input.size(-1);
+  TORCH_CHECK(w_ih.size(0) % a.G == 0 && w_ih.size(0) > 0, op, ": w_ih must have shape [", a.G,
+              "*hidden_size, input_size] with hidden_size > 0, got ", shape_str(w_ih.sizes()));
+  a.H = w_ih.size(0) / a.G;
+  const bool has_proj = w_hr.has_value() && w_hr->defined();
+  TORCH_CHECK(!has_proj || cell == Cell::LSTM, op, ": w_hr (projection) is only supported by the LSTM");
+  if (has_proj) {
+    check_cpu(*w_hr, op, "w_hr");
+    check_dtype(*w_hr, op, "w_hr", input, "input");
+    check_dim(*w_hr, op, "w_hr", 2);
+    a.P = w_hr->size(0);
+    TORCH_CHECK(a.P > 0 && a.P < a.H, op, ": w_hr must have shape [proj_size, hidden_size] with 0 < proj_size < ",
+                "hidden_size = ", a.H, ", got ", shape_str(w_hr->sizes()));
+    check_shape(*w_hr, op, "w_hr", {a.P, a.H}, "[proj_size, hidden_size]");
+  } else {
+    a.P = a.H;
+  }
+  check_shape(w_ih, op, "w_ih", {a.G * a.H, a.I}, "[gates*hidden_size, input.size(-1)]");
+  check_shape(w_hh, op, "w_hh", {a.G * a.H, a.P}, "[gates*hidden_size, proj_size or hidden_size]");
+  using NamedOpt = std::pair<const OptTensor*, const char*>;
+  for (const NamedOpt& n : std::initializer_list<NamedOpt>{{&b_ih, "b_ih"}, {&b_hh, "b_hh"}}) {
+    if (n.first->has_value() && (*n.first)->defined()) {
+      check_cpu(**n.first, op, n.second);
+      check_dtype(**n.first, op, n.second, input, "input");
+      check_shape(**n.first, op, n.second, {a.G * a.H}, "[gates*hidden_size]");
+    }
+  }
+  TORCH_CHECK((b_ih.has_value() && b_ih->defined()) == (b_hh.has_value() && b_hh->defined()), op,
+              ": b_ih and b_hh must be given together or both be None");
+
+  Schedule& s = a.sched;
+  s.reverse = reverse;
+  if (packed) {
+    const at::Tensor& bsz = *batch_sizes;
+    check_cpu(bsz, op, "batch_sizes");
+    TORCH_CHECK(bsz.scalar_type() == at::kLong, op, ": batch_sizes must be an int64 tensor, got ", bsz.scalar_type());
+    check_dim(bsz, op, "batch_sizes", 1);
+    s.T = bsz.size(0);
+    TORCH_CHECK(s.T > 0, op, ": batch_sizes must have at least one time step (zero-length sequence)");
+    at::Tensor bc = bsz.contiguous();
+    const int64_t* p = bc.data_ptr<int64_t>();
+    s.bs.assign(p, p + s.T);
+    int64_t total = 0;
+    for (int64_t t = 0; t < s.T; ++t) {
+      TORCH_CHECK(s.bs[t] > 0 && (t == 0 || s.bs[t] <= s.bs[t - 1]), op,
+                  ": batch_sizes must be positive and non-increasing (as in a PackedSequence), got ", s.bs[t],
+                  " at step ", t);
+      total += s.bs[t];
+    }
+    s.B = s.bs[0];
+    TORCH_CHECK(total == input.size(0), op, ": packed input must have sum(batch_sizes) = ", total,
+                " rows, got ", input.size(0));
+    a.out_lead = {input.size(0)};
+  } else {
+    s.T = input.size(0);
+    s.B = input.size(1);
+    TORCH_CHECK(s.T > 0, op, ": input must have at least one time step (zero-length sequence), got shape ",
+                shape_str(input.sizes()));
+    s.bs.assign(s.T, s.B);
+    a.out_lead = {s.T, s.B};
+  }
+  s.off.resize(s.T);
+  int64_t acc = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    s.off[t] = acc;
+    acc += s.bs[t];
+  }
+  s.N = acc;
+  check_shape(hx, op, "hx", {s.B, a.P}, "[batch, proj_size or hidden_size]");
+  if (cell == Cell::LSTM) {
+    TORCH_CHECK(cx.has_value() && cx->defined(), op, ": cx must be a tensor for the LSTM");
+    check_cpu(*cx, op, "cx");
+    check_dtype(*cx, op, "cx", input, "input");
+    check_shape(*cx, op, "cx", {s.B, a.H}, "[batch, hidden_size]");
+  }
+  const int64_t big = std::numeric_limits<int>::max();
+  TORCH_CHECK(s.N < big && a.G * a.H < big && a.I < big, op, ": sizes beyond 2^31 are not supported");
+
+  a.x = input.reshape({s.N, a.I}).contiguous();
+  a.w_ih = w_ih.contiguous();
+  a.w_hh = w_hh.contiguous();
+  if (b_ih.has_value() && b_ih->defined()) {
+    a.b_ih = b_ih->contiguous();
+    a.b_hh = b_hh->contiguous();
+  }
+  if (has_proj) a.w_hr = w_hr->contiguous();
+  a.hx = hx.contiguous();
+  if (cell == Cell::LSTM) a.cx = cx->contiguous();
+  return a;
+}
+
+std::vector<int64_t> lead_with(const Args& a, int64_t last) {
+  std::vector<int64_t> s = a.out_lead;
+  s.push_back(last);
+  return s;
+}
+
+inline int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
+
+// Outputs: output [lead, P], hy [B, P], cy [B, H] (LSTM), and the workspace saved for
+// backward when train: ws0 = gate activations [N, G*H]; ws1 = LSTM cells c_t / GRU (W_hn h + b_hn)
+// [N, H]; ws2 = LSTM projection input o*tanh(c_t) [N, H]. Unused ones are empty.
+struct ForwardOut {
+  at::Tensor output, hy, cy, ws0, ws1, ws2;
+};
+
+template <typename T>
+void forward_kernel(const Args& a, bool train, ForwardOut& o) {
+  const Schedule& s = a.sched;
+  const int64_t H = a.H, P = a.P, GH = a.G * a.H, B = s.B;
+  const bool proj = a.w_hr.defined();
+
+  // Input projection for every step, biases folded in. The GRU keeps b_hn apart: it sits
+  // inside r * (W_hn h + b_hn).
+  at::Tensor xg = at::empty({s.N, GH}, a.x.options());
+  at::Tensor b_hn;
+  if (a.b_ih.defined()) {
+    at::Tensor bias = a.b_ih.clone();
+    if (a.cell == Cell::GRU) {
+      bias.narrow(0, 0, 2 * H).add_(a.b_hh.narrow(0, 0, 2 * H));
+      b_hn = a.b_hh.narrow(0, 2 * H, H).contiguous();
+    } else {
+      bias.add_(a.b_hh);
+    }
+    at::addmm_out(xg, bias, a.x, a.w_ih.t());
+  } else {
+    at::mm_out(xg, a.x, a.w_ih.t());
+  }
+
+  o.hy = a.hx.clone();
+  if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
+  o.output = at::empty(lead_with(a, P), a.x.options());
+  if (train && a.cell != Cell::RNN) o.ws0 = at::empty({s.N, GH}, a.x.options());
+  if (train && a.cell != Cell::RNN) o.ws1 = at::empty({s.N, H}, a.x.options());
+  if (train && proj) o.ws2 = at::empty({s.N, H}, a.x.options());
+  at::Tensor hg = at::empty({B, GH}, a.x.options());
+  at::Tensor rbuf = (proj && !train) ? at::empty({B, H}, a.x.options()) : at::Tensor();
+
+  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/true, GH, P, B);
+  std::unique_ptr<WeightGemm<T>> projg;
+  if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), true, P, H, B);
+
+  const T* xgp = xg.data_ptr<T>();
+  T* hgp = hg.data_ptr<T>();
+  T* h = o.hy.data_ptr<T>();
+  T* c = a.cell == Cell::LSTM ? o.cy.data_ptr<T>() : nullptr;
+  T* out = o.output.data_ptr<T>();
+  T* ws0 = o.ws0.defined() ? o.ws0.data_ptr<T>() : nullptr;
+  T* ws1 = o.ws1.defined() ? o.ws1.data_ptr<T>() : nullptr;
+  T* ws2 = o.ws2.defined() ? o.ws2.data_ptr<T>() : nullptr;
+  const T* bhn = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
+  const Nonlinearity act = a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh;
+  const int64_t grain = row_grain(GH);
+
+  for (int64_t step = 0; step < s.T; ++step) {
+    const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+    rec.run(h, bs, P, hgp, GH, T(0));
+    T* r = proj ? (train ? ws2 + off * H : rbuf.data_ptr<T>()) : h;  // where o*tanh(c) goes
+    at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const T* xr = xgp + (off + b) * GH;
+        const T* hr = hgp + b * GH;
+        switch (a.cell) {
+          case Cell::LSTM:
+            if (train)
+              lstm_forward_row<true, T>(H, xr, hr, c + b * H, r + b * (proj ? H : P), ws0 + (off + b) * GH,
+                                        ws1 + (off + b) * H);
+            else
+              lstm_forward_row<false, T>(H, xr, hr, c + b * H, r + b * (proj ? H : P), nullptr, nullptr);
+            break;
+          case Cell::GRU:
+            if (train)
+              gru_forward_row<true, T>(H, xr, hr, bhn, h + b * H, ws0 + (off + b) * GH, ws1 + (off + b) * H);
+            else
+              gru_forward_row<false, T>(H, xr, hr, bhn, h + b * H, nullptr, nullptr);
+            break;
+          case Cell::RNN:
+            rnn_forward_row<T>(H, act, xr, hr, h + b * H);
+            break;
+        }
+      }
+    });
+    if (proj) projg->run(r, bs, H, h, P, T(0));
+    std::memcpy(out + off * P, h, sizeof(T) * bs * P);
+  }
+}
+
+ForwardOut forward(const Args& a, bool train) {
+  ForwardOut o;
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fastrnn_forward", [&] { forward_kernel<scalar_t>(a, train, o); });
+  at::Tensor empty = at::empty({0}, a.x.options());
+  for (at::Tensor* t : {&o.cy, &o.ws0, &o.ws1, &o.ws2})
+    if (!t->defined()) *t = empty.clone();
+  return o;
+}
+
+struct BackwardOut {
+  at::Tensor grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr, grad_hx, grad_cx;
+};
+
+void check_like(const at::Tensor& t, const Args& a, const char* name, std::vector<int64_t> shape, const char* meaning) {
+  check_defined(t, a.op, name);
+  check_cpu(t, a.op, name);
+  check_dtype(t, a.op, name, a.x, "input");
+  check_shape(t, a.op, name, std::move(shape), meaning);
+}
+
+template <typename T>
+void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+                     const at::Tensor& output_, const at::Tensor& ws0_, const at::Tensor& ws1_, const at::Tensor& ws2_,
+                     BackwardOut& g) {
+  const Schedule& s = a.sched;
+  const int64_t H = a.H, P = a.P, GH = a.G * a.H, B = s.B, N = s.N;
+  const bool proj = a.w_hr.defined();
+  at::Tensor grad_out = grad_out_.reshape({N, P}).contiguous();
+  at::Tensor output = output_.reshape({N, P}).contiguous();
+  at::Tensor ws0 = ws0_.contiguous(), ws1 = ws1_.contiguous(), ws2 = ws2_.contiguous();
+
+  at::Tensor dh = grad_hy.contiguous().clone();
+  at::Tensor dc = a.cell == Cell::LSTM ? grad_cy.contiguous().clone() : at::Tensor();
+  at::Tensor dgx = at::empty({N, GH}, a.x.options());
+  at::Tensor dgh = a.cell == Cell::GRU ? at::empty({N, GH}, a.x.options()) : dgx;
+  at::Tensor dh_all = proj ? at::empty({N, P}, a.x.options()) : at::Tensor();
+  at::Tensor drbuf = proj ? at::empty({B, H}, a.x.options()) : at::Tensor();
+
+  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, B);  // dh = dgh W_hh
+  std::unique_ptr<WeightGemm<T>> projg;
+  if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), false, H, P, B);  // dr = dh W_hr
+
+  const T* go = grad_out.data_ptr<T>();
+  const T* outp = output.data_ptr<T>();
+  const T* g0 = ws0.numel() ? ws0.data_ptr<T>() : nullptr;
+  const T* g1 = ws1.numel() ? ws1.data_ptr<T>() : nullptr;
+  const T* hx = a.hx.data_ptr<T>();
+  const T* cx = a.cell == Cell::LSTM ? a.cx.data_ptr<T>() : nullptr;
+  T* dhp = dh.data_ptr<T>();
+  T* dcp = dc.defined() ? dc.data_ptr<T>() : nullptr;
+  T* dgxp = dgx.data_ptr<T>();
+  T* dghp = dgh.data_ptr<T>();
+  T* dhall = proj ? dh_all.data_ptr<T>() : nullptr;
+  T* drp = proj ? drbuf.data_ptr<T>() : nullptr;
+  const Nonlinearity act = a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh;
+  const int64_t grain = row_grain(GH);
+
+  for (int64_t step = s.T - 1; step >= 0; --step) {
+    const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+    const T* gor = go + off * P;
+    for (int64_t i = 0; i < bs * P; ++i) dhp[i] += gor[i];
+    const T* dr = dhp;
+    if (proj) {
+      std::memcpy(dhall + off * P, dhp, sizeof(T) * bs * P);
+      projg->run(dhp, bs, P, drp, H, T(0));
+      dr = drp;
+    }
+    at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t row = off + b, prev = s.prev_row(t, b);
+        switch (a.cell) {
+          case Cell::LSTM: {
+            const T* cprev = prev >= 0 ? g1 + prev * H : cx + b * H;
+            lstm_backward_row<T>(H, g0 + row * GH, g1 + row * H, cprev, dr + b * H, dcp + b * H, dgxp + row * GH);
+            break;
+          }
+          case Cell::GRU: {
+            const T* hprev = prev >= 0 ? outp + prev * P : hx + b * P;
+            gru_backward_row<T>(H, g0 + row * GH, g1 + row * H, hprev, dhp + b * H, dgxp + row * GH, dghp + row * GH);
+            break;
+          }
+          case Cell::RNN:
+            rnn_backward_row<T>(H, act, outp + row * P, dhp + b * H, dgxp + row * GH);
+            break;
+        }
+      }
+    });
+    // The GRU's row pass left z * dh in dh: the recurrent GEMM adds to it.
+    rec.run(dghp + off * GH, bs, GH, dhp, P, a.cell == Cell::GRU ? T(1) : T(0));
+  }
+
+  // The state each step started from, as one matrix, so dW_hh is a single GEMM.
+  at::Tensor hprev = at::empty({N, P}, a.x.options());
+  T* hpv = hprev.data_ptr<T>();
+  for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t b = 0; b < s.bs[t]; ++b) {
+      const int64_t prev = s.prev_row(t, b);
+      std::memcpy(hpv + (s.off[t] + b) * P, prev >= 0 ? outp + prev * P : hx + b * P, sizeof(T) * P);
+    }
+
+  g.grad_w_hh = at::mm(dgh.t(), hprev);
+  g.grad_w_ih = at::mm(dgx.t(), a.x);
+  g.grad_input = at::mm(dgx, a.w_ih).reshape(lead_with(a, a.I));
+  g.grad_b_ih = dgx.sum(0);
+  g.grad_b_hh = dgh.sum(0);
+  g.grad_w_hr = proj ? at::mm(dh_all.t(), ws2) : at::empty({0}, a.x.options());
+  g.grad_hx = dh;
+  g.grad_cx = dc.defined() ? dc : at::empty({0}, a.x.options());
+}
+
+BackwardOut backward(const Args& a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                     const c10::optional<at::Tensor>& grad_cy, const at::Tensor& output, const at::Tensor& ws0,
+                     const at::Tensor& ws1, const at::Tensor& ws2) {
+  const Schedule& s = a.sched;
+  check_like(grad_output, a, "grad_output", lead_with(a, a.P), "output.shape");
+  check_like(output, a, "output", lead_with(a, a.P), "output.shape");
+  check_like(grad_hy, a, "grad_hy", {s.B, a.P}, "hx.shape");
+  if (a.cell == Cell::LSTM) {
+    TORCH_CHECK(grad_cy.has_value() && grad_cy->defined(), a.op, ": grad_cy must be a tensor");
+    check_like(*grad_cy, a, "grad_cy", {s.B, a.H}, "cx.shape");
+  }
+  const char* nosave = ": the forward was run with train=False, so nothing was saved for backward";
+  if (a.cell != Cell::RNN) {
+    TORCH_CHECK(ws0.numel() == s.N * a.G * a.H && ws1.numel() == s.N * a.H, a.op, nosave);
+    check_like(ws0, a, "gates", {s.N, a.G * a.H}, "[rows, gates*hidden_size]");
+    check_like(ws1, a, a.cell == Cell::LSTM ? "cells" : "hn", {s.N, a.H}, "[rows, hidden_size]");
+  }
+  if (a.w_hr.defined()) {
+    TORCH_CHECK(ws2.numel() == s.N * a.H, a.op, nosave);
+    check_like(ws2, a, "proj_input", {s.N, a.H}, "[rows, hidden_size]");
+  }
+  BackwardOut g;
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fastrnn_backward", [&] {
+    backward_kernel<scalar_t>(a, grad_output, grad_hy, grad_cy.has_value() ? *grad_cy : at::Tensor(), output, ws0,
+                              ws1, ws2, g);
+  });
+  return g;
+}
+
+// ----------------------------------------------------------------------------------------
+// Op entry points (schemas in csrc/registration.cpp)
+// ----------------------------------------------------------------------------------------
+using OptT = c10::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
+    const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih, const OptT& b_hh,
+    const OptT& w_hr, const at::Tensor& hx, const at::Tensor& cx, const OptT& batch_sizes, bool reverse, bool train) {
+  Args a = prepare("fastrnn.lstm_forward", Cell::LSTM, input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes,
+                   reverse);
+  ForwardOut o = forward(a, train);
+  return {o.output, o.hy, o.cy, o.ws0, o.ws1, o.ws2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+              const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& w_hr,
+              const at::Tensor& hx, const at::Tensor& cx, const OptT& batch_sizes, bool reverse,
+              const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+              const at::Tensor& proj_input) {
+  Args a = prepare("fastrnn.lstm_backward", Cell::LSTM, input, w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr, hx, cx,
+                   batch_sizes, reverse);
+  BackwardOut g = backward(a, grad_output, grad_hy, grad_cy, output, gates, cells, proj_input);
+  return {g.grad_input, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr, g.grad_hx, g.grad_cx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward(const at::Tensor& input, const at::Tensor& w_ih,
+                                                                       const at::Tensor& w_hh, const OptT& b_ih,
+                                                                       const OptT& b_hh, const at::Tensor& hx,
+                                                                       const OptT& batch_sizes, bool reverse,
+                                                                       bool train) {
+  Args a = prepare("fastrnn.gru_forward", Cell::GRU, input, w_ih, w_hh, b_ih, b_hh, c10::nullopt, hx, c10::nullopt,
+                   batch_sizes, reverse);
+  ForwardOut o = forward(a, train);
+  return {o.output, o.hy, o.ws0, o.ws1};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& hx, const OptT& batch_sizes, bool reverse, const at::Tensor& output,
+    const at::Tensor& gates, const at::Tensor& hn) {
+  Args a = prepare("fastrnn.gru_backward", Cell::GRU, input, w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt, hx,
+                   c10::nullopt, batch_sizes, reverse);
+  at::Tensor none = at::empty({0}, input.options());
+  BackwardOut g = backward(a, grad_output, grad_hy, c10::nullopt, output, gates, hn, none);
+  return {g.grad_input, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_hx};
+}
+
+std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                               const OptT& b_ih, const OptT& b_hh, const at::Tensor& hx,
+                                               const OptT& batch_sizes, bool reverse, bool relu) {
+  Args a = prepare("fastrnn.rnn_forward", Cell::RNN, input, w_ih, w_hh, b_ih, b_hh, c10::nullopt, hx, c10::nullopt,
+                   batch_sizes, reverse);
+  a.relu = relu;
+  ForwardOut o = forward(a, false);
+  return {o.output, o.hy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& hx, const OptT& batch_sizes, bool reverse, bool relu,
+    const at::Tensor& output) {
+  Args a = prepare("fastrnn.rnn_backward", Cell::RNN, input, w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt, hx,
+                   c10::nullopt, batch_sizes, reverse);
+  a.relu = relu;
+  at::Tensor none = at::empty({0}, input.options());
+  BackwardOut g = backward(a, grad_output, grad_hy, c10::nullopt, output, none, none, none);
+  return {g.grad_input, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_hx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
+  m.impl("lstm_forward", &lstm_forward);
+  m.impl("lstm_backward", &lstm_backward);
+  m.impl("gru_forward", &gru_forward);
+  m.impl("gru_backward", &gru_backward);
+  m.impl("rnn_forward", &rnn_forward);
+  m.impl("rnn_backward", &rnn_backward);
+}
+
+}  // namespace fastrnn

@@ -1,0 +1,189 @@
+// Framework-free pointwise math of the recurrent cells: one batch row per call.
+//
+// No torch headers here: this file compiles on its own (and with nvcc), so a kernel
+// backend only has to supply the GEMMs around it. Shapes are per row; H = hidden size.
+// "xg" is the input projection W_ih x (+ biases that can be folded in), "hg" the
+// recurrent product W_hh h of the same step. Gate order follows torch.nn.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTRNN_RESTRICT __restrict__
+#define FASTRNN_INLINE inline __attribute__((always_inline))
+#else
+#define FASTRNN_RESTRICT
+#define FASTRNN_INLINE inline
+#endif
+
+namespace fastrnn {
+namespace math {
+
+// Branch-free float exp (Cephes polynomial, ~1 ulp on the clamped range) so that the
+// gate loops vectorise; std::exp calls do not.
+FASTRNN_INLINE float exp_approx(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  // round-to-nearest of x*log2(e) with the 1.5*2^23 trick (no libm call).
+  const float magic = 12582912.0f;
+  float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+FASTRNN_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+FASTRNN_INLINE float tanh(float x) {
+  // (1 - e)/(1 + e) with e = exp(-2|x|) loses relative accuracy near 0; the odd
+  // Taylor series takes over there. Both sides are computed so the loop stays branch-free.
+  float ax = x < 0.0f ? -x : x;
+  float e = exp_approx(-2.0f * ax);
+  float big = (1.0f - e) / (1.0f + e);
+  float x2 = ax * ax;
+  float small = ax * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * -0.0539682540f)));
+  float y = ax < 0.0625f ? small : big;
+  return x < 0.0f ? -y : y;
+}
+
+FASTRNN_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+FASTRNN_INLINE double tanh(double x) { return std::tanh(x); }
+
+template <typename T>
+FASTRNN_INLINE T relu(T x) {
+  return x > T(0) ? x : T(0);
+}
+
+}  // namespace math
+
+enum class Nonlinearity : int { Tanh = 0, Relu = 1 };
+
+// ---------------------------------------------------------------------------------------
+// LSTM. Gate order i, f, g, o.
+//   xg [4H]: W_ih x + b_ih + b_hh    hg [4H]: W_hh h
+//   c  [H]:  in c_{t-1}, out c_t      r [H]: out o * tanh(c_t)  (h_t, or the input of W_hr)
+//   gates [4H], cell [H]: activations saved for backward (only when Save)
+// ---------------------------------------------------------------------------------------
+template <bool Save, typename T>
+FASTRNN_INLINE void lstm_forward_row(int64_t H, const T* FASTRNN_RESTRICT xg, const T* FASTRNN_RESTRICT hg,
+                                     T* FASTRNN_RESTRICT c, T* FASTRNN_RESTRICT r, T* FASTRNN_RESTRICT gates,
+                                     T* FASTRNN_RESTRICT cell) {
+  for (int64_t j = 0; j < H; ++j) {
+    T i = math::sigmoid(xg[j] + hg[j]);
+    T f = math::sigmoid(xg[H + j] + hg[H + j]);
+    T g = math::tanh(xg[2 * H + j] + hg[2 * H + j]);
+    T o = math::sigmoid(xg[3 * H + j] + hg[3 * H + j]);
+    T cn = f * c[j] + i * g;
+    c[j] = cn;
+    r[j] = o * math::tanh(cn);
+    if (Save) {
+      gates[j] = i;
+      gates[H + j] = f;
+      gates[2 * H + j] = g;
+      gates[3 * H + j] = o;
+      cell[j] = cn;
+    }
+  }
+}
+
+//   gates [4H], cell [H] c_t, cell_prev [H] c_{t-1}: saved by forward
+//   dr [H]: dL/d(o * tanh(c_t))      dc [H]: in dL/dc_t from step t+1, out dL/dc_{t-1}
+//   dg [4H]: out dL/d(pre-activation gates)
+template <typename T>
+FASTRNN_INLINE void lstm_backward_row(int64_t H, const T* FASTRNN_RESTRICT gates, const T* FASTRNN_RESTRICT cell,
+                                      const T* FASTRNN_RESTRICT cell_prev, const T* FASTRNN_RESTRICT dr,
+                                      T* FASTRNN_RESTRICT dc, T* FASTRNN_RESTRICT dg) {
+  for (int64_t j = 0; j < H; ++j) {
+    T i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
+    T tc = math::tanh(cell[j]);
+    T dcc = dc[j] + dr[j] * o * (T(1) - tc * tc);
+    dg[j] = dcc * g * i * (T(1) - i);
+    dg[H + j] = dcc * cell_prev[j] * f * (T(1) - f);
+    dg[2 * H + j] = dcc * i * (T(1) - g * g);
+    dg[3 * H + j] = dr[j] * tc * o * (T(1) - o);
+    dc[j] = dcc * f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// GRU. Gate order r, z, n.
+//   xg [3H]: W_i x + b_i, with b_hr and b_hz folded in     hg [3H]: W_h h (no bias)
+//   b_hn [H] or null          h [H]: in h_{t-1}, out h_t
+//   gates [3H] (r, z, n), hn [H] (W_hn h + b_hn): saved for backward when Save
+// ---------------------------------------------------------------------------------------
+template <bool Save, typename T>
+FASTRNN_INLINE void gru_forward_row(int64_t H, const T* FASTRNN_RESTRICT xg, const T* FASTRNN_RESTRICT hg,
+                                    const T* FASTRNN_RESTRICT b_hn, T* FASTRNN_RESTRICT h, T* FASTRNN_RESTRICT gates,
+                                    T* FASTRNN_RESTRICT hn_out) {
+  for (int64_t j = 0; j < H; ++j) {
+    T r = math::sigmoid(xg[j] + hg[j]);
+    T z = math::sigmoid(xg[H + j] + hg[H + j]);
+    T hn = hg[2 * H + j] + (b_hn ? b_hn[j] : T(0));
+    T n = math::tanh(xg[2 * H + j] + r * hn);
+    h[j] = (T(1) - z) * n + z * h[j];
+    if (Save) {
+      gates[j] = r;
+      gates[H + j] = z;
+      gates[2 * H + j] = n;
+      hn_out[j] = hn;
+    }
+  }
+}
+
+//   dh [H]: in dL/dh_t; out the direct part of dL/dh_{t-1} (z * dh), the W_hh part is added by GEMM
+//   dgx [3H]: dL/d(input-side pre-activations)    dgh [3H]: dL/d(W_h h + b_h)
+template <typename T>
+FASTRNN_INLINE void gru_backward_row(int64_t H, const T* FASTRNN_RESTRICT gates, const T* FASTRNN_RESTRICT hn,
+                                     const T* FASTRNN_RESTRICT h_prev, T* FASTRNN_RESTRICT dh,
+                                     T* FASTRNN_RESTRICT dgx, T* FASTRNN_RESTRICT dgh) {
+  for (int64_t j = 0; j < H; ++j) {
+    T r = gates[j], z = gates[H + j], n = gates[2 * H + j];
+    T d = dh[j];
+    T dn = d * (T(1) - z) * (T(1) - n * n);
+    T dz = d * (h_prev[j] - n) * z * (T(1) - z);
+    T dr = dn * hn[j] * r * (T(1) - r);
+    dgx[j] = dr;
+    dgx[H + j] = dz;
+    dgx[2 * H + j] = dn;
+    dgh[j] = dr;
+    dgh[H + j] = dz;
+    dgh[2 * H + j] = dn * r;
+    dh[j] = d * z;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Elman RNN: h_t = act(xg + hg), xg [H] with both biases folded in.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+FASTRNN_INLINE void rnn_forward_row(int64_t H, Nonlinearity act, const T* FASTRNN_RESTRICT xg,
+                                    const T* FASTRNN_RESTRICT hg, T* FASTRNN_RESTRICT h) {
+  if (act == Nonlinearity::Tanh) {
+    for (int64_t j = 0; j < H; ++j) h[j] = math::tanh(xg[j] + hg[j]);
+  } else {
+    for (int64_t j = 0; j < H; ++j) h[j] = math::relu(xg[j] + hg[j]);
+  }
+}
+
+//   h [H]: h_t (the layer output)    dh [H]: dL/dh_t    dg [H]: out dL/d(pre-activation)
+template <typename T>
+FASTRNN_INLINE void rnn_backward_row(int64_t H, Nonlinearity act, const T* FASTRNN_RESTRICT h,
+                                     const T* FASTRNN_RESTRICT dh, T* FASTRNN_RESTRICT dg) {
+  if (act == Nonlinearity::Tanh) {
+    for (int64_t j = 0; j < H; ++j) dg[j] = dh[j] * (T(1) - h[j] * h[j]);
+  } else {
+    for (int64_t j = 0; j < H; ++j) dg[j] = h[j] > T(0) ? dh[j] : T(0);
+  }
+}
+
+}  // namespace fastrnn

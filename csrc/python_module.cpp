@@ -1,0 +1,55 @@
+// The Python extension module. Importing it loads this library, which registers the
+// fastrnn ops with the dispatcher; the module itself only reports build facts and exposes
+// a test switch for the GEMM backend.
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "cpu/gemm.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string cpu_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return "avx512";
+  if (__builtin_cpu_supports("avx2")) return "avx2";
+  return "sse";
+#elif defined(__aarch64__)
+  return "aarch64";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastrnn native library: fused recurrent kernels registered as torch.ops.fastrnn.*";
+  m.def("build_info", [] {
+    py::dict d;
+    d["cpu_isa"] = cpu_isa();
+    d["num_threads"] = at::get_num_threads();
+    d["blas"] = fastrnn::has_blas();
+    d["packed_gemm"] = fastrnn::has_packed_gemm();
+    d["cuda"] = false;
+    return d;
+  });
+  m.def(
+      "set_gemm_backend",
+      [](const std::string& name) {
+        int v = name == "auto" ? 0 : name == "blas" ? 1 : name == "generic" ? 2 : -1;
+        if (v < 0) throw py::value_error("gemm backend must be 'auto', 'blas' or 'generic', got '" + name + "'");
+        fastrnn::gemm_backend_override().store(v);
+      },
+      py::arg("name"),
+      "Select the in-loop GEMM: 'auto' (packed MKL when present), 'blas' (plain sgemm/dgemm) or 'generic' "
+      "(at::mm; the path for torch builds without MKL). For tests.");
+  m.def("get_gemm_backend", [] {
+    int v = fastrnn::gemm_backend_override().load();
+    return std::string(v == 0 ? "auto" : v == 1 ? "blas" : "generic");
+  });
+}

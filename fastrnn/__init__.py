@@ -1,0 +1,25 @@
+"""fastrnn: fused LSTM, GRU and RNN kernels for PyTorch, as drop-in torch.nn layers."""
+import torch  # noqa: F401  (loads libtorch before our library)
+
+from . import _C  # noqa: F401  (registers torch.ops.fastrnn.*)
+from . import _ops  # noqa: F401  (fake kernels)
+from . import _autograd  # noqa: F401  (backward formulas)
+from . import functional, reference
+from .modules.rnn import LSTM, GRU, RNN
+from .modules.cells import LSTMCell, GRUCell, RNNCell
+from .convert import convert
+
+__version__ = "0.1.0"
+
+
+def build_info():
+    """Facts about the native build: CPU ISA, threads, which GEMM paths exist, CUDA."""
+    info = dict(_C.build_info())
+    info["num_threads"] = torch.get_num_threads()
+    info["torch"] = torch.__version__
+    info["gemm_backend"] = _C.get_gemm_backend()
+    return info
+
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional", "reference",
+           "build_info"]

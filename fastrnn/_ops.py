@@ -1,0 +1,81 @@
+"""Fake (meta) kernels for every fastrnn op, so torch.compile and torch.export can trace them.
+
+The shapes here mirror the schemas in csrc/registration.cpp: `input` is dense [T, B, I] or
+packed [N, I] (with `batch_sizes`); the workspace outputs are [N, *] with N = T*B (or the
+packed row count), or empty when train=False.
+"""
+from __future__ import annotations
+
+import torch
+
+_lib = "fastrnn::"
+
+
+def _rows(input):
+    n = 1
+    for s in input.shape[:-1]:
+        n = n * s
+    return n
+
+
+def _check_common(name, input, w_ih, w_hh, hx, gates):
+    torch._check(input.dim() in (2, 3), lambda: f"{name}: input must be 3-D [T, B, I] or packed 2-D [N, I]")
+    torch._check(w_ih.dim() == 2 and w_hh.dim() == 2, lambda: f"{name}: w_ih and w_hh must be 2-D")
+    torch._check(w_ih.shape[0] % gates == 0, lambda: f"{name}: w_ih.size(0) must be a multiple of {gates}")
+    torch._check(w_ih.shape[1] == input.shape[-1],
+                 lambda: f"{name}: w_ih must have shape [gates*hidden_size, input.size(-1)]")
+    torch._check(hx.dim() == 2, lambda: f"{name}: hx must be 2-D [batch, hidden]")
+    for t, tn in ((w_ih, "w_ih"), (w_hh, "w_hh"), (hx, "hx")):
+        torch._check(t.dtype == input.dtype, lambda: f"{name}: {tn} and input must have the same dtype")
+
+
+def _workspace(input, train, *widths):
+    n = _rows(input)
+    return tuple(input.new_empty((n, w)) if (train and w) else input.new_empty((0,)) for w in widths)
+
+
+@torch.library.register_fake(_lib + "lstm_forward")
+def _lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train):
+    _check_common("fastrnn.lstm_forward", input, w_ih, w_hh, hx, 4)
+    H = w_ih.shape[0] // 4
+    P = w_hr.shape[0] if w_hr is not None else H
+    out = input.new_empty((*input.shape[:-1], P))
+    gates, cells, proj = _workspace(input, train, 4 * H, H, H if w_hr is not None else 0)
+    return out, torch.empty_like(hx), torch.empty_like(cx), gates, cells, proj
+
+
+@torch.library.register_fake(_lib + "lstm_backward")
+def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, reverse,
+                        output, gates, cells, proj_input):
+    H = w_ih.shape[0] // 4
+    gw_hr = torch.empty_like(w_hr) if w_hr is not None else input.new_empty((0,))
+    return (torch.empty_like(input), torch.empty_like(w_ih), torch.empty_like(w_hh), input.new_empty((4 * H,)),
+            input.new_empty((4 * H,)), gw_hr, torch.empty_like(hx), torch.empty_like(cx))
+
+
+@torch.library.register_fake(_lib + "gru_forward")
+def _gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train):
+    _check_common("fastrnn.gru_forward", input, w_ih, w_hh, hx, 3)
+    H = w_ih.shape[0] // 3
+    out = input.new_empty((*input.shape[:-1], H))
+    gates, hn = _workspace(input, train, 3 * H, H)
+    return out, torch.empty_like(hx), gates, hn
+
+
+@torch.library.register_fake(_lib + "rnn_forward")
+def _rnn_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, relu):
+    _check_common("fastrnn.rnn_forward", input, w_ih, w_hh, hx, 1)
+    H = w_ih.shape[0]
+    return input.new_empty((*input.shape[:-1], H)), torch.empty_like(hx)
+
+
+def _gru_rnn_backward_fake(gates_per_h):
+    def fake(grad_output, grad_hy, input, w_ih, w_hh, hx, batch_sizes, reverse, *rest):
+        G = w_ih.shape[0]
+        return (torch.empty_like(input), torch.empty_like(w_ih), torch.empty_like(w_hh), input.new_empty((G,)),
+                input.new_empty((G,)), torch.empty_like(hx))
+    return fake
+
+
+torch.library.register_fake(_lib + "gru_backward")(_gru_rnn_backward_fake(3))
+torch.library.register_fake(_lib + "rnn_backward")(_gru_rnn_backward_fake(1))

@@ -1,0 +1,188 @@
+"""Drop-in replacements for torch.nn.LSTMCell, GRUCell and RNNCell.
+
+A cell step is the fused sequence kernel run for one step, so cells share the layer kernels
+(and their backward). Parameters, initialisation, shapes and errors follow torch.nn.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+
+from .. import functional as FR
+
+__all__ = ["LSTMCell", "GRUCell", "RNNCell"]
+
+
+class _CellBase(nn.Module):
+    __constants__ = ["input_size", "hidden_size", "bias"]
+    _torch_class: type = nn.RNNCellBase
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int, device=None,
+                 dtype=None) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory_kwargs))
+        self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size), **factory_kwargs))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+            self.bias_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if "bias" in self.__dict__ and self.bias is not True:
+            s += ", bias={bias}"
+        if "nonlinearity" in self.__dict__ and self.nonlinearity != "tanh":
+            s += ", nonlinearity={nonlinearity}"
+        return s.format(**self.__dict__)
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def _prepare(self, input: Tensor, hx, n_states: int):
+        name = type(self).__name__
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise ValueError(f"{name}: input dtype ({input.dtype}) does not match weight dtype "
+                             f"({self.weight_ih.dtype})")
+        states = None if hx is None else ([hx] if n_states == 1 else list(hx))
+        if states is not None:
+            for idx, value in enumerate(states):
+                if value.dim() not in (1, 2):
+                    label = f"hx[{idx}]" if n_states == 2 else "hidden"
+                    raise ValueError(f"{name}: Expected {label} to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"{name}: input has inconsistent input_size: got {input.size(1)} expected "
+                               f"{self.input_size}")
+        if states is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            states = [zeros] * n_states
+        else:
+            if not is_batched:
+                states = [s.unsqueeze(0) for s in states]
+            for idx, s in enumerate(states):
+                if s.size(0) != input.size(0):
+                    raise RuntimeError(f"{name}: Input batch size {input.size(0)} doesn't match hidden{idx} batch "
+                                       f"size {s.size(0)}")
+                if s.size(1) != self.hidden_size:
+                    raise RuntimeError(f"{name}: hidden{idx} has inconsistent hidden_size: got {s.size(1)}, "
+                                       f"expected {self.hidden_size}")
+                if s.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+                    raise RuntimeError(f"{name}: hidden{idx} dtype ({s.dtype}) does not match input dtype "
+                                       f"({input.dtype})")
+        return input.unsqueeze(0), states, is_batched
+
+    @classmethod
+    def from_torch(cls, module: nn.Module):
+        """A fastrnn cell sharing the given torch.nn cell's parameters and training mode."""
+        if type(module) is not cls._torch_class:
+            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, got "
+                            f"{type(module).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.input_size, new.hidden_size, new.bias = module.input_size, module.hidden_size, module.bias
+        if hasattr(module, "nonlinearity"):
+            new.nonlinearity = module.nonlinearity
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            p = getattr(module, name)
+            if p is None:
+                new.register_parameter(name, None)
+            else:
+                setattr(new, name, p)
+        new.train(module.training)
+        return new
+
+    def to_torch(self) -> nn.Module:
+        """The equivalent torch.nn cell holding the same parameters (shared, not copied)."""
+        kwargs = {"nonlinearity": self.nonlinearity} if isinstance(self, RNNCell) else {}
+        m = self._torch_class(self.input_size, self.hidden_size, bias=self.bias, device="meta",
+                              dtype=self.weight_ih.dtype, **kwargs)
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            p = getattr(self, name)
+            if p is None:
+                m.register_parameter(name, None)
+            else:
+                setattr(m, name, p)
+        m.train(self.training)
+        return m
+
+
+class LSTMCell(_CellBase):
+    r"""Drop-in for :class:`torch.nn.LSTMCell`.
+
+    input [B, I] or [I]; hx = (h [B, H], c [B, H]) or unbatched, zeros when omitted.
+    Returns (h' [B, H], c' [B, H]).
+    """
+
+    _torch_class = nn.LSTMCell
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        x, (h, c), is_batched = self._prepare(input, hx, 2)
+        if not FR._has_kernel(x.device):
+            h, c = torch._VF.lstm_cell(x[0], (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        else:
+            _, h, c = FR.lstm_layer(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if not is_batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+
+class GRUCell(_CellBase):
+    r"""Drop-in for :class:`torch.nn.GRUCell`. input [B, I] or [I]; hx [B, H] or [H]. Returns h' [B, H]."""
+
+    _torch_class = nn.GRUCell
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x, (h,), is_batched = self._prepare(input, hx, 1)
+        if not FR._has_kernel(x.device):
+            h = torch._VF.gru_cell(x[0], h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        else:
+            _, h = FR.gru_layer(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h if is_batched else h.squeeze(0)
+
+
+class RNNCell(_CellBase):
+    r"""Drop-in for :class:`torch.nn.RNNCell` (tanh or relu). input [B, I] or [I]; hx [B, H] or [H].
+    Returns h' [B, H]."""
+
+    _torch_class = nn.RNNCell
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        x, (h,), is_batched = self._prepare(input, hx, 1)
+        if not FR._has_kernel(x.device):
+            fn = torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh" else torch._VF.rnn_relu_cell
+            h = fn(x[0], h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        else:
+            _, h = FR.rnn_layer(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                nonlinearity=self.nonlinearity)
+        return h if is_batched else h.squeeze(0)

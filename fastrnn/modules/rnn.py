@@ -1,0 +1,364 @@
+"""Drop-in replacements for torch.nn.LSTM, GRU and RNN backed by fastrnn's fused kernels.
+
+Same constructor arguments, parameter names, shapes, initialisation (same RNG draws in the
+same order), state_dict, inputs (dense, batch_first, unbatched, PackedSequence), return values
+and errors as torch.nn. They subclass nn.Module rather than the torch.nn classes: torch.compile
+refuses anything that isinstance-checks as nn.LSTM/GRU/RNN, and these compile with fullgraph=True.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import functional as FR
+
+__all__ = ["LSTM", "GRU", "RNN"]
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
+    return tensor.index_select(dim, permutation)
+
+
+class _RNNBase(nn.Module):
+    """Parameters, checks and input handling shared by LSTM, GRU and RNN (torch.nn.RNNBase's)."""
+
+    _torch_class: type = nn.RNNBase
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1):
+            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
+                             "element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                          f"expects num_layers greater than 1, but got dropout={dropout} and "
+                          f"num_layers={num_layers}", stacklevel=3)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+        if not isinstance(input_size, int) or isinstance(input_size, bool):
+            raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
+            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if mode not in _GATES:
+            raise ValueError("Unrecognized RNN mode: " + mode)
+
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        num_directions = 2 if bidirectional else 1
+        gate_size = _GATES[mode] * hidden_size
+        real_hidden_size = proj_size if proj_size > 0 else hidden_size
+
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(num_directions):
+                layer_input_size = input_size if layer == 0 else real_hidden_size * num_directions
+                shapes = [(gate_size, layer_input_size), (gate_size, real_hidden_size)]
+                names = ["weight_ih_l{}{}", "weight_hh_l{}{}"]
+                if bias:
+                    shapes += [(gate_size,), (gate_size,)]
+                    names += ["bias_ih_l{}{}", "bias_hh_l{}{}"]
+                if proj_size > 0:
+                    shapes += [(proj_size, hidden_size)]
+                    names += ["weight_hr_l{}{}"]
+                suffix = "_reverse" if direction == 1 else ""
+                names = [n.format(layer, suffix) for n in names]
+                for name, shape in zip(names, shapes):
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------- torch.nn API
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def _flat_weights(self) -> list:
+        return [getattr(self, wn) if hasattr(self, wn) else None for wn in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, weight) for weight in weights] for weights in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """Does nothing: fastrnn's kernels read the parameters where they are (torch.nn compatibility)."""
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    # ---------------------------------------------------------------- checks (torch.nn's)
+    def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
+        w = getattr(self, self._flat_weights_names[0])
+        if input.dtype != w.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). Convert "
+                             f"input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
+        expected_input_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_input_dim:
+            raise RuntimeError(f"input must have {expected_input_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {input.size(-1)}")
+        if batch_sizes is None and input.size(0 if not self.batch_first else 1) == 0:
+            raise RuntimeError(f"{type(self).__name__}: input must have at least one time step "
+                               f"(zero-length sequence), got input of shape {list(input.shape)}")
+
+    def _mini_batch(self, input: Tensor, batch_sizes: Tensor | None) -> int:
+        if batch_sizes is not None:
+            return int(batch_sizes[0])
+        return input.size(0) if self.batch_first else input.size(1)
+
+    def get_expected_hidden_size(self, input: Tensor, batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        num_directions = 2 if self.bidirectional else 1
+        size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (self.num_layers * num_directions, self._mini_batch(input, batch_sizes), size)
+
+    def get_expected_cell_size(self, input: Tensor, batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        num_directions = 2 if self.bidirectional else 1
+        return (self.num_layers * num_directions, self._mini_batch(input, batch_sizes), self.hidden_size)
+
+    @staticmethod
+    def check_hidden_size(hx: Tensor, expected_hidden_size, msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def _check_state_tensor(self, t: Tensor, name: str, input: Tensor) -> None:
+        if t.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise RuntimeError(f"{name} dtype ({t.dtype}) does not match input dtype ({input.dtype})")
+        if t.device != input.device:
+            raise RuntimeError(f"Input and {name} tensors are not at the same device, found input tensor at "
+                               f"{input.device} and {name} tensor at {t.device}")
+
+    # ---------------------------------------------------------------- forward
+    def _prepare(self, input, hx, n_states):
+        """Normalises input and hx as torch.nn does. Returns
+        (data, batch_sizes, sorted_indices, unsorted_indices, states, is_batched)."""
+        name = type(self).__name__
+        num_directions = 2 if self.bidirectional else 1
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            is_batched = True
+            if hx is not None:
+                hx = [hx] if n_states == 1 else list(hx)
+                hx = [h if sorted_indices is None else _apply_permutation(h, sorted_indices) for h in hx]
+        else:
+            data, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
+            if not isinstance(input, Tensor):
+                raise TypeError(f"{name}: input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                data = input.unsqueeze(batch_dim)
+            if hx is not None:
+                hx = [hx] if n_states == 1 else list(hx)
+                if n_states == 2 and len(hx) != 2:
+                    raise RuntimeError(f"{name}: hx must be a tuple (h_0, c_0), got {len(hx)} tensors")
+                want = 3 if is_batched else 2
+                if any(h.dim() != want for h in hx):
+                    dims = ", ".join(f"{h.dim()}-D" for h in hx)
+                    what = "hx and cx" if n_states == 2 else "hx"
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    raise RuntimeError(f"For {kind} input, {what} should also be {want}-D but got ({dims}) tensors")
+                if not is_batched:
+                    hx = [h.unsqueeze(1) for h in hx]
+        self.check_input(data, batch_sizes)
+        expected = [self.get_expected_hidden_size(data, batch_sizes)]
+        if n_states == 2:
+            expected.append(self.get_expected_cell_size(data, batch_sizes))
+        if hx is None:
+            hx = [torch.zeros(e, dtype=data.dtype, device=data.device) for e in expected]
+        else:
+            for k, (h, e) in enumerate(zip(hx, expected)):
+                msg = f"Expected hidden[{k}] size {{}}, got {{}}" if n_states == 2 else "Expected hidden size {}, got {}"
+                self.check_hidden_size(h, e, msg)
+                self._check_state_tensor(h, "hx" if k == 0 else "cx", data)
+        return data, batch_sizes, sorted_indices, unsorted_indices, hx, is_batched
+
+    def _finish(self, output, states, batch_sizes, sorted_indices, unsorted_indices, is_batched):
+        if batch_sizes is not None:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                states = [_apply_permutation(s, unsorted_indices) for s in states]
+        elif not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            states = [s.squeeze(1) for s in states]
+        return output, states
+
+    # ---------------------------------------------------------------- conversion
+    @classmethod
+    def from_torch(cls, module: nn.Module):
+        """A fastrnn layer with the same configuration and the same parameters (shared, not
+        copied) as the given torch.nn layer, in the same training mode."""
+        if type(module) is not cls._torch_class:
+            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, got "
+                            f"{type(module).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for k in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                  "bidirectional", "proj_size"):
+            setattr(new, k, getattr(module, k))
+        if hasattr(module, "nonlinearity"):
+            new.nonlinearity = module.nonlinearity
+        new._flat_weights_names = list(module._flat_weights_names)
+        new._all_weights = [list(w) for w in module._all_weights]
+        for name in new._flat_weights_names:
+            setattr(new, name, getattr(module, name))
+        new.train(module.training)
+        return new
+
+    def to_torch(self) -> nn.Module:
+        """The equivalent torch.nn layer holding the same parameters (shared, not copied)."""
+        w = getattr(self, self._flat_weights_names[0])
+        kwargs = dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                      dropout=self.dropout, bidirectional=self.bidirectional, device="meta", dtype=w.dtype)
+        if self.mode == "LSTM":
+            kwargs["proj_size"] = self.proj_size
+        if self.mode.startswith("RNN_"):
+            kwargs["nonlinearity"] = self.nonlinearity
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = self._torch_class(self.input_size, self.hidden_size, **kwargs)
+        for name in self._flat_weights_names:
+            setattr(m, name, getattr(self, name))
+        m._init_flat_weights()
+        m.train(self.training)
+        return m
+
+
+class LSTM(_RNNBase):
+    r"""Drop-in for :class:`torch.nn.LSTM`, running fastrnn's fused LSTM kernels.
+
+    Args: as torch.nn.LSTM: input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None.
+
+    Inputs: input, (h_0, c_0)
+      - input: [T, B, I] ([B, T, I] if batch_first), unbatched [T, I], or a PackedSequence
+      - h_0: [D*L, B, P] (unbatched [D*L, P]), c_0: [D*L, B, H]; zeros when omitted
+    Outputs: output, (h_n, c_n)
+      - output: [T, B, D*P] ([B, T, D*P] if batch_first; PackedSequence for packed input)
+      - h_n: [D*L, B, P], c_n: [D*L, B, H]
+    with D = 2 if bidirectional else 1, L = num_layers, P = proj_size or hidden_size.
+    """
+
+    _torch_class = nn.LSTM
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        data, batch_sizes, sidx, uidx, (h0, c0), is_batched = self._prepare(input, hx, 2)
+        out, h, c = FR.lstm(data, (h0, c0), self._flat_weights, self.bias, self.num_layers, self.dropout,
+                            self.training, self.bidirectional, self.batch_first, batch_sizes)
+        output, (h, c) = self._finish(out, [h, c], batch_sizes, sidx, uidx, is_batched)
+        return output, (h, c)
+
+
+class GRU(_RNNBase):
+    r"""Drop-in for :class:`torch.nn.GRU`, running fastrnn's fused GRU kernels.
+
+    Args: input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, device=None, dtype=None.
+    Inputs: input ([T, B, I], [B, T, I], [T, I] or PackedSequence), h_0 [D*L, B, H] (optional).
+    Outputs: output [T, B, D*H] (or PackedSequence), h_n [D*L, B, H].
+    """
+
+    _torch_class = nn.GRU
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
+        out, h = FR.gru(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+                        self.bidirectional, self.batch_first, batch_sizes)
+        output, (h,) = self._finish(out, [h], batch_sizes, sidx, uidx, is_batched)
+        return output, h
+
+
+class RNN(_RNNBase):
+    r"""Drop-in for :class:`torch.nn.RNN` (Elman, tanh or relu), running fastrnn's fused kernels.
+
+    Args: input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, device=None, dtype=None.
+    Inputs and outputs as :class:`fastrnn.GRU`.
+    """
+
+    _torch_class = nn.RNN
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        nonlinearity = self.nonlinearity
+        super().__init__(mode, *args, **kwargs)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, input, hx=None):
+        data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
+        out, h = FR.rnn(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+                        self.bidirectional, self.batch_first, batch_sizes, nonlinearity=self.nonlinearity)
+        output, (h,) = self._finish(out, [h], batch_sizes, sidx, uidx, is_batched)
+        return output, h

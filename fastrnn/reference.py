@@ -1,0 +1,139 @@
+"""Plain-PyTorch reference implementations: the oracle every fused op is tested against.
+
+They follow ../shared/SEMANTICS.md line by line, one time step at a time, with nothing fused
+and nothing clever. Shapes: x [B, I]; h [B, P]; c [B, H]; W x means x @ W.T.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def lstm_cell_ref(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
+    """One LSTM step. Returns (h', c'); h' is [B, proj_size] when w_hr is given."""
+    gates = x @ w_ih.T + h @ w_hh.T
+    if b_ih is not None:
+        gates = gates + b_ih + b_hh
+    i, f, g, o = gates.chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    if w_hr is not None:
+        h_new = h_new @ w_hr.T
+    return h_new, c_new
+
+
+def gru_cell_ref(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One GRU step (gate order r, z, n; r multiplies W_hn h + b_hn). Returns h'."""
+    gi = x @ w_ih.T
+    gh = h @ w_hh.T
+    if b_ih is not None:
+        gi = gi + b_ih
+        gh = gh + b_hh
+    i_r, i_z, i_n = gi.chunk(3, dim=1)
+    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def rnn_cell_ref(x, h, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+    """One Elman RNN step: act(W_ih x + b_ih + W_hh h + b_hh). Returns h'."""
+    pre = x @ w_ih.T + h @ w_hh.T
+    if b_ih is not None:
+        pre = pre + b_ih + b_hh
+    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
+
+
+def _scan(step, input, state, batch_sizes=None, reverse=False):
+    """Runs `step(x_t, *state_rows) -> new_state` over time; state[0] is the output.
+
+    input is [T, B, I], or packed [N, I] with batch_sizes [T] (non-increasing): at step t only
+    the first batch_sizes[t] rows are alive, the rest keep their state.
+    """
+    if batch_sizes is None:
+        T, B = input.shape[0], input.shape[1]
+        sizes = [B] * T
+        xs = list(input.unbind(0))
+    else:
+        sizes = [int(b) for b in batch_sizes]
+        xs = list(input.split(sizes, dim=0))
+    state = list(state)
+    outs = [None] * len(sizes)
+    for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
+        n = sizes[t]
+        new = step(xs[t], *[s[:n] for s in state])
+        state = [torch.cat([ns, s[n:]], dim=0) for ns, s in zip(new, state)]
+        outs[t] = new[0]
+    output = torch.stack(outs) if batch_sizes is None else torch.cat(outs, dim=0)
+    return output, state
+
+
+def lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None, reverse=False):
+    """One LSTM layer, one direction. Returns (output, h_n, c_n)."""
+    out, (h, c) = _scan(lambda x, h, c: lstm_cell_ref(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr), input, (hx, cx),
+                        batch_sizes, reverse)
+    return out, h, c
+
+
+def gru_layer_ref(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, batch_sizes=None, reverse=False):
+    """One GRU layer, one direction. Returns (output, h_n)."""
+    out, (h,) = _scan(lambda x, h: (gru_cell_ref(x, h, w_ih, w_hh, b_ih, b_hh),), input, (hx,), batch_sizes, reverse)
+    return out, h
+
+
+def rnn_layer_ref(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, batch_sizes=None, reverse=False, nonlinearity="tanh"):
+    """One Elman RNN layer, one direction. Returns (output, h_n)."""
+    out, (h,) = _scan(lambda x, h: (rnn_cell_ref(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity),), input, (hx,),
+                      batch_sizes, reverse)
+    return out, h
+
+
+def _stack_ref(layer, input, states, params, num_layers, bidirectional, batch_first, batch_sizes):
+    """Stacked (bi)directional layers without dropout; params grouped per layer and direction
+    in torch.nn's order. states: list of [L*D, B, *] tensors."""
+    D = 2 if bidirectional else 1
+    if batch_first and batch_sizes is None:
+        input = input.transpose(0, 1)
+    finals = [[] for _ in states]
+    for layer_idx in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer_idx * D + d
+            out, *fin = layer(input, [s[k] for s in states], params[k], batch_sizes, d == 1)
+            outs.append(out)
+            for acc, f in zip(finals, fin):
+                acc.append(f)
+        input = torch.cat(outs, dim=-1)
+    if batch_first and batch_sizes is None:
+        input = input.transpose(0, 1)
+    return input, [torch.stack(f) for f in finals]
+
+
+def lstm_ref(input, hx, params, num_layers=1, bidirectional=False, batch_first=False, batch_sizes=None):
+    """Multi-layer LSTM as torch.nn.LSTM computes it (dropout 0).
+
+    params: per layer and direction (torch.nn order), a tuple (w_ih, w_hh, b_ih, b_hh, w_hr)
+    with None for absent tensors. hx = (h0 [L*D, B, P], c0 [L*D, B, H]).
+    Returns (output, (h_n, c_n)).
+    """
+    def layer(x, st, p, bsz, rev):
+        return lstm_layer_ref(x, st[0], st[1], *p, batch_sizes=bsz, reverse=rev)
+    out, (h, c) = _stack_ref(layer, input, list(hx), params, num_layers, bidirectional, batch_first, batch_sizes)
+    return out, (h, c)
+
+
+def gru_ref(input, hx, params, num_layers=1, bidirectional=False, batch_first=False, batch_sizes=None):
+    """Multi-layer GRU; params per layer/direction: (w_ih, w_hh, b_ih, b_hh). Returns (output, h_n)."""
+    def layer(x, st, p, bsz, rev):
+        return gru_layer_ref(x, st[0], *p, batch_sizes=bsz, reverse=rev)
+    out, (h,) = _stack_ref(layer, input, [hx], params, num_layers, bidirectional, batch_first, batch_sizes)
+    return out, h
+
+
+def rnn_ref(input, hx, params, num_layers=1, bidirectional=False, batch_first=False, batch_sizes=None,
+            nonlinearity="tanh"):
+    """Multi-layer Elman RNN; params per layer/direction: (w_ih, w_hh, b_ih, b_hh). Returns (output, h_n)."""
+    def layer(x, st, p, bsz, rev):
+        return rnn_layer_ref(x, st[0], *p, batch_sizes=bsz, reverse=rev, nonlinearity=nonlinearity)
+    out, (h,) = _stack_ref(layer, input, [hx], params, num_layers, bidirectional, batch_first, batch_sizes)
+    return out, h
