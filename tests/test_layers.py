@@ -1,0 +1,290 @@
+"""Drop-in layers vs torch.nn: outputs, states and every gradient on the same weights."""
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pack_sequence
+
+import fastrnn
+from conftest import assert_close
+
+PAIRS = {"LSTM": (nn.LSTM, fastrnn.LSTM), "GRU": (nn.GRU, fastrnn.GRU), "RNN": (nn.RNN, fastrnn.RNN)}
+
+
+def make_pair(kind, *args, dtype=torch.float64, **kw):
+    tcls, fcls = PAIRS[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = tcls(*args, **kw).to(dtype)
+        ours = fcls(*args, **kw).to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def states_for(kind, ref, B, dtype, unbatched=False):
+    D = 2 if ref.bidirectional else 1
+    P = getattr(ref, "proj_size", 0) or ref.hidden_size
+    lead = (ref.num_layers * D,) if unbatched else (ref.num_layers * D, B)
+    h = torch.randn(*lead, P, dtype=dtype, requires_grad=True)
+    if kind == "LSTM":
+        return (h, torch.randn(*lead, ref.hidden_size, dtype=dtype, requires_grad=True))
+    return h
+
+
+def flat(o):
+    if isinstance(o, torch.nn.utils.rnn.PackedSequence):
+        return [o.data]
+    if isinstance(o, (tuple, list)):
+        return [t for x in o for t in flat(x)]
+    return [o]
+
+
+def compare(ref, ours, x, hx, dtype, extra_leaves=()):
+    r = ref(x, hx) if hx is not None else ref(x)
+    o = ours(x, hx) if hx is not None else ours(x)
+    rf, of = flat(r), flat(o)
+    assert len(rf) == len(of)
+    for a, b in zip(of, rf):
+        assert a.shape == b.shape
+        assert_close(a, b, dtype=dtype)
+    cot = [torch.randn_like(t) for t in rf]
+    leaves_r = [t for t in extra_leaves] + list(ref.parameters())
+    leaves_o = [t for t in extra_leaves] + list(ours.parameters())
+    gr = torch.autograd.grad(rf, leaves_r, cot, allow_unused=True, retain_graph=True)
+    go = torch.autograd.grad(of, leaves_o, cot, allow_unused=True)
+    for (name, _), a, b in zip([("leaf", None)] * len(extra_leaves) + list(ref.named_parameters()), go, gr):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_close(a, b, dtype=dtype, msg=name)
+    return r, o
+
+
+CONFIGS = [
+    # kind, num_layers, bidirectional, batch_first, bias, proj_size
+    ("LSTM", 1, False, False, True, 0),
+    ("LSTM", 2, True, False, True, 0),
+    ("LSTM", 2, False, True, False, 0),
+    ("LSTM", 3, True, True, True, 3),
+    ("LSTM", 1, False, False, True, 4),
+    ("GRU", 1, False, False, True, 0),
+    ("GRU", 2, True, True, True, 0),
+    ("GRU", 2, False, False, False, 0),
+    ("RNN", 1, False, False, True, 0),
+    ("RNN", 2, True, True, False, 0),
+]
+
+
+def cfg_id(c):
+    return f"{c[0]}-L{c[1]}{'-bi' if c[2] else ''}{'-bf' if c[3] else ''}{'' if c[4] else '-nobias'}" + (
+        f"-proj{c[5]}" if c[5] else "")
+
+
+def kwargs_of(c, nonlinearity=None):
+    kind, L, bi, bf, bias, proj = c
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias)
+    if proj:
+        kw["proj_size"] = proj
+    if nonlinearity:
+        kw["nonlinearity"] = nonlinearity
+    return kw
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_hx", [False, True], ids=["hx0", "hx"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
+def test_dense_matches_torch(cfg, with_hx, dtype):
+    kind = cfg[0]
+    ref, ours = make_pair(kind, 5, 7, dtype=dtype, **kwargs_of(cfg))
+    T, B = 6, 4
+    x = torch.randn(*((B, T) if cfg[3] else (T, B)), 5, dtype=dtype, requires_grad=True)
+    hx = states_for(kind, ref, B, dtype) if with_hx else None
+    leaves = [x] + (list(hx) if isinstance(hx, tuple) else [hx] if hx is not None else [])
+    compare(ref, ours, x, hx, dtype, leaves)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_rnn_nonlinearity(nonlinearity):
+    ref, ours = make_pair("RNN", 4, 6, 2, nonlinearity=nonlinearity, bidirectional=True)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    compare(ref, ours, x, None, torch.float64, [x])
+    # positional nonlinearity, as torch.nn.RNN accepts it
+    r2 = nn.RNN(4, 6, 1, nonlinearity)
+    o2 = fastrnn.RNN(4, 6, 1, nonlinearity)
+    assert o2.nonlinearity == r2.nonlinearity == nonlinearity and o2.mode == r2.mode
+
+
+@pytest.mark.parametrize("with_hx", [False, True], ids=["hx0", "hx"])
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[6], CONFIGS[9]], ids=cfg_id)
+def test_unbatched_matches_torch(cfg, with_hx):
+    kind = cfg[0]
+    ref, ours = make_pair(kind, 5, 7, **kwargs_of(cfg))
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    hx = states_for(kind, ref, None, torch.float64, unbatched=True) if with_hx else None
+    leaves = [x] + (list(hx) if isinstance(hx, tuple) else [hx] if hx is not None else [])
+    compare(ref, ours, x, hx, torch.float64, leaves)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("with_hx", [False, True], ids=["hx0", "hx"])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[6], CONFIGS[9]], ids=cfg_id)
+def test_packed_matches_torch(cfg, with_hx, enforce_sorted):
+    kind = cfg[0]
+    ref, ours = make_pair(kind, 5, 7, **kwargs_of(cfg))
+    lengths = [7, 5, 5, 2, 1] if enforce_sorted else [3, 7, 1, 5, 4]
+    B, T = len(lengths), max(lengths)
+    padded = torch.randn(B, T, 5, dtype=torch.float64, requires_grad=True)
+    packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=True, enforce_sorted=enforce_sorted)
+    hx = states_for(kind, ref, B, torch.float64) if with_hx else None
+    leaves = [padded] + (list(hx) if isinstance(hx, tuple) else [hx] if hx is not None else [])
+    r, o = compare(ref, ours, packed, hx, torch.float64, leaves)
+    assert isinstance(o[0], torch.nn.utils.rnn.PackedSequence)
+    assert torch.equal(o[0].batch_sizes, r[0].batch_sizes)
+    po, lo = pad_packed_sequence(o[0], batch_first=True)
+    pr, lr = pad_packed_sequence(r[0], batch_first=True)
+    assert torch.equal(lo, lr)
+    assert_close(po, pr)
+
+
+def test_packed_equals_per_sequence_runs():
+    """Each sequence of a packed batch gives what it gives alone (no leakage between rows)."""
+    m = fastrnn.LSTM(3, 5, bidirectional=True).double()
+    seqs = [torch.randn(L, 3, dtype=torch.float64) for L in (4, 6, 1)]
+    out, (h, c) = m(pack_sequence(seqs, enforce_sorted=False))
+    padded, lengths = pad_packed_sequence(out)
+    for i, s in enumerate(seqs):
+        o1, (h1, c1) = m(s.unsqueeze(1))
+        assert_close(padded[: len(s), i], o1[:, 0])
+        assert_close(h[:, i], h1[:, 0])
+        assert_close(c[:, i], c1[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_state_dict_both_ways_and_init(kind):
+    tcls, fcls = PAIRS[kind]
+    kw = dict(num_layers=2, bidirectional=True, bias=True)
+    if kind == "LSTM":
+        kw["proj_size"] = 3
+    torch.manual_seed(123)
+    ref = tcls(4, 6, **kw)
+    torch.manual_seed(123)
+    ours = fcls(4, 6, **kw)
+    # same names, shapes, order and initial values (same RNG draws in the same order)
+    assert [n for n, _ in ref.named_parameters()] == [n for n, _ in ours.named_parameters()]
+    for (n, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert torch.equal(a, b), n
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    assert ours._flat_weights_names == ref._flat_weights_names
+    assert [[p.shape for p in ws] for ws in ours.all_weights] == [[p.shape for p in ws] for ws in ref.all_weights]
+    assert repr(ours).split("(", 1)[1] == repr(ref).split("(", 1)[1]
+    ours.flatten_parameters()  # harmless
+    assert all(p.requires_grad for p in ours.parameters())
+
+
+def test_dtype_and_device_kwargs():
+    m = fastrnn.LSTM(3, 4, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    out, _ = m(torch.randn(2, 1, 3, dtype=torch.float64))
+    assert out.dtype == torch.float64
+
+
+def test_empty_batch_matches_torch():
+    for kind in ("LSTM", "GRU", "RNN"):
+        ref, ours = make_pair(kind, 3, 4, num_layers=2, bidirectional=True)
+        x = torch.randn(5, 0, 3, dtype=torch.float64)
+        r, o = ref(x), ours(x)
+        for a, b in zip(flat(o), flat(r)):
+            assert a.shape == b.shape
+
+
+def test_dropout_between_layers():
+    m = fastrnn.LSTM(8, 16, num_layers=3, dropout=0.5).double()
+    x = torch.randn(10, 4, 8, dtype=torch.float64)
+    m.train()
+    a, _ = m(x)
+    b, _ = m(x)
+    assert not torch.allclose(a, b), "training-mode dropout must be random between calls"
+    torch.manual_seed(7)
+    c, _ = m(x)
+    torch.manual_seed(7)
+    d, _ = m(x)
+    assert torch.equal(c, d), "dropout must be reproducible under torch.manual_seed"
+    m.eval()
+    e, _ = m(x)
+    f, _ = m(x)
+    assert torch.equal(e, f)
+    ref = nn.LSTM(8, 16, num_layers=3, dropout=0.5).double().eval()
+    ref.load_state_dict(m.state_dict())
+    assert_close(e, ref(x)[0])
+    # dropout p=1 zeroes the input of layers 2 and 3: their outputs depend on biases only
+    m1 = fastrnn.LSTM(8, 16, num_layers=2, dropout=1.0).double().train()
+    o1, _ = m1(x)
+    o2, _ = m1(torch.randn_like(x))
+    assert_close(o1, o2)
+
+
+def test_dropout_matches_torch_rng():
+    """With the same seed, dropout masks equal torch.nn's (same RNG calls in the same order)."""
+    ref, ours = make_pair("GRU", 4, 6, num_layers=3, dropout=0.3)
+    ref.train(), ours.train()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    torch.manual_seed(3)
+    r = ref(x)
+    torch.manual_seed(3)
+    o = ours(x)
+    assert_close(o[0], r[0])
+    assert_close(o[1], r[1])
+
+
+# ------------------------------------------------------------------------------- cells
+CELL_PAIRS = {"LSTMCell": (nn.LSTMCell, fastrnn.LSTMCell), "GRUCell": (nn.GRUCell, fastrnn.GRUCell),
+              "RNNCell": (nn.RNNCell, fastrnn.RNNCell)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batched,with_hx,bias", list(itertools.product([True, False], [True, False], [True, False])))
+@pytest.mark.parametrize("kind", list(CELL_PAIRS))
+def test_cells_match_torch(kind, batched, with_hx, bias, dtype):
+    tcls, fcls = CELL_PAIRS[kind]
+    torch.manual_seed(5)
+    ref = tcls(4, 6, bias=bias).to(dtype)
+    torch.manual_seed(5)
+    ours = fcls(4, 6, bias=bias).to(dtype)
+    for (n, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert torch.equal(a, b), n
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    lead = (3,) if batched else ()
+    x = torch.randn(*lead, 4, dtype=dtype, requires_grad=True)
+    hx = None
+    leaves = [x]
+    if with_hx:
+        hs = [torch.randn(*lead, 6, dtype=dtype, requires_grad=True) for _ in range(2 if kind == "LSTMCell" else 1)]
+        leaves += hs
+        hx = tuple(hs) if kind == "LSTMCell" else hs[0]
+    compare(ref, ours, x, hx, dtype, leaves)
+
+
+def test_rnncell_relu():
+    ref = nn.RNNCell(3, 5, nonlinearity="relu").double()
+    ours = fastrnn.RNNCell(3, 5, nonlinearity="relu").double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    compare(ref, ours, x, None, torch.float64, [x])
+    assert repr(ours).split("(", 1)[1] == repr(ref).split("(", 1)[1]
+
+
+def test_cell_loop_equals_layer():
+    """Stepping LSTMCell over time gives the single-layer LSTM's result."""
+    layer = fastrnn.LSTM(3, 5).double()
+    cell = fastrnn.LSTMCell(3, 5).double()
+    cell.load_state_dict({k[:-3]: v for k, v in layer.state_dict().items()})
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    out, (h, c) = layer(x)
+    hc = None
+    for t in range(6):
+        hc = cell(x[t], hc)
+        assert_close(hc[0], out[t])
+    assert_close(hc[1], c[0])

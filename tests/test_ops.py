@@ -1,0 +1,214 @@
+"""Fused ops vs the plain-PyTorch references: forward, every gradient, gradcheck, opcheck."""
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import functional as FR
+from fastrnn import reference as R
+from conftest import assert_close
+
+CELLS = ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"]
+
+
+def make_case(cell, T=5, B=3, I=4, H=6, P=3, dtype=torch.float64, bias=True, packed=False):
+    G = {"lstm": 4, "lstm_proj": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}[cell]
+    proj = cell == "lstm_proj"
+    Ph = P if proj else H
+    g = lambda *s: (torch.randn(*s, dtype=dtype) * 0.5).requires_grad_()
+    w = dict(w_ih=g(G * H, I), w_hh=g(G * H, Ph), b_ih=g(G * H) if bias else None, b_hh=g(G * H) if bias else None)
+    if proj:
+        w["w_hr"] = g(P, H)
+    if packed:
+        lengths = sorted([T] + [int(x) for x in torch.randint(1, T + 1, (B - 1,))], reverse=True)
+        batch_sizes = torch.tensor([sum(1 for L in lengths if L > t) for t in range(T)], dtype=torch.int64)
+        x = g(int(batch_sizes.sum()), I)
+    else:
+        batch_sizes = None
+        x = g(T, B, I)
+    st = dict(hx=g(B, Ph))
+    if cell.startswith("lstm"):
+        st["cx"] = g(B, H)
+    return x, st, w, batch_sizes
+
+
+def run_fused(cell, x, st, w, batch_sizes, reverse):
+    if cell.startswith("lstm"):
+        return FR.lstm_layer(x, st["hx"], st["cx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w.get("w_hr"),
+                             batch_sizes, reverse)
+    if cell == "gru":
+        return FR.gru_layer(x, st["hx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], batch_sizes, reverse)
+    return FR.rnn_layer(x, st["hx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], batch_sizes, reverse,
+                        cell.split("_")[1])
+
+
+def run_ref(cell, x, st, w, batch_sizes, reverse):
+    if cell.startswith("lstm"):
+        return R.lstm_layer_ref(x, st["hx"], st["cx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w.get("w_hr"),
+                                batch_sizes, reverse)
+    if cell == "gru":
+        return R.gru_layer_ref(x, st["hx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], batch_sizes, reverse)
+    return R.rnn_layer_ref(x, st["hx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], batch_sizes, reverse,
+                           cell.split("_")[1])
+
+
+def leaves(x, st, w):
+    return [t for t in [x, *st.values(), *w.values()] if t is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_matches_reference(cell, bias, reverse, packed, dtype):
+    x, st, w, bsz = make_case(cell, dtype=dtype, bias=bias, packed=packed, B=4)
+    outs = run_fused(cell, x, st, w, bsz, reverse)
+    refs = run_ref(cell, x, st, w, bsz, reverse)
+    assert len(outs) == len(refs)
+    for o, r in zip(outs, refs):
+        assert_close(o, r)
+    # every gradient, with a random cotangent on every output
+    cot = [torch.randn_like(r) for r in refs]
+    ps = leaves(x, st, w)
+    g_fused = torch.autograd.grad(outs, ps, cot)
+    g_ref = torch.autograd.grad(refs, ps, cot)
+    for gf, gr in zip(g_fused, g_ref):
+        assert_close(gf, gr)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gemm_backends_agree(cell, gemm_backend):
+    # Larger than the packing threshold so the packed MKL path, plain BLAS and at::mm all run.
+    x, st, w, bsz = make_case(cell, T=7, B=5, I=9, H=16, P=5, dtype=torch.float64, packed=True)
+    outs = run_fused(cell, x, st, w, bsz, False)
+    refs = run_ref(cell, x, st, w, bsz, False)
+    for o, r in zip(outs, refs):
+        assert_close(o, r)
+    g1 = torch.autograd.grad(outs[0].sum(), leaves(x, st, w))
+    g2 = torch.autograd.grad(refs[0].sum(), leaves(x, st, w))
+    for a, b in zip(g1, g2):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_packed_gemm_path(cell, gemm_backend):
+    # float32 is where MKL's packed GEMM is used; compare to the float64 reference.
+    x, st, w, bsz = make_case(cell, T=6, B=8, I=32, H=32, P=16, dtype=torch.float32)
+    outs = run_fused(cell, x, st, w, bsz, False)
+    to64 = lambda d: {k: (v.detach().double() if v is not None else None) for k, v in d.items()}
+    refs = run_ref(cell, x.detach().double(), to64(st), to64(w), bsz, False)
+    for o, r in zip(outs, refs):
+        assert_close(o.double(), r, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck(cell, reverse, packed):
+    x, st, w, bsz = make_case(cell, T=3, B=3, I=2, H=3, P=2, packed=packed)
+    names = list(st) + [k for k, v in w.items() if v is not None]
+    vals = [st.get(k, w.get(k)) for k in names]
+
+    def f(x, *vals):
+        d = dict(zip(names, vals))
+        s = {k: d[k] for k in st}
+        ww = {k: d.get(k) for k in w}
+        return run_fused(cell, x, s, ww, bsz, reverse)
+
+    assert torch.autograd.gradcheck(f, (x, *vals), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+OPCHECK_CASES = {
+    "lstm": lambda: make_case("lstm", T=3, B=2, I=3, H=4),
+    "lstm_proj": lambda: make_case("lstm_proj", T=3, B=2, I=3, H=4, P=2),
+    "gru": lambda: make_case("gru", T=3, B=2, I=3, H=4),
+    "rnn": lambda: make_case("rnn_tanh", T=3, B=2, I=3, H=4),
+}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("name", list(OPCHECK_CASES))
+def test_opcheck_forward(name, packed):
+    x, st, w, bsz = OPCHECK_CASES[name]() if not packed else make_case(
+        {"rnn": "rnn_tanh"}.get(name, name), T=3, B=2, I=3, H=4, P=2, packed=True)
+    ops = torch.ops.fastrnn
+    for train in (True, False):
+        if name.startswith("lstm"):
+            args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w.get("w_hr"), st["hx"], st["cx"], bsz, False,
+                    train)
+            op = ops.lstm_forward.default
+        elif name == "gru":
+            args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], st["hx"], bsz, True, train)
+            op = ops.gru_forward.default
+        else:
+            args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], st["hx"], bsz, False, train)
+            op = ops.rnn_forward.default
+        if not train:  # inference mode saves nothing, so autograd is not part of the contract
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", list(OPCHECK_CASES))
+def test_opcheck_backward(name):
+    x, st, w, bsz = OPCHECK_CASES[name]()
+    ops = torch.ops.fastrnn
+    d = lambda t: t.detach()
+    if name.startswith("lstm"):
+        out, hy, cy, gates, cells, pin = ops.lstm_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w.get("w_hr"),
+                                                          st["hx"], st["cx"], None, False, True)
+        args = (torch.randn_like(out), torch.randn_like(hy), torch.randn_like(cy), d(x), d(w["w_ih"]), d(w["w_hh"]),
+                d(w["w_hr"]) if "w_hr" in w else None, d(st["hx"]), d(st["cx"]), None, False, d(out), d(gates),
+                d(cells), d(pin))
+        torch.library.opcheck(ops.lstm_backward.default, args)
+    elif name == "gru":
+        out, hy, gates, hn = ops.gru_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], st["hx"], None, False, True)
+        args = (torch.randn_like(out), torch.randn_like(hy), d(x), d(w["w_ih"]), d(w["w_hh"]), d(st["hx"]), None, False,
+                d(out), d(gates), d(hn))
+        torch.library.opcheck(ops.gru_backward.default, args)
+    else:
+        out, hy = ops.rnn_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], st["hx"], None, False, False)
+        args = (torch.randn_like(out), torch.randn_like(hy), d(x), d(w["w_ih"]), d(w["w_hh"]), d(st["hx"]), None, False,
+                False, d(out))
+        torch.library.opcheck(ops.rnn_backward.default, args)
+
+
+def test_inference_saves_nothing():
+    x, st, w, _ = make_case("lstm")
+    with torch.no_grad():
+        out = torch.ops.fastrnn.lstm_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], None, st["hx"], st["cx"],
+                                             None, False, False)
+    assert all(t.numel() == 0 for t in out[3:])
+    with torch.no_grad():
+        out = torch.ops.fastrnn.gru_forward(x, w["w_ih"][:18], w["w_hh"][:18, :6], None, None, st["hx"], None, False,
+                                            torch.is_grad_enabled())
+    assert all(t.numel() == 0 for t in out[2:])
+
+
+def test_backward_after_inference_forward_is_a_clear_error():
+    x, st, w, _ = make_case("lstm")
+    out = torch.ops.fastrnn.lstm_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], None, st["hx"], st["cx"],
+                                         None, False, False)
+    with pytest.raises(RuntimeError, match="train=False"):
+        out[0].sum().backward()
+
+
+def test_results_do_not_depend_on_thread_count():
+    x, st, w, _ = make_case("lstm", T=8, B=16, I=32, H=64, dtype=torch.float32)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = run_fused("lstm", x, st, w, None, False)
+        torch.set_num_threads(max(2, n))
+        b = run_fused("lstm", x, st, w, None, False)
+    finally:
+        torch.set_num_threads(n)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_build_info():
+    info = fastrnn.build_info()
+    assert info["cpu_isa"] in {"avx512", "avx2", "sse", "aarch64", "generic"}
+    assert info["num_threads"] == torch.get_num_threads()
+    with pytest.raises(ValueError, match="gemm backend"):
+        fastrnn._C.set_gemm_backend("fast")
