@@ -483,6 +483,8 @@ def main(argv=None) -> int:
     print(flush=True)
 
     specs = build_specs(cells, cases, args.quick)
+    if not specs:
+        print("warning: the selected --cells/--cases give no rows (mid-2L-bi is LSTM only)", file=sys.stderr)
     rows: list[dict] = []
     bar = make_bar(len(specs) * len(modes), "bench")
     try:

@@ -11,6 +11,10 @@ import torch
 _lib = "fastrnn::"
 
 
+# Every output of the CPU kernels is a fresh contiguous tensor, so the fakes use new_empty(shape)
+# (contiguous), never empty_like (which would copy a caller's strides).
+
+
 def _rows(input):
     n = 1
     for s in input.shape[:-1]:
@@ -27,6 +31,8 @@ def _check_common(name, input, w_ih, w_hh, hx, gates):
     torch._check(hx.dim() == 2, lambda: f"{name}: hx must be 2-D [batch, hidden]")
     for t, tn in ((w_ih, "w_ih"), (w_hh, "w_hh"), (hx, "hx")):
         torch._check(t.dtype == input.dtype, lambda: f"{name}: {tn} and input must have the same dtype")
+        torch._check(t.device == input.device, lambda: f"{name}: {tn} and input must be on the same device, got "
+                     f"{t.device} and {input.device}")
 
 
 def _workspace(input, train, *widths):
@@ -41,16 +47,16 @@ def _lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes,
     P = w_hr.shape[0] if w_hr is not None else H
     out = input.new_empty((*input.shape[:-1], P))
     gates, cells, proj = _workspace(input, train, 4 * H, H, H if w_hr is not None else 0)
-    return out, torch.empty_like(hx), torch.empty_like(cx), gates, cells, proj
+    return out, hx.new_empty(hx.shape), cx.new_empty(cx.shape), gates, cells, proj
 
 
 @torch.library.register_fake(_lib + "lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, reverse,
                         output, gates, cells, proj_input):
     H = w_ih.shape[0] // 4
-    gw_hr = torch.empty_like(w_hr) if w_hr is not None else input.new_empty((0,))
-    return (torch.empty_like(input), torch.empty_like(w_ih), torch.empty_like(w_hh), input.new_empty((4 * H,)),
-            input.new_empty((4 * H,)), gw_hr, torch.empty_like(hx), torch.empty_like(cx))
+    gw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty((0,))
+    return (input.new_empty(input.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), input.new_empty((4 * H,)),
+            input.new_empty((4 * H,)), gw_hr, hx.new_empty(hx.shape), cx.new_empty(cx.shape))
 
 
 @torch.library.register_fake(_lib + "gru_forward")
@@ -59,21 +65,21 @@ def _gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, t
     H = w_ih.shape[0] // 3
     out = input.new_empty((*input.shape[:-1], H))
     gates, hn = _workspace(input, train, 3 * H, H)
-    return out, torch.empty_like(hx), gates, hn
+    return out, hx.new_empty(hx.shape), gates, hn
 
 
 @torch.library.register_fake(_lib + "rnn_forward")
 def _rnn_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, relu):
     _check_common("fastrnn.rnn_forward", input, w_ih, w_hh, hx, 1)
     H = w_ih.shape[0]
-    return input.new_empty((*input.shape[:-1], H)), torch.empty_like(hx)
+    return input.new_empty((*input.shape[:-1], H)), hx.new_empty(hx.shape)
 
 
 def _gru_rnn_backward_fake(gates_per_h):
     def fake(grad_output, grad_hy, input, w_ih, w_hh, hx, batch_sizes, reverse, *rest):
         G = w_ih.shape[0]
-        return (torch.empty_like(input), torch.empty_like(w_ih), torch.empty_like(w_hh), input.new_empty((G,)),
-                input.new_empty((G,)), torch.empty_like(hx))
+        return (input.new_empty(input.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), input.new_empty((G,)),
+                input.new_empty((G,)), hx.new_empty(hx.shape))
     return fake
 
 

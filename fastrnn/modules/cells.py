@@ -57,6 +57,9 @@ class _CellBase(nn.Module):
         if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
             raise ValueError(f"{name}: input dtype ({input.dtype}) does not match weight dtype "
                              f"({self.weight_ih.dtype})")
+        if input.device != self.weight_ih.device:
+            raise RuntimeError(f"{name}: input and parameter tensors are not at the same device, found input tensor "
+                               f"at {input.device} and parameter tensor at {self.weight_ih.device}")
         states = None if hx is None else ([hx] if n_states == 1 else list(hx))
         if states is not None:
             for idx, value in enumerate(states):

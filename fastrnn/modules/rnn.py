@@ -142,6 +142,9 @@ class _RNNBase(nn.Module):
         if input.dtype != w.dtype and not torch.is_autocast_enabled(input.device.type):
             raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). Convert "
                              f"input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
+        if input.device != w.device:
+            raise RuntimeError(f"Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{input.device} and parameter tensor at {w.device}")
         expected_input_dim = 2 if batch_sizes is not None else 3
         if input.dim() != expected_input_dim:
             raise RuntimeError(f"input must have {expected_input_dim} dimensions, got {input.dim()}")
