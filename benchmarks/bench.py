@@ -59,6 +59,8 @@ SEED = 1234
 # something that computes the wrong thing). Flagged in the table if exceeded.
 CHECK_ATOL = 1e-3
 CHECK_RTOL = 1e-3
+# A row whose max/min round time on either side exceeds this is marked "noisy" in the table.
+NOISY_RATIO = 1.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +134,15 @@ def machine_info() -> dict:
         "cuda_device": cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "loadavg_at_start": _loadavg(),
     }
+
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def sgemm_peak_gflops(reps: int, n: int = 1024) -> dict:
@@ -246,9 +256,11 @@ def _flatten_state(h):
     return list(h) if isinstance(h, tuple) else [h]
 
 
-def check_outputs(base: nn.Module, fast: nn.Module, x: torch.Tensor, mode: str) -> float:
-    """Max abs difference between the two sides' results (outputs, final state, and in training
-    mode the input and weight gradients). Returns inf/nan when shapes differ or values are NaN."""
+def check_outputs(base: nn.Module, fast: nn.Module, x: torch.Tensor, mode: str):
+    """Compares the two sides' results (outputs, final states, and in training mode the input and
+    weight gradients). Returns (max abs diff, max relative diff, ok) where the relative diff of a
+    tensor is max|a-b| / max|a| (a = torch.nn's), and ok means torch.allclose for every tensor.
+    A shape mismatch or NaN gives inf/nan and ok=False."""
     pairs = []
     if mode == "inference":
         with torch.no_grad():
@@ -267,19 +279,21 @@ def check_outputs(base: nn.Module, fast: nn.Module, x: torch.Tensor, mode: str) 
             m.zero_grad(set_to_none=True)
         (vb, gb), (vf, gf) = res
         pairs += list(zip(vb, vf)) + list(zip(gb, gf))
-    worst = 0.0
+    worst = worst_rel = 0.0
     ok = True
     for a, b in pairs:
         if a is None or b is None or a.shape != b.shape:
-            return float("inf"), False
-        d = (a - b).abs()
-        dmax = d.max().item() if d.numel() else 0.0
+            return float("inf"), float("inf"), False
+        if a.numel() == 0:
+            continue
+        dmax = (a - b).abs().max().item()
         if math.isnan(dmax):
-            return float("nan"), False
+            return float("nan"), float("nan"), False
         worst = max(worst, dmax)
+        worst_rel = max(worst_rel, dmax / max(a.abs().max().item(), 1e-12))
         if not torch.allclose(b, a, rtol=CHECK_RTOL, atol=CHECK_ATOL):
             ok = False
-    return worst, ok
+    return worst, worst_rel, ok
 
 
 def time_pair(run_a, run_b, rounds: int, warmup: int, min_round_s: float):
@@ -310,7 +324,7 @@ def time_pair(run_a, run_b, rounds: int, warmup: int, min_round_s: float):
 
 
 def bench_row(spec: Spec, mode: str, x: torch.Tensor, base, fast, args, peak_gflops: float) -> dict:
-    err, ok = check_outputs(base, fast, x, mode)
+    err, rel_err, ok = check_outputs(base, fast, x, mode)
 
     if mode == "training":
         x = x.detach().clone().requires_grad_(True)
@@ -338,7 +352,8 @@ def bench_row(spec: Spec, mode: str, x: torch.Tensor, base, fast, args, peak_gfl
         "flops": flops,
         "baseline_gflops": gf_a, "fastrnn_gflops": gf_b,
         "fastrnn_frac_sgemm_peak": gf_b / peak_gflops if peak_gflops > 0 else None,
-        "max_abs_diff": err, "check_ok": ok,
+        "max_abs_diff": err, "max_rel_diff": rel_err, "check_ok": ok,
+        "noisy": max(ta) / min(ta) > NOISY_RATIO or max(tb) / min(tb) > NOISY_RATIO,
         "baseline_times_ms": [t * 1e3 for t in ta], "fastrnn_times_ms": [t * 1e3 for t in tb],
     }
 
@@ -359,21 +374,22 @@ def _ms(v: float) -> str:
 def markdown_table(rows: list[dict]) -> str:
     hdr = ["case", "cell", "shape (T,B,I,H)", "mode", "baseline ms", "fastrnn ms", "speedup",
            "baseline spread ms", "fastrnn spread ms", "baseline GFLOP/s", "fastrnn GFLOP/s",
-           "fastrnn / sgemm peak", "max abs diff"]
+           "fastrnn / sgemm peak", "max rel diff", "notes"]
     lines = ["| " + " | ".join(hdr) + " |",
              "|" + "|".join(["---"] * 4 + ["---:"] * (len(hdr) - 4)) + "|"]
     for r in rows:
         if "error" in r:
-            cells = [r["case"], r["cell"], r["shape"], r["mode"]] + [""] * 8 + [f"ERROR: {r['error']}"]
+            cells = [r["case"], r["cell"], r["shape"], r["mode"]] + [""] * 9 + [f"ERROR: {r['error']}"]
         else:
             frac = r["fastrnn_frac_sgemm_peak"]
-            diff = f"{r['max_abs_diff']:.1e}" + ("" if r["check_ok"] else " MISMATCH")
+            notes = ([] if r["check_ok"] else ["MISMATCH"]) + (["noisy"] if r["noisy"] else [])
             cells = [r["case"], r["cell"], r["shape"], r["mode"],
                      _ms(r["baseline_ms"]), _ms(r["fastrnn_ms"]), f"{r['speedup']:.2f}x",
                      f"{_ms(r['baseline_min_ms'])}–{_ms(r['baseline_max_ms'])}",
                      f"{_ms(r['fastrnn_min_ms'])}–{_ms(r['fastrnn_max_ms'])}",
                      f"{r['baseline_gflops']:.1f}", f"{r['fastrnn_gflops']:.1f}",
-                     "n/a" if frac is None else f"{frac * 100:.1f}%", diff]
+                     "n/a" if frac is None else f"{frac * 100:.1f}%", f"{r['max_rel_diff']:.1e}",
+                     ", ".join(notes)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -389,7 +405,10 @@ def machine_text(info: dict, peak: dict, args, cmdline: str) -> str:
         f"- fastrnn.build_info(): `{json.dumps(info['fastrnn_build_info'], sort_keys=True)}`",
         f"- CUDA device: {cuda_s}",
         f"- sgemm peak (torch.mm {peak['n']}x{peak['n']} fp32, median of {peak['reps']}): "
-        f"{peak['gflops']:.1f} GFLOP/s",
+        f"{peak['gflops']:.1f} GFLOP/s at start"
+        + (f", {peak['end_gflops']:.1f} at end" if peak.get("end_gflops") else ""),
+        f"- load average (1/5/15 min) at start: {info['loadavg_at_start']}"
+        + (f", at end: {info['loadavg_at_end']}" if info.get("loadavg_at_end") else ""),
         f"- method: interleaved baseline/fastrnn, {args.warmup} warm-up, {args.rounds} timed rounds each, "
         f"median reported{' (QUICK smoke-test run: numbers are meaningless)' if args.quick else ''}",
         f"- command: `{cmdline}`",
@@ -481,6 +500,9 @@ def main(argv=None) -> int:
     print("## Machine\n")
     print(machine_text(info, peak, args, cmdline))
     print(flush=True)
+    if info["loadavg_at_start"] and info["loadavg_at_start"][0] > 0.5:
+        print(f"warning: load average {info['loadavg_at_start']} at start: something else is using the CPU; "
+              "timings may be noisy", file=sys.stderr)
 
     specs = build_specs(cells, cases, args.quick)
     if not specs:
@@ -507,12 +529,19 @@ def main(argv=None) -> int:
     finally:
         bar.close()
 
+    # again at the end: a different sgemm rate means the machine's speed changed during the run
+    end_peak = sgemm_peak_gflops(reps=3 if args.quick else 15)
+    peak["end_gflops"] = end_peak["gflops"]
+    info["loadavg_at_end"] = _loadavg()
     elapsed = time.perf_counter() - t_start
     table = markdown_table(rows)
     print("## Results\n")
     print(table)
     print(f"\nspeedup = baseline median / fastrnn median; spread = min–max over {args.rounds} rounds; "
-          f"GFLOP/s from GEMM flops (training = 3x forward). Total time {elapsed:.1f}s.")
+          f"GFLOP/s from GEMM flops (training = 3x forward); sgemm peak {peak['gflops']:.1f} GFLOP/s at start, "
+          f"{peak['end_gflops']:.1f} at end; max rel diff = max|torch.nn - fastrnn| / max|torch.nn| over "
+          f"outputs, states (and gradients in training); noisy = max/min > {NOISY_RATIO} on a side. "
+          f"Total time {elapsed:.1f}s.")
 
     result = {
         "started_utc": started, "elapsed_s": elapsed, "command": cmdline,
@@ -531,8 +560,11 @@ def main(argv=None) -> int:
           f"speedup = baseline (torch.nn) median / fastrnn median, measured interleaved in one process on the "
           f"same inputs and weights; spread = min–max over {args.rounds} timed rounds per side. GFLOP/s counts "
           f"GEMM flops only: forward 2·T·B·G·H·(I+H) per layer and direction (G = 4 LSTM, 3 GRU, 1 RNN), "
-          f"training = 3x forward. `max abs diff` compares outputs, final states and (training) gradients "
-          f"of the two sides once before timing.", ""]
+          f"training = 3x forward; `fastrnn / sgemm peak` divides by the torch.mm 1024x1024 rate measured at "
+          f"the start of the run. `max rel diff` = max|torch.nn - fastrnn| / max|torch.nn| over outputs, "
+          f"final states and (training) input and weight gradients, checked once before timing; MISMATCH = "
+          f"not allclose(rtol={CHECK_RTOL}, atol={CHECK_ATOL}); noisy = max/min round time above "
+          f"{NOISY_RATIO} on either side (the machine was disturbed; rerun before quoting that row).", ""]
     if have_png:
         md += ["![speedup per case and mode](speedup.png)", "", "[speedup.png](speedup.png)", ""]
     (out_dir / "RESULTS.md").write_text("\n".join(md))
@@ -541,6 +573,13 @@ def main(argv=None) -> int:
 
     n_err = sum(1 for r in rows if "error" in r)
     n_bad = sum(1 for r in rows if "error" not in r and not r["check_ok"])
+    n_noisy = sum(1 for r in rows if r.get("noisy"))
+    if n_noisy:
+        print(f"warning: {n_noisy} row(s) noisy (max/min > {NOISY_RATIO}); rerun those before quoting them",
+              file=sys.stderr)
+    if abs(peak["end_gflops"] - peak["gflops"]) > 0.2 * max(peak["gflops"], peak["end_gflops"]):
+        print(f"warning: sgemm rate changed during the run ({peak['gflops']:.1f} -> {peak['end_gflops']:.1f} "
+              "GFLOP/s): the machine was not steady", file=sys.stderr)
     if n_err or n_bad:
         print(f"warning: {n_err} row(s) raised, {n_bad} row(s) failed the output check", file=sys.stderr)
     return 1 if (n_err or n_bad) else 0

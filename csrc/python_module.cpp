@@ -48,6 +48,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("name"),
       "Select the in-loop GEMM: 'auto' (packed MKL when present), 'blas' (plain sgemm/dgemm) or 'generic' "
       "(at::mm; the path for torch builds without MKL). For tests.");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        if (name != "auto" && name != "baseline") throw py::value_error("isa must be 'auto' or 'baseline', got '" + name + "'");
+        fastrnn::isa_override_flag().store(name == "baseline" ? 1 : 0);
+      },
+      py::arg("name"), "Run the pointwise loops built for the widest ISA ('auto') or the baseline x86-64 build.");
+  m.def("get_isa", [] { return std::string(fastrnn::isa_override() == fastrnn::IsaOverride::Baseline ? "baseline" : "auto"); });
   m.def("get_gemm_backend", [] {
     int v = fastrnn::gemm_backend_override().load();
     return std::string(v == 0 ? "auto" : v == 1 ? "blas" : "generic");

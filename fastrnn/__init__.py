@@ -7,7 +7,7 @@ from . import _autograd  # noqa: F401  (backward formulas)
 from . import functional, reference
 from .modules.rnn import LSTM, GRU, RNN
 from .modules.cells import LSTMCell, GRUCell, RNNCell
-from .convert import convert
+from .convert import convert, to_torch
 
 __version__ = "0.1.0"
 
@@ -18,8 +18,9 @@ def build_info():
     info["num_threads"] = torch.get_num_threads()
     info["torch"] = torch.__version__
     info["gemm_backend"] = _C.get_gemm_backend()
+    info["pointwise_isa"] = _C.get_isa()
     return info
 
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional", "reference",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "to_torch", "functional", "reference",
            "build_info"]

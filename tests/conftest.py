@@ -33,3 +33,14 @@ def gemm_backend(request):
     _C.set_gemm_backend(request.param)
     yield request.param
     _C.set_gemm_backend(old)
+
+
+@pytest.fixture(params=["auto", "baseline"])
+def isa(request):
+    """Runs a test with the pointwise loops built for this CPU's widest ISA, and with the
+    baseline x86-64 build that CPUs without AVX2/AVX-512 get."""
+    from fastrnn import _C
+    old = _C.get_isa()
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(old)

@@ -60,7 +60,7 @@ def leaves(x, st, w):
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_fused_matches_reference(cell, bias, reverse, packed, dtype):
+def test_fused_matches_reference(cell, bias, reverse, packed, dtype, isa):
     x, st, w, bsz = make_case(cell, dtype=dtype, bias=bias, packed=packed, B=4)
     outs = run_fused(cell, x, st, w, bsz, reverse)
     refs = run_ref(cell, x, st, w, bsz, reverse)
@@ -91,7 +91,7 @@ def test_gemm_backends_agree(cell, gemm_backend):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_float32_packed_gemm_path(cell, gemm_backend):
+def test_float32_packed_gemm_path(cell, gemm_backend, isa):
     # float32 is where MKL's packed GEMM is used; compare to the float64 reference.
     x, st, w, bsz = make_case(cell, T=6, B=8, I=32, H=32, P=16, dtype=torch.float32)
     outs = run_fused(cell, x, st, w, bsz, False)

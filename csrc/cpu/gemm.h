@@ -36,6 +36,14 @@ inline std::atomic<int>& gemm_backend_override() {
   return v;
 }
 
+// Which build of the pointwise loops runs: the widest the CPU supports, or the baseline one.
+enum class IsaOverride : int { Auto = 0, Baseline = 1 };
+inline std::atomic<int>& isa_override_flag() {
+  static std::atomic<int> v{std::getenv("FASTRNN_FORCE_GENERIC_ISA") ? 1 : 0};
+  return v;
+}
+inline IsaOverride isa_override() { return static_cast<IsaOverride>(isa_override_flag().load(std::memory_order_relaxed)); }
+
 inline bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 inline bool has_packed_gemm() {
   return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;

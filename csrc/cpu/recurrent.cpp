@@ -193,6 +193,135 @@ std::vector<int64_t> lead_with(const Args& a, int64_t last) {
 
 inline int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
 
+// ---------------------------------------------------------------------------------------
+// The pointwise pass of one step over rows [b0, b1). Compiled for AVX-512, AVX2+FMA and the
+// baseline ISA (GCC target_clones picks one at load time by CPU features), so the gate loops of
+// fastrnn/cells.h vectorise as wide as the machine allows while the build stays portable.
+// FASTRNN_FORCE_GENERIC_ISA=1 in the environment pins the baseline clone (for testing it here).
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct FwdRows {
+  Cell cell;
+  bool save;
+  Nonlinearity act;
+  int64_t H, P, GH, off;
+  const T* xg;   // [N, GH] input projections (row off + b)
+  const T* hg;   // [B, GH] recurrent products of this step
+  T* h;          // [B, P] state, updated in place (GRU/RNN; LSTM writes r there when not projecting)
+  T* c;          // [B, H] LSTM cell state, updated in place
+  T* r;          // [B, r_ld] LSTM o * tanh(c)
+  int64_t r_ld;
+  T* ws0;        // [N, GH] saved gate activations
+  T* ws1;        // [N, H] saved LSTM cells / GRU hn
+  const T* bhn;  // [H] GRU b_hn or null
+};
+
+template <typename T>
+FASTRNN_INLINE void forward_rows_impl(const FwdRows<T>& s, int64_t b0, int64_t b1) {
+  const int64_t H = s.H, GH = s.GH;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t row = s.off + b;
+    const T* xr = s.xg + row * GH;
+    const T* hr = s.hg + b * GH;
+    switch (s.cell) {
+      case Cell::LSTM:
+        if (s.save)
+          lstm_forward_row<true, T>(H, xr, hr, s.c + b * H, s.r + b * s.r_ld, s.ws0 + row * GH, s.ws1 + row * H);
+        else
+          lstm_forward_row<false, T>(H, xr, hr, s.c + b * H, s.r + b * s.r_ld, nullptr, nullptr);
+        break;
+      case Cell::GRU:
+        if (s.save)
+          gru_forward_row<true, T>(H, xr, hr, s.bhn, s.h + b * H, s.ws0 + row * GH, s.ws1 + row * H);
+        else
+          gru_forward_row<false, T>(H, xr, hr, s.bhn, s.h + b * H, nullptr, nullptr);
+        break;
+      case Cell::RNN:
+        rnn_forward_row<T>(H, s.act, xr, hr, s.h + b * H);
+        break;
+    }
+  }
+}
+
+template <typename T>
+struct BwdRows {
+  Cell cell;
+  Nonlinearity act;
+  int64_t H, P, GH, off, t;
+  const Schedule* sched;
+  const T* ws0;   // [N, GH] gate activations
+  const T* ws1;   // [N, H] LSTM cells / GRU hn
+  const T* out;   // [N, P] layer output (h_t)
+  const T* hx;    // [B, P] initial h
+  const T* cx;    // [B, H] initial c
+  const T* dr;    // [B, H] dL/d(o tanh c) (LSTM)
+  T* dh;          // [B, P] dL/dh, updated in place
+  T* dc;          // [B, H] dL/dc, updated in place
+  T* dgx;         // [N, GH]
+  T* dgh;         // [N, GH]
+};
+
+template <typename T>
+FASTRNN_INLINE void backward_rows_impl(const BwdRows<T>& s, int64_t b0, int64_t b1) {
+  const int64_t H = s.H, P = s.P, GH = s.GH;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t row = s.off + b, prev = s.sched->prev_row(s.t, b);
+    switch (s.cell) {
+      case Cell::LSTM: {
+        const T* cprev = prev >= 0 ? s.ws1 + prev * H : s.cx + b * H;
+        lstm_backward_row<T>(H, s.ws0 + row * GH, s.ws1 + row * H, cprev, s.dr + b * H, s.dc + b * H,
+                             s.dgx + row * GH);
+        break;
+      }
+      case Cell::GRU: {
+        const T* hprev = prev >= 0 ? s.out + prev * P : s.hx + b * P;
+        gru_backward_row<T>(H, s.ws0 + row * GH, s.ws1 + row * H, hprev, s.dh + b * H, s.dgx + row * GH,
+                            s.dgh + row * GH);
+        break;
+      }
+      case Cell::RNN:
+        rnn_backward_row<T>(H, s.act, s.out + row * P, s.dh + b * H, s.dgx + row * GH);
+        break;
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTRNN_NO_CLONES)
+#define FASTRNN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTRNN_ISA_CLONES
+#endif
+
+FASTRNN_ISA_CLONES void forward_rows_isa(const FwdRows<float>& s, int64_t b0, int64_t b1) { forward_rows_impl(s, b0, b1); }
+FASTRNN_ISA_CLONES void forward_rows_isa(const FwdRows<double>& s, int64_t b0, int64_t b1) { forward_rows_impl(s, b0, b1); }
+FASTRNN_ISA_CLONES void backward_rows_isa(const BwdRows<float>& s, int64_t b0, int64_t b1) { backward_rows_impl(s, b0, b1); }
+FASTRNN_ISA_CLONES void backward_rows_isa(const BwdRows<double>& s, int64_t b0, int64_t b1) { backward_rows_impl(s, b0, b1); }
+
+// The baseline build of the same loops, callable on any CPU.
+template <typename T>
+__attribute__((noinline)) void forward_rows_baseline(const FwdRows<T>& s, int64_t b0, int64_t b1) {
+  forward_rows_impl(s, b0, b1);
+}
+template <typename T>
+__attribute__((noinline)) void backward_rows_baseline(const BwdRows<T>& s, int64_t b0, int64_t b1) {
+  backward_rows_impl(s, b0, b1);
+}
+
+template <typename T>
+void forward_rows(const FwdRows<T>& s, int64_t b0, int64_t b1) {
+  if (isa_override() == IsaOverride::Baseline)
+    forward_rows_baseline(s, b0, b1);
+  else
+    forward_rows_isa(s, b0, b1);
+}
+template <typename T>
+void backward_rows(const BwdRows<T>& s, int64_t b0, int64_t b1) {
+  if (isa_override() == IsaOverride::Baseline)
+    backward_rows_baseline(s, b0, b1);
+  else
+    backward_rows_isa(s, b0, b1);
+}
+
 // Outputs: output [lead, P], hy [B, P], cy [B, H] (LSTM), and the workspace saved for
 // backward when train: ws0 = gate activations [N, G*H]; ws1 = LSTM cells c_t / GRU (W_hn h + b_hn)
 // [N, H]; ws2 = LSTM projection input o*tanh(c_t) [N, H]. Unused ones are empty.
@@ -252,30 +381,8 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
     const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
     rec.run(h, bs, P, hgp, GH, T(0));
     T* r = proj ? (train ? ws2 + off * H : rbuf.data_ptr<T>()) : h;  // where o*tanh(c) goes
-    at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const T* xr = xgp + (off + b) * GH;
-        const T* hr = hgp + b * GH;
-        switch (a.cell) {
-          case Cell::LSTM:
-            if (train)
-              lstm_forward_row<true, T>(H, xr, hr, c + b * H, r + b * (proj ? H : P), ws0 + (off + b) * GH,
-                                        ws1 + (off + b) * H);
-            else
-              lstm_forward_row<false, T>(H, xr, hr, c + b * H, r + b * (proj ? H : P), nullptr, nullptr);
-            break;
-          case Cell::GRU:
-            if (train)
-              gru_forward_row<true, T>(H, xr, hr, bhn, h + b * H, ws0 + (off + b) * GH, ws1 + (off + b) * H);
-            else
-              gru_forward_row<false, T>(H, xr, hr, bhn, h + b * H, nullptr, nullptr);
-            break;
-          case Cell::RNN:
-            rnn_forward_row<T>(H, act, xr, hr, h + b * H);
-            break;
-        }
-      }
-    });
+    const FwdRows<T> rows{a.cell, train, act, H, P, GH, off, xgp, hgp, h, c, r, proj ? H : P, ws0, ws1, bhn};
+    at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { forward_rows(rows, b0, b1); });
     if (proj) projg->run(r, bs, H, h, P, T(0));
     std::memcpy(out + off * P, h, sizeof(T) * bs * P);
   }
@@ -348,26 +455,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       projg->run(dhp, bs, P, drp, H, T(0));
       dr = drp;
     }
-    at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t row = off + b, prev = s.prev_row(t, b);
-        switch (a.cell) {
-          case Cell::LSTM: {
-            const T* cprev = prev >= 0 ? g1 + prev * H : cx + b * H;
-            lstm_backward_row<T>(H, g0 + row * GH, g1 + row * H, cprev, dr + b * H, dcp + b * H, dgxp + row * GH);
-            break;
-          }
-          case Cell::GRU: {
-            const T* hprev = prev >= 0 ? outp + prev * P : hx + b * P;
-            gru_backward_row<T>(H, g0 + row * GH, g1 + row * H, hprev, dhp + b * H, dgxp + row * GH, dghp + row * GH);
-            break;
-          }
-          case Cell::RNN:
-            rnn_backward_row<T>(H, act, outp + row * P, dhp + b * H, dgxp + row * GH);
-            break;
-        }
-      }
-    });
+    const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dr, dhp, dcp, dgxp, dghp};
+    at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { backward_rows(rows, b0, b1); });
     // The GRU's row pass left z * dh in dh: the recurrent GEMM adds to it.
     rec.run(dghp + off * GH, bs, GH, dhp, P, a.cell == Cell::GRU ? T(1) : T(0));
   }
