@@ -61,6 +61,39 @@ CHECK_ATOL = 1e-3
 CHECK_RTOL = 1e-3
 # A row whose max/min round time on either side exceeds this is marked "noisy" in the table.
 NOISY_RATIO = 1.5
+# A row during which other processes (or the hypervisor: steal time) used more than this many CPU
+# cores on average is marked "contended": its numbers say more about the neighbours than about us.
+CONTENDED_CORES = 0.15
+
+
+class CpuWatch:
+    """CPU used by everything except this process between start() and stop(), in cores (Linux)."""
+
+    def __init__(self):
+        self.tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(t) for t in f.readline().split()[1:]]
+            busy = sum(v) - v[3] - (v[4] if len(v) > 4 else 0)  # all but idle and iowait (steal counts)
+            with open("/proc/self/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            own = int(fields[11]) + int(fields[12])  # utime + stime, all threads
+            return busy, own, time.perf_counter()
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def start(self):
+        self.s = self._read()
+
+    def stop(self):
+        e = self._read()
+        if self.s is None or e is None or e[2] <= self.s[2]:
+            return None
+        others = max(0, (e[0] - self.s[0]) - (e[1] - self.s[1])) / self.tck
+        return others / (e[2] - self.s[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +194,26 @@ def sgemm_peak_gflops(reps: int, n: int = 1024) -> dict:
     med = statistics.median(times)
     flops = 2.0 * n ** 3
     return {"n": n, "reps": reps, "median_ms": med * 1e3, "gflops": flops / med / 1e9,
-            "best_gflops": flops / min(times) / 1e9}
+            "best_gflops": flops / min(times) / 1e9, "onednn_gflops": onednn_gemm_gflops(a, b, reps)}
+
+
+def onednn_gemm_gflops(a: torch.Tensor, b: torch.Tensor, reps: int):
+    """Same GEMM through oneDNN (what torch.nn.LSTM uses on CPU), for reference only: with MKL on
+    AMD CPUs torch.mm can run well below the machine's fp32 rate. None where unavailable (private
+    API)."""
+    try:
+        am, bm = a.to_mkldnn(), b.to_mkldnn()
+        f = torch._C._nn.mkldnn_linear
+        for _ in range(3):
+            f(am, bm)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f(am, bm)
+            times.append(time.perf_counter() - t0)
+        return 2.0 * a.shape[0] ** 3 / statistics.median(times) / 1e9
+    except Exception:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +382,10 @@ def bench_row(spec: Spec, mode: str, x: torch.Tensor, base, fast, args, peak_gfl
         x = x.detach().clone().requires_grad_(True)
     run_a = make_runner(base, x, mode)
     run_b = make_runner(fast, x, mode)
+    watch = CpuWatch()
+    watch.start()
     ta, tb, inner = time_pair(run_a, run_b, args.rounds, args.warmup, 0.0 if args.quick else MIN_ROUND_S)
+    others = watch.stop()
     base.zero_grad(set_to_none=True)
     fast.zero_grad(set_to_none=True)
 
@@ -354,6 +409,8 @@ def bench_row(spec: Spec, mode: str, x: torch.Tensor, base, fast, args, peak_gfl
         "fastrnn_frac_sgemm_peak": gf_b / peak_gflops if peak_gflops > 0 else None,
         "max_abs_diff": err, "max_rel_diff": rel_err, "check_ok": ok,
         "noisy": max(ta) / min(ta) > NOISY_RATIO or max(tb) / min(tb) > NOISY_RATIO,
+        "other_cpu_cores": others,
+        "contended": others is not None and others > CONTENDED_CORES,
         "baseline_times_ms": [t * 1e3 for t in ta], "fastrnn_times_ms": [t * 1e3 for t in tb],
     }
 
@@ -383,6 +440,8 @@ def markdown_table(rows: list[dict]) -> str:
         else:
             frac = r["fastrnn_frac_sgemm_peak"]
             notes = ([] if r["check_ok"] else ["MISMATCH"]) + (["noisy"] if r["noisy"] else [])
+            if r["contended"]:
+                notes.append(f"contended ({r['other_cpu_cores']:.2f} cores used by others)")
             cells = [r["case"], r["cell"], r["shape"], r["mode"],
                      _ms(r["baseline_ms"]), _ms(r["fastrnn_ms"]), f"{r['speedup']:.2f}x",
                      f"{_ms(r['baseline_min_ms'])}–{_ms(r['baseline_max_ms'])}",
@@ -406,8 +465,13 @@ def machine_text(info: dict, peak: dict, args, cmdline: str) -> str:
         f"- CUDA device: {cuda_s}",
         f"- sgemm peak (torch.mm {peak['n']}x{peak['n']} fp32, median of {peak['reps']}): "
         f"{peak['gflops']:.1f} GFLOP/s at start"
-        + (f", {peak['end_gflops']:.1f} at end" if peak.get("end_gflops") else ""),
-        f"- load average (1/5/15 min) at start: {info['loadavg_at_start']}"
+        + (f", {peak['end_gflops']:.1f} at end" if peak.get("end_gflops") else "")
+        + ("" if peak.get("onednn_gflops") is None else
+           f"; for reference, the same GEMM through oneDNN: {peak['onednn_gflops']:.1f} GFLOP/s"),
+        f"- CPU used by other processes at start: "
+        + ("unknown" if info.get("other_cpu_cores_at_start") is None else
+           f"{info['other_cpu_cores_at_start']:.2f} cores")
+        + f"; load average (1/5/15 min) at start: {info['loadavg_at_start']}"
         + (f", at end: {info['loadavg_at_end']}" if info.get("loadavg_at_end") else ""),
         f"- method: interleaved baseline/fastrnn, {args.warmup} warm-up, {args.rounds} timed rounds each, "
         f"median reported{' (QUICK smoke-test run: numbers are meaningless)' if args.quick else ''}",
@@ -496,13 +560,17 @@ def main(argv=None) -> int:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
     info = machine_info()
+    w = CpuWatch()
+    w.start()
+    time.sleep(0.3)   # idle: whatever CPU is used now is someone else's
+    info["other_cpu_cores_at_start"] = w.stop()
     peak = sgemm_peak_gflops(reps=3 if args.quick else 15)
     print("## Machine\n")
     print(machine_text(info, peak, args, cmdline))
     print(flush=True)
-    if info["loadavg_at_start"] and info["loadavg_at_start"][0] > 0.5:
-        print(f"warning: load average {info['loadavg_at_start']} at start: something else is using the CPU; "
-              "timings may be noisy", file=sys.stderr)
+    if info["other_cpu_cores_at_start"] is not None and info["other_cpu_cores_at_start"] > CONTENDED_CORES:
+        print(f"warning: other processes are using {info['other_cpu_cores_at_start']:.2f} CPU cores: "
+              "timings will be disturbed (rows are marked 'contended')", file=sys.stderr)
 
     specs = build_specs(cells, cases, args.quick)
     if not specs:
@@ -540,7 +608,8 @@ def main(argv=None) -> int:
     print(f"\nspeedup = baseline median / fastrnn median; spread = min–max over {args.rounds} rounds; "
           f"GFLOP/s from GEMM flops (training = 3x forward); sgemm peak {peak['gflops']:.1f} GFLOP/s at start, "
           f"{peak['end_gflops']:.1f} at end; max rel diff = max|torch.nn - fastrnn| / max|torch.nn| over "
-          f"outputs, states (and gradients in training); noisy = max/min > {NOISY_RATIO} on a side. "
+          f"outputs, states (and gradients in training); noisy = max/min > {NOISY_RATIO} on a side; "
+          f"contended = other processes used > {CONTENDED_CORES} cores during the row. "
           f"Total time {elapsed:.1f}s.")
 
     result = {
@@ -564,7 +633,9 @@ def main(argv=None) -> int:
           f"the start of the run. `max rel diff` = max|torch.nn - fastrnn| / max|torch.nn| over outputs, "
           f"final states and (training) input and weight gradients, checked once before timing; MISMATCH = "
           f"not allclose(rtol={CHECK_RTOL}, atol={CHECK_ATOL}); noisy = max/min round time above "
-          f"{NOISY_RATIO} on either side (the machine was disturbed; rerun before quoting that row).", ""]
+          f"{NOISY_RATIO} on either side; contended = other processes (or hypervisor steal) used more than {CONTENDED_CORES} "
+          f"CPU cores on average while the row ran. Don't quote noisy or contended rows: rerun them on a "
+          f"quiet machine.", ""]
     if have_png:
         md += ["![speedup per case and mode](speedup.png)", "", "[speedup.png](speedup.png)", ""]
     (out_dir / "RESULTS.md").write_text("\n".join(md))
@@ -574,6 +645,10 @@ def main(argv=None) -> int:
     n_err = sum(1 for r in rows if "error" in r)
     n_bad = sum(1 for r in rows if "error" not in r and not r["check_ok"])
     n_noisy = sum(1 for r in rows if r.get("noisy"))
+    n_cont = sum(1 for r in rows if r.get("contended"))
+    if n_cont:
+        print(f"warning: {n_cont} row(s) contended: other processes used > {CONTENDED_CORES} CPU cores while "
+              "they ran; rerun on a quiet machine before quoting them", file=sys.stderr)
     if n_noisy:
         print(f"warning: {n_noisy} row(s) noisy (max/min > {NOISY_RATIO}); rerun those before quoting them",
               file=sys.stderr)

@@ -35,19 +35,22 @@ PYBIND11_MODULE(_C, m) {
     d["num_threads"] = at::get_num_threads();
     d["blas"] = fastrnn::has_blas();
     d["packed_gemm"] = fastrnn::has_packed_gemm();
+    d["onednn_gemm"] = fastrnn::has_onednn();
     d["cuda"] = false;
     return d;
   });
   m.def(
       "set_gemm_backend",
       [](const std::string& name) {
-        int v = name == "auto" ? 0 : name == "blas" ? 1 : name == "generic" ? 2 : -1;
-        if (v < 0) throw py::value_error("gemm backend must be 'auto', 'blas' or 'generic', got '" + name + "'");
+        int v = name == "auto" ? 0 : name == "blas" ? 1 : name == "generic" ? 2 : name == "onednn" ? 3 : -1;
+        if (v < 0)
+          throw py::value_error("gemm backend must be 'auto', 'blas', 'generic' or 'onednn', got '" + name + "'");
         fastrnn::gemm_backend_override().store(v);
       },
       py::arg("name"),
-      "Select the in-loop GEMM: 'auto' (packed MKL when present), 'blas' (plain sgemm/dgemm) or 'generic' "
-      "(at::mm; the path for torch builds without MKL). For tests.");
+      "Select the GEMMs: 'auto' (oneDNN for large float32 products, packed MKL for small ones), 'blas' "
+      "(plain sgemm/dgemm), 'generic' (at::mm; the path for torch builds without MKL) or 'onednn' (oneDNN "
+      "for every float32 product). For tests.");
   m.def(
       "set_isa",
       [](const std::string& name) {
@@ -58,6 +61,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_isa", [] { return std::string(fastrnn::isa_override() == fastrnn::IsaOverride::Baseline ? "baseline" : "auto"); });
   m.def("get_gemm_backend", [] {
     int v = fastrnn::gemm_backend_override().load();
-    return std::string(v == 0 ? "auto" : v == 1 ? "blas" : "generic");
+    return std::string(v == 0 ? "auto" : v == 1 ? "blas" : v == 2 ? "generic" : "onednn");
   });
 }

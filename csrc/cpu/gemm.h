@@ -8,10 +8,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <string>
 #include <memory>
 
 extern "C" {
@@ -30,7 +34,8 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 
 namespace fastrnn {
 
-// 0 = best available, 1 = plain BLAS (no packing), 2 = generic (at::mm). Set from Python for tests.
+// 0 = best available, 1 = plain BLAS (no packing), 2 = generic (at::mm), 3 = oneDNN for every
+// float32 GEMM whatever its size. Set from Python for tests.
 inline std::atomic<int>& gemm_backend_override() {
   static std::atomic<int> v{0};
   return v;
@@ -47,6 +52,52 @@ inline IsaOverride isa_override() { return static_cast<IsaOverride>(isa_override
 inline bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 inline bool has_packed_gemm() {
   return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
+}
+
+// ---------------------------------------------------------------------------------------
+// oneDNN through torch's own mkldnn::_linear_pointwise op. On AMD CPUs the MKL that torch
+// bundles runs ~2.2x below oneDNN's JIT GEMM (measured here, Zen 5, 2 threads: 64x512x2048
+// 320 us vs 730 us; 6400x512x2048 X W^T 42 ms vs 78 ms). The op goes through the dispatcher
+// (~10 us a call), so it only pays for large products; small ones stay on MKL's packed GEMM.
+// Builds without oneDNN lack the op and fall back to BLAS.
+// ---------------------------------------------------------------------------------------
+inline const c10::optional<c10::OperatorHandle>& onednn_linear_handle() {
+  static const c10::optional<c10::OperatorHandle> h =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return h;
+}
+inline bool has_onednn() { return onednn_linear_handle().has_value(); }
+
+// Y[M, N] = X[M, K] W[N, K]^T (+ bias[N]); X may be a strided view.
+inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(w);
+  stack.emplace_back(bias.defined() ? c10::IValue(bias) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  c10::List<c10::optional<at::Scalar>> scalars;
+  scalars.push_back(c10::nullopt);
+  stack.emplace_back(scalars);
+  stack.emplace_back(std::string(""));
+  onednn_linear_handle()->callBoxed(stack);
+  return std::move(stack[0]).toTensor();
+}
+
+// Below this many multiply-adds the dispatcher's overhead outweighs oneDNN's faster kernel.
+constexpr double kOnednnMinMacs = 1.0 * 1024 * 1024;
+
+inline bool use_onednn_for(int64_t m, int64_t n, int64_t k, bool is_float) {
+  int o = gemm_backend_override().load();
+  if (!is_float || !has_onednn() || o == 1 || o == 2) return false;
+  return o == 3 || double(m) * double(n) * double(k) >= kOnednnMinMacs;
+}
+
+// fast_linear: out = X W^T (+ bias), choosing oneDNN for large float32 products.
+inline at::Tensor fast_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias = at::Tensor()) {
+  if (use_onednn_for(x.size(0), w.size(0), x.size(1), x.scalar_type() == at::kFloat) && x.size(0) > 0)
+    return onednn_linear(x, w, bias);
+  return bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
 }
 
 namespace detail {
@@ -75,6 +126,12 @@ class WeightGemm {
   WeightGemm(const T* b, bool trans_b, int64_t n, int64_t k, int64_t max_m)
       : b_(b), trans_b_(trans_b), n_(n), k_(k), packed_m_(max_m) {
     int override_ = gemm_backend_override().load();
+    if (max_m > 0 && n > 0 && k > 0 && use_onednn_for(max_m, n, k, std::is_same_v<T, float>)) {
+      // oneDNN wants the weight as [N, K]; a stored [K, N] is transposed once per call.
+      auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+      w_nk_ = trans_b ? at::from_blob(const_cast<T*>(b), {n, k}, opts)
+                      : at::from_blob(const_cast<T*>(b), {k, n}, opts).t().contiguous();
+    }
     mode_ = (override_ == 2 || !has_blas()) ? Mode::Generic : Mode::Blas;
     if constexpr (std::is_same_v<T, float>) {
       // MKL's packed format is documented for the m it was packed with; steps with another m
@@ -91,6 +148,20 @@ class WeightGemm {
 
   void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, T beta) const {
     if (m == 0 || n_ == 0) return;
+    if (w_nk_.defined() && k_ > 0 && use_onednn_for(m, n_, k_, true)) {
+      auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+      at::Tensor y = onednn_linear(at::from_blob(const_cast<T*>(a), {m, k_}, {lda, 1}, opts), w_nk_, at::Tensor());
+      const T* yp = y.data_ptr<T>();
+      for (int64_t i = 0; i < m; ++i) {
+        T* ci = c + i * ldc;
+        const T* yi = yp + i * n_;
+        if (beta == T(0))
+          std::memcpy(ci, yi, sizeof(T) * n_);
+        else
+          for (int64_t j = 0; j < n_; ++j) ci[j] = beta * ci[j] + yi[j];
+      }
+      return;
+    }
     if (k_ == 0) {
       // BLAS would scale C by beta; keep the same meaning.
       for (int64_t i = 0; i < m; ++i)
@@ -132,6 +203,7 @@ class WeightGemm {
   int64_t n_, k_, packed_m_;
   Mode mode_ = Mode::Generic;
   std::unique_ptr<float, FreeDeleter> packed_;
+  at::Tensor w_nk_;  // the weight as [N, K] for oneDNN, when it is used
 };
 
 }  // namespace fastrnn

@@ -337,20 +337,17 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
 
   // Input projection for every step, biases folded in. The GRU keeps b_hn apart: it sits
   // inside r * (W_hn h + b_hn).
-  at::Tensor xg = at::empty({s.N, GH}, a.x.options());
-  at::Tensor b_hn;
+  at::Tensor b_hn, bias;
   if (a.b_ih.defined()) {
-    at::Tensor bias = a.b_ih.clone();
+    bias = a.b_ih.clone();
     if (a.cell == Cell::GRU) {
       bias.narrow(0, 0, 2 * H).add_(a.b_hh.narrow(0, 0, 2 * H));
       b_hn = a.b_hh.narrow(0, 2 * H, H).contiguous();
     } else {
       bias.add_(a.b_hh);
     }
-    at::addmm_out(xg, bias, a.x, a.w_ih.t());
-  } else {
-    at::mm_out(xg, a.x, a.w_ih.t());
   }
+  at::Tensor xg = fast_linear(a.x, a.w_ih, bias).contiguous();
 
   o.hy = a.hx.clone();
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
@@ -472,7 +469,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
 
   g.grad_w_hh = at::mm(dgh.t(), hprev);
   g.grad_w_ih = at::mm(dgx.t(), a.x);
-  g.grad_input = at::mm(dgx, a.w_ih).reshape(lead_with(a, a.I));
+  g.grad_input = fast_linear(dgx, a.w_ih.t().contiguous()).reshape(lead_with(a, a.I));
   g.grad_b_ih = dgx.sum(0);
   g.grad_b_hh = dgh.sum(0);
   g.grad_w_hr = proj ? at::mm(dh_all.t(), ws2) : at::empty({0}, a.x.options());

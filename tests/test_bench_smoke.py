@@ -1,0 +1,18 @@
+"""The benchmark harness runs end to end (one tiny round; timings are not asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--cases", "small-batch",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "| small-batch" in r.stdout
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {row["cell"] for row in rows} == {"LSTM", "GRU", "RNN"}
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+    assert (tmp_path / "RESULTS.md").read_text().count("small-batch") >= 6
