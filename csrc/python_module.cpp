@@ -42,15 +42,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_gemm_backend",
       [](const std::string& name) {
-        int v = name == "auto" ? 0 : name == "blas" ? 1 : name == "generic" ? 2 : name == "onednn" ? 3 : -1;
+        int v = name == "auto" ? 0 : name == "blas" ? 1 : name == "generic" ? 2 : name == "onednn" ? 3 : name == "fused" ? 4 : -1;
         if (v < 0)
-          throw py::value_error("gemm backend must be 'auto', 'blas', 'generic' or 'onednn', got '" + name + "'");
+          throw py::value_error("gemm backend must be 'auto', 'blas', 'generic', 'onednn' or 'fused', got '" + name + "'");
         fastrnn::gemm_backend_override().store(v);
       },
       py::arg("name"),
       "Select the GEMMs: 'auto' (oneDNN for large float32 products, packed MKL for small ones), 'blas' "
-      "(plain sgemm/dgemm), 'generic' (at::mm; the path for torch builds without MKL) or 'onednn' (oneDNN "
-      "for every float32 product). For tests.");
+      "(plain sgemm/dgemm), 'generic' (at::mm; the path for torch builds without MKL) 'onednn' (oneDNN "
+      "for every float32 product) or 'fused' (the fused panel forward wherever it applies). For tests.");
   m.def(
       "set_isa",
       [](const std::string& name) {
@@ -61,6 +61,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_isa", [] { return std::string(fastrnn::isa_override() == fastrnn::IsaOverride::Baseline ? "baseline" : "auto"); });
   m.def("get_gemm_backend", [] {
     int v = fastrnn::gemm_backend_override().load();
-    return std::string(v == 0 ? "auto" : v == 1 ? "blas" : v == 2 ? "generic" : "onednn");
+    return std::string(v == 0 ? "auto" : v == 1 ? "blas" : v == 2 ? "generic" : v == 3 ? "onednn" : "fused");
   });
 }

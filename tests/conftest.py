@@ -25,7 +25,7 @@ def _seed():
     yield
 
 
-@pytest.fixture(params=["auto", "blas", "generic", "onednn"])
+@pytest.fixture(params=["auto", "blas", "generic", "onednn", "fused"])
 def gemm_backend(request):
     """Runs a test under each in-loop GEMM path (the generic one is what non-MKL torch builds get)."""
     from fastrnn import _C

@@ -35,7 +35,8 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 namespace fastrnn {
 
 // 0 = best available, 1 = plain BLAS (no packing), 2 = generic (at::mm), 3 = oneDNN for every
-// float32 GEMM whatever its size. Set from Python for tests.
+// float32 GEMM whatever its size, 4 = the fused panel kernel for every forward it can run.
+// Set from Python for tests.
 inline std::atomic<int>& gemm_backend_override() {
   static std::atomic<int> v{0};
   return v;
@@ -85,6 +86,7 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const 
 }
 
 // Below this many multiply-adds the dispatcher's overhead outweighs oneDNN's faster kernel.
+constexpr double kFusedMaxMacs = 3.5 * 1024 * 1024;
 constexpr double kOnednnMinMacs = 1.0 * 1024 * 1024;
 
 inline bool use_onednn_for(int64_t m, int64_t n, int64_t k, bool is_float) {
@@ -123,8 +125,9 @@ inline void fortran_gemm<double>(char ta, char tb, int m, int n, int k, double a
 template <typename T>
 class WeightGemm {
  public:
-  WeightGemm(const T* b, bool trans_b, int64_t n, int64_t k, int64_t max_m)
-      : b_(b), trans_b_(trans_b), n_(n), k_(k), packed_m_(max_m) {
+  // pack_m: the row count to pack B for (MKL's packed format is tied to it); 0 = no packing.
+  WeightGemm(const T* b, bool trans_b, int64_t n, int64_t k, int64_t max_m, int64_t pack_m)
+      : b_(b), trans_b_(trans_b), n_(n), k_(k), packed_m_(pack_m) {
     int override_ = gemm_backend_override().load();
     if (max_m > 0 && n > 0 && k > 0 && use_onednn_for(max_m, n, k, std::is_same_v<T, float>)) {
       // oneDNN wants the weight as [N, K]; a stored [K, N] is transposed once per call.
@@ -136,12 +139,12 @@ class WeightGemm {
     if constexpr (std::is_same_v<T, float>) {
       // MKL's packed format is documented for the m it was packed with; steps with another m
       // (the tail of a packed batch) take plain sgemm.
-      if (mode_ == Mode::Blas && override_ == 0 && has_packed_gemm() && max_m > 0 && n > 0 && k > 0) {
-        size_t bytes = cblas_sgemm_pack_get_size(detail::kBMatrix, int(max_m), int(n), int(k));
+      if (mode_ == Mode::Blas && override_ == 0 && has_packed_gemm() && pack_m > 0 && n > 0 && k > 0) {
+        size_t bytes = cblas_sgemm_pack_get_size(detail::kBMatrix, int(pack_m), int(n), int(k));
         packed_.reset(static_cast<float*>(std::malloc(bytes)));
         TORCH_CHECK(packed_ != nullptr, "fastrnn: out of memory packing a weight (", bytes, " bytes)");
         cblas_sgemm_pack(detail::kRowMajor, detail::kBMatrix, trans_b ? detail::kTrans : detail::kNoTrans,
-                         int(max_m), int(n), int(k), 1.0f, b, trans_b ? int(k) : int(n), packed_.get());
+                         int(pack_m), int(n), int(k), 1.0f, b, trans_b ? int(k) : int(n), packed_.get());
       }
     }
   }

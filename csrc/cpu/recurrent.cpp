@@ -18,11 +18,13 @@
 
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/gemm.h"
 #include "fastrnn/cells.h"
+#include "fastrnn/panel_gemm.h"
 
 namespace fastrnn {
 namespace {
@@ -226,15 +228,17 @@ FASTRNN_INLINE void forward_rows_impl(const FwdRows<T>& s, int64_t b0, int64_t b
     switch (s.cell) {
       case Cell::LSTM:
         if (s.save)
-          lstm_forward_row<true, T>(H, xr, hr, s.c + b * H, s.r + b * s.r_ld, s.ws0 + row * GH, s.ws1 + row * H);
+          lstm_forward_row<true, T>(H, xr, H, hr, H, s.c + b * H, s.r + b * s.r_ld, s.ws0 + row * GH, H,
+                                    s.ws1 + row * H);
         else
-          lstm_forward_row<false, T>(H, xr, hr, s.c + b * H, s.r + b * s.r_ld, nullptr, nullptr);
+          lstm_forward_row<false, T>(H, xr, H, hr, H, s.c + b * H, s.r + b * s.r_ld, nullptr, H, nullptr);
         break;
       case Cell::GRU:
         if (s.save)
-          gru_forward_row<true, T>(H, xr, hr, s.bhn, s.h + b * H, s.ws0 + row * GH, s.ws1 + row * H);
+          gru_forward_row<true, T>(H, xr, H, hr, H, s.bhn, s.h + b * H, s.h + b * H, s.ws0 + row * GH, H,
+                                   s.ws1 + row * H);
         else
-          gru_forward_row<false, T>(H, xr, hr, s.bhn, s.h + b * H, nullptr, nullptr);
+          gru_forward_row<false, T>(H, xr, H, hr, H, s.bhn, s.h + b * H, s.h + b * H, nullptr, H, nullptr);
         break;
       case Cell::RNN:
         rnn_forward_row<T>(H, s.act, xr, hr, s.h + b * H);
@@ -286,6 +290,77 @@ FASTRNN_INLINE void backward_rows_impl(const BwdRows<T>& s, int64_t b0, int64_t 
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Fused forward (LSTM without projection, GRU, RNN). W_hh is packed once per call into panels of
+// U = one vector of hidden units with all G gates of those units side by side. A step is one
+// parallel region: each thread owns a fixed range of panels (its slice of W_hh stays in its
+// core's cache across steps), multiplies h by each panel and applies the gate math for those
+// units at once. h is double-buffered because every thread reads all of h_{t-1}.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct FusedStep {
+  Cell cell;
+  bool save;
+  Nonlinearity act;
+  int64_t H, GH, U, n_panels, bs, off;
+  const T* wp;     // [n_panels, H, G*U] packed W_hh^T
+  const T* xg;     // [N, GH]
+  const T* hcur;   // [B, H]
+  T* hnext;        // [B, H]
+  T* c;            // [B, H] LSTM
+  T* out;          // [N, H]
+  T* ws0;          // [N, GH]
+  T* ws1;          // [N, H]
+  const T* bhn;    // [H] or null
+};
+
+template <typename T, int G>
+FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) {
+  constexpr int U = panel::Vec<T>::L;
+  alignas(64) T C[panel::kMR * G * U];
+  const int64_t H = s.H, GH = s.GH;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t j0 = p * U, nu = std::min<int64_t>(U, H - j0);
+    const T* wpan = s.wp + p * H * G * U;
+    for (int64_t i0 = 0; i0 < s.bs; i0 += panel::kMR) {
+      const int64_t m = std::min<int64_t>(panel::kMR, s.bs - i0);
+      panel::product_rows<T, G>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t b = i0 + i, row = s.off + b;
+        const T* xr = s.xg + row * GH + j0;
+        const T* hr = C + i * G * U;
+        T* hn = s.hnext + b * H + j0;
+        if constexpr (G == 4) {
+          if (s.save)
+            lstm_forward_row<true, T>(nu, xr, H, hr, U, s.c + b * H + j0, hn, s.ws0 + row * GH + j0, H,
+                                      s.ws1 + row * H + j0);
+          else
+            lstm_forward_row<false, T>(nu, xr, H, hr, U, s.c + b * H + j0, hn, nullptr, H, nullptr);
+        } else if constexpr (G == 3) {
+          const T* bh = s.bhn ? s.bhn + j0 : nullptr;
+          if (s.save)
+            gru_forward_row<true, T>(nu, xr, H, hr, U, bh, s.hcur + b * H + j0, hn, s.ws0 + row * GH + j0, H,
+                                     s.ws1 + row * H + j0);
+          else
+            gru_forward_row<false, T>(nu, xr, H, hr, U, bh, s.hcur + b * H + j0, hn, nullptr, H, nullptr);
+        } else {
+          rnn_forward_row<T>(nu, s.act, xr, hr, hn);
+        }
+        std::memcpy(s.out + row * H + j0, hn, sizeof(T) * nu);
+      }
+    }
+  }
+}
+
+template <typename T>
+FASTRNN_INLINE void fused_step_impl(const FusedStep<T>& s, int64_t p0, int64_t p1) {
+  switch (s.cell) {
+    case Cell::LSTM: fused_panels<T, 4>(s, p0, p1); break;
+    case Cell::GRU: fused_panels<T, 3>(s, p0, p1); break;
+    case Cell::RNN: fused_panels<T, 1>(s, p0, p1); break;
+  }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTRNN_NO_CLONES)
 #define FASTRNN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -297,6 +372,9 @@ FASTRNN_ISA_CLONES void forward_rows_isa(const FwdRows<double>& s, int64_t b0, i
 FASTRNN_ISA_CLONES void backward_rows_isa(const BwdRows<float>& s, int64_t b0, int64_t b1) { backward_rows_impl(s, b0, b1); }
 FASTRNN_ISA_CLONES void backward_rows_isa(const BwdRows<double>& s, int64_t b0, int64_t b1) { backward_rows_impl(s, b0, b1); }
 
+FASTRNN_ISA_CLONES void fused_step_isa(const FusedStep<float>& s, int64_t p0, int64_t p1) { fused_step_impl(s, p0, p1); }
+FASTRNN_ISA_CLONES void fused_step_isa(const FusedStep<double>& s, int64_t p0, int64_t p1) { fused_step_impl(s, p0, p1); }
+
 // The baseline build of the same loops, callable on any CPU.
 template <typename T>
 __attribute__((noinline)) void forward_rows_baseline(const FwdRows<T>& s, int64_t b0, int64_t b1) {
@@ -305,6 +383,18 @@ __attribute__((noinline)) void forward_rows_baseline(const FwdRows<T>& s, int64_
 template <typename T>
 __attribute__((noinline)) void backward_rows_baseline(const BwdRows<T>& s, int64_t b0, int64_t b1) {
   backward_rows_impl(s, b0, b1);
+}
+
+template <typename T>
+__attribute__((noinline)) void fused_step_baseline(const FusedStep<T>& s, int64_t p0, int64_t p1) {
+  fused_step_impl(s, p0, p1);
+}
+template <typename T>
+void fused_step(const FusedStep<T>& s, int64_t p0, int64_t p1) {
+  if (isa_override() == IsaOverride::Baseline)
+    fused_step_baseline(s, p0, p1);
+  else
+    fused_step_isa(s, p0, p1);
 }
 
 template <typename T>
@@ -329,15 +419,11 @@ struct ForwardOut {
   at::Tensor output, hy, cy, ws0, ws1, ws2;
 };
 
-template <typename T>
-void forward_kernel(const Args& a, bool train, ForwardOut& o) {
-  const Schedule& s = a.sched;
-  const int64_t H = a.H, P = a.P, GH = a.G * a.H, B = s.B;
-  const bool proj = a.w_hr.defined();
-
-  // Input projection for every step, biases folded in. The GRU keeps b_hn apart: it sits
-  // inside r * (W_hn h + b_hn).
-  at::Tensor b_hn, bias;
+// xg = X W_ih^T + folded biases, for every step at once. The GRU keeps b_hn apart (returned in
+// b_hn): it sits inside r * (W_hn h + b_hn).
+at::Tensor input_projection(const Args& a, at::Tensor& b_hn) {
+  const int64_t H = a.H;
+  at::Tensor bias;
   if (a.b_ih.defined()) {
     bias = a.b_ih.clone();
     if (a.cell == Cell::GRU) {
@@ -347,7 +433,134 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
       bias.add_(a.b_hh);
     }
   }
-  at::Tensor xg = fast_linear(a.x, a.w_ih, bias).contiguous();
+  return fast_linear(a.x, a.w_ih, bias).contiguous();
+}
+
+// W_hh [G*H, H] -> panels [n_panels][k = H][gate g, unit u], zero past the last unit.
+template <typename T>
+at::Tensor pack_recurrent_weight(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
+  const int64_t NR = G * U, n_panels = (H + U - 1) / U;
+  at::Tensor wp = at::zeros({n_panels, H, NR}, w_hh.options());
+  const T* w = w_hh.data_ptr<T>();
+  T* dst = wp.data_ptr<T>();
+  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t u = 0; u < U && p * U + u < H; ++u) {
+          const T* src = w + (g * H + p * U + u) * H;
+          T* d = dst + p * H * NR + g * U + u;
+          for (int64_t k = 0; k < H; ++k) d[k * NR] = src[k];
+        }
+  });
+  return wp;
+}
+
+// Packing W_hh costs about as much as ten steps at B=1, so packed weights are kept between
+// calls: a model run over many short sequences (streaming, a decoder loop) packs once. A hit
+// must be the same live tensor *and* byte-identical to the copy taken at packing time: version
+// counters miss writes through .data, and inference tensors have none, so the check is a
+// memcmp (a read of W, ~4x cheaper than repacking it).
+struct PackCacheEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl> weight;
+  const void* data = nullptr;
+  int64_t G = 0, U = 0;
+  at::Tensor copy, packed;
+};
+
+template <typename T>
+at::Tensor packed_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
+  static std::mutex mu;
+  static std::vector<PackCacheEntry> cache;  // a few recently used weights
+  constexpr size_t kMaxEntries = 16;
+  const size_t bytes = w_hh.numel() * sizeof(T);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = cache.begin(); it != cache.end();) {
+      if (it->weight.expired()) {
+        it = cache.erase(it);
+        continue;
+      }
+      if (it->weight._unsafe_get_target() == w_hh.unsafeGetTensorImpl() && it->data == w_hh.data_ptr() &&
+          it->G == G && it->U == U && it->copy.scalar_type() == w_hh.scalar_type() &&
+          it->copy.numel() == w_hh.numel()) {
+        if (std::memcmp(it->copy.data_ptr(), w_hh.data_ptr(), bytes) == 0) return it->packed;
+        cache.erase(it);
+        break;
+      }
+      ++it;
+    }
+  }
+  at::Tensor packed = pack_recurrent_weight<T>(w_hh, G, H, U);
+  at::Tensor copy = w_hh.clone();
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.size() >= kMaxEntries) cache.erase(cache.begin());
+  cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w_hh.getIntrusivePtr()), w_hh.data_ptr(), G, U, copy,
+                   packed});
+  return packed;
+}
+
+template <typename T>
+void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
+  const Schedule& s = a.sched;
+  const int64_t H = a.H, G = a.G, GH = a.G * a.H, B = s.B;
+  constexpr int64_t U = panel::Vec<T>::L;
+  const int64_t NR = G * U, n_panels = (H + U - 1) / U;
+  const auto opts = a.x.options();
+
+  at::Tensor b_hn;
+  at::Tensor xg = input_projection(a, b_hn);
+
+  at::Tensor wp = packed_panels<T>(a.w_hh, G, H, U);
+
+  at::Tensor hbuf = at::empty({2, B, H}, opts);
+  hbuf.select(0, 0).copy_(a.hx);
+  hbuf.select(0, 1).copy_(a.hx);
+  if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
+  o.output = at::empty(lead_with(a, H), opts);
+  if (train && a.cell != Cell::RNN) {
+    o.ws0 = at::empty({s.N, GH}, opts);
+    o.ws1 = at::empty({s.N, H}, opts);
+  }
+
+  FusedStep<T> st{a.cell, train, a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh, H, GH, U, n_panels, 0, 0,
+                  wp.data_ptr<T>(), xg.data_ptr<T>(), nullptr, nullptr,
+                  a.cell == Cell::LSTM ? o.cy.data_ptr<T>() : nullptr, o.output.data_ptr<T>(),
+                  o.ws0.defined() ? o.ws0.data_ptr<T>() : nullptr, o.ws1.defined() ? o.ws1.data_ptr<T>() : nullptr,
+                  b_hn.defined() ? b_hn.data_ptr<T>() : nullptr};
+  T* hb = hbuf.data_ptr<T>();
+  int cur = 0;
+  for (int64_t step = 0; step < s.T; ++step) {
+    const int64_t t = s.time_at(step);
+    st.bs = s.bs[t];
+    st.off = s.off[t];
+    st.hcur = hb + cur * B * H;
+    st.hnext = hb + (1 - cur) * B * H;
+    // Small steps stay on one thread: a parallel region costs more than they do.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, st.bs * H * NR));
+    at::parallel_for(0, n_panels, grain, [&](int64_t p0, int64_t p1) { fused_step(st, p0, p1); });
+    cur = 1 - cur;
+  }
+
+  // h_n of each row is its output at its last processed step.
+  o.hy = at::empty({B, H}, opts);
+  T* hy = o.hy.data_ptr<T>();
+  const T* out = o.output.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t last_t = 0;
+    if (!s.reverse)
+      while (last_t + 1 < s.T && s.bs[last_t + 1] > b) ++last_t;
+    std::memcpy(hy + b * H, out + (s.off[last_t] + b) * H, sizeof(T) * H);
+  }
+}
+
+template <typename T>
+void forward_kernel(const Args& a, bool train, ForwardOut& o) {
+  const Schedule& s = a.sched;
+  const int64_t H = a.H, P = a.P, GH = a.G * a.H, B = s.B;
+  const bool proj = a.w_hr.defined();
+
+  at::Tensor b_hn;
+  at::Tensor xg = input_projection(a, b_hn);
 
   o.hy = a.hx.clone();
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
@@ -358,9 +571,11 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
   at::Tensor hg = at::empty({B, GH}, a.x.options());
   at::Tensor rbuf = (proj && !train) ? at::empty({B, H}, a.x.options()) : at::Tensor();
 
-  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/true, GH, P, B);
+  // MKL packing pays back only over several steps.
+  const int64_t pack_m = s.T > 1 ? B : 0;
+  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/true, GH, P, B, pack_m);
   std::unique_ptr<WeightGemm<T>> projg;
-  if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), true, P, H, B);
+  if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), true, P, H, B, pack_m);
 
   const T* xgp = xg.data_ptr<T>();
   T* hgp = hg.data_ptr<T>();
@@ -385,9 +600,27 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
   }
 }
 
+// The fused path wins while a step's recurrent product is small enough that dispatch and
+// cache traffic dominate; past that oneDNN's GEMM is faster (measured in benchmarks/).
+bool prefer_fused(const Args& a) {
+  const int o = gemm_backend_override().load();
+  if (o == 4) return true;
+  if (o != 0) return false;
+  // A single step cannot amortise packing W_hh (or the check of a cached packing).
+  if (a.sched.T == 1) return false;
+  const double macs = double(a.sched.B) * double(a.G * a.H) * double(a.H);
+  return macs < kFusedMaxMacs;
+}
+
 ForwardOut forward(const Args& a, bool train) {
   ForwardOut o;
-  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fastrnn_forward", [&] { forward_kernel<scalar_t>(a, train, o); });
+  const bool fused = !a.w_hr.defined() && prefer_fused(a);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fastrnn_forward", [&] {
+    if (fused)
+      fused_forward_kernel<scalar_t>(a, train, o);
+    else
+      forward_kernel<scalar_t>(a, train, o);
+  });
   at::Tensor empty = at::empty({0}, a.x.options());
   for (at::Tensor* t : {&o.cy, &o.ws0, &o.ws1, &o.ws2})
     if (!t->defined()) *t = empty.clone();
@@ -423,9 +656,10 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   at::Tensor dh_all = proj ? at::empty({N, P}, a.x.options()) : at::Tensor();
   at::Tensor drbuf = proj ? at::empty({B, H}, a.x.options()) : at::Tensor();
 
-  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, B);  // dh = dgh W_hh
+  const int64_t pack_m = s.T > 1 ? B : 0;
+  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, B, pack_m);  // dh = dgh W_hh
   std::unique_ptr<WeightGemm<T>> projg;
-  if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), false, H, P, B);  // dr = dh W_hr
+  if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), false, H, P, B, pack_m);  // dr = dh W_hr
 
   const T* go = grad_out.data_ptr<T>();
   const T* outp = output.data_ptr<T>();

@@ -69,28 +69,30 @@ FASTRNN_INLINE T relu(T x) {
 enum class Nonlinearity : int { Tanh = 0, Relu = 1 };
 
 // ---------------------------------------------------------------------------------------
-// LSTM. Gate order i, f, g, o.
-//   xg [4H]: W_ih x + b_ih + b_hh    hg [4H]: W_hh h
-//   c  [H]:  in c_{t-1}, out c_t      r [H]: out o * tanh(c_t)  (h_t, or the input of W_hr)
-//   gates [4H], cell [H]: activations saved for backward (only when Save)
+// LSTM. Gate order i, f, g, o. n units of one row.
+//   xg: W_ih x + b_ih + b_hh, gate k of unit j at xg[k*xs + j]
+//   hg: W_hh h, gate k of unit j at hg[k*hs + j]
+//   c [n]: in c_{t-1}, out c_t      r [n]: out o * tanh(c_t)  (h_t, or the input of W_hr)
+//   gates (gate k at gates[k*gs + j]), cell [n]: activations saved for backward (only when Save)
 // ---------------------------------------------------------------------------------------
 template <bool Save, typename T>
-FASTRNN_INLINE void lstm_forward_row(int64_t H, const T* FASTRNN_RESTRICT xg, const T* FASTRNN_RESTRICT hg,
-                                     T* FASTRNN_RESTRICT c, T* FASTRNN_RESTRICT r, T* FASTRNN_RESTRICT gates,
+FASTRNN_INLINE void lstm_forward_row(int64_t n, const T* FASTRNN_RESTRICT xg, int64_t xs,
+                                     const T* FASTRNN_RESTRICT hg, int64_t hs, T* FASTRNN_RESTRICT c,
+                                     T* FASTRNN_RESTRICT r, T* FASTRNN_RESTRICT gates, int64_t gs,
                                      T* FASTRNN_RESTRICT cell) {
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     T i = math::sigmoid(xg[j] + hg[j]);
-    T f = math::sigmoid(xg[H + j] + hg[H + j]);
-    T g = math::tanh(xg[2 * H + j] + hg[2 * H + j]);
-    T o = math::sigmoid(xg[3 * H + j] + hg[3 * H + j]);
+    T f = math::sigmoid(xg[xs + j] + hg[hs + j]);
+    T g = math::tanh(xg[2 * xs + j] + hg[2 * hs + j]);
+    T o = math::sigmoid(xg[3 * xs + j] + hg[3 * hs + j]);
     T cn = f * c[j] + i * g;
     c[j] = cn;
     r[j] = o * math::tanh(cn);
     if (Save) {
       gates[j] = i;
-      gates[H + j] = f;
-      gates[2 * H + j] = g;
-      gates[3 * H + j] = o;
+      gates[gs + j] = f;
+      gates[2 * gs + j] = g;
+      gates[3 * gs + j] = o;
       cell[j] = cn;
     }
   }
@@ -116,25 +118,27 @@ FASTRNN_INLINE void lstm_backward_row(int64_t H, const T* FASTRNN_RESTRICT gates
 }
 
 // ---------------------------------------------------------------------------------------
-// GRU. Gate order r, z, n.
-//   xg [3H]: W_i x + b_i, with b_hr and b_hz folded in     hg [3H]: W_h h (no bias)
-//   b_hn [H] or null          h [H]: in h_{t-1}, out h_t
-//   gates [3H] (r, z, n), hn [H] (W_hn h + b_hn): saved for backward when Save
+// GRU. Gate order r, z, n. n units of one row.
+//   xg: W_i x + b_i with b_hr and b_hz folded in, gate k at xg[k*xs + j]
+//   hg: W_h h (no bias), gate k at hg[k*hs + j]      b_hn [n] or null
+//   h_prev [n], h_out [n]: h_{t-1} and h_t (may be the same memory)
+//   gates (k*gs + j) r, z, n and hn_out [n] (W_hn h + b_hn): saved for backward when Save
 // ---------------------------------------------------------------------------------------
 template <bool Save, typename T>
-FASTRNN_INLINE void gru_forward_row(int64_t H, const T* FASTRNN_RESTRICT xg, const T* FASTRNN_RESTRICT hg,
-                                    const T* FASTRNN_RESTRICT b_hn, T* FASTRNN_RESTRICT h, T* FASTRNN_RESTRICT gates,
+FASTRNN_INLINE void gru_forward_row(int64_t n_units, const T* FASTRNN_RESTRICT xg, int64_t xs,
+                                    const T* FASTRNN_RESTRICT hg, int64_t hs, const T* FASTRNN_RESTRICT b_hn,
+                                    const T* h_prev, T* h_out, T* FASTRNN_RESTRICT gates, int64_t gs,
                                     T* FASTRNN_RESTRICT hn_out) {
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n_units; ++j) {
     T r = math::sigmoid(xg[j] + hg[j]);
-    T z = math::sigmoid(xg[H + j] + hg[H + j]);
-    T hn = hg[2 * H + j] + (b_hn ? b_hn[j] : T(0));
-    T n = math::tanh(xg[2 * H + j] + r * hn);
-    h[j] = (T(1) - z) * n + z * h[j];
+    T z = math::sigmoid(xg[xs + j] + hg[hs + j]);
+    T hn = hg[2 * hs + j] + (b_hn ? b_hn[j] : T(0));
+    T n = math::tanh(xg[2 * xs + j] + r * hn);
+    h_out[j] = (T(1) - z) * n + z * h_prev[j];
     if (Save) {
       gates[j] = r;
-      gates[H + j] = z;
-      gates[2 * H + j] = n;
+      gates[gs + j] = z;
+      gates[2 * gs + j] = n;
       hn_out[j] = hn;
     }
   }
@@ -163,11 +167,10 @@ FASTRNN_INLINE void gru_backward_row(int64_t H, const T* FASTRNN_RESTRICT gates,
 }
 
 // ---------------------------------------------------------------------------------------
-// Elman RNN: h_t = act(xg + hg), xg [H] with both biases folded in.
+// Elman RNN: h_t = act(xg + hg), xg [H] with both biases folded in; h may alias hg.
 // ---------------------------------------------------------------------------------------
 template <typename T>
-FASTRNN_INLINE void rnn_forward_row(int64_t H, Nonlinearity act, const T* FASTRNN_RESTRICT xg,
-                                    const T* FASTRNN_RESTRICT hg, T* FASTRNN_RESTRICT h) {
+FASTRNN_INLINE void rnn_forward_row(int64_t H, Nonlinearity act, const T* FASTRNN_RESTRICT xg, const T* hg, T* h) {
   if (act == Nonlinearity::Tanh) {
     for (int64_t j = 0; j < H; ++j) h[j] = math::tanh(xg[j] + hg[j]);
   } else {
