@@ -86,7 +86,10 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const 
 }
 
 // Below this many multiply-adds the dispatcher's overhead outweighs oneDNN's faster kernel.
+// Crossovers measured on this project's 2-core AMD machine (benchmarks/): below them the panel
+// kernels beat oneDNN/MKL for the per-step recurrent product, forward and backward.
 constexpr double kFusedMaxMacs = 3.5 * 1024 * 1024;
+constexpr double kBwdPanelMaxMacs = 2.0 * 1024 * 1024;
 constexpr double kOnednnMinMacs = 1.0 * 1024 * 1024;
 
 inline bool use_onednn_for(int64_t m, int64_t n, int64_t k, bool is_float) {

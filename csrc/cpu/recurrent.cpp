@@ -314,9 +314,16 @@ struct FusedStep {
   const T* bhn;    // [H] or null
 };
 
+// A panel holds UV vectors of units per gate: G * UV accumulators per row keep the FMA units busy.
+template <int G>
+constexpr int units_vectors() {
+  return G == 1 ? 4 : 1;
+}
+
 template <typename T, int G>
 FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) {
-  constexpr int U = panel::Vec<T>::L;
+  constexpr int UV = units_vectors<G>();
+  constexpr int U = UV * panel::Vec<T>::L;
   alignas(64) T C[panel::kMR * G * U];
   const int64_t H = s.H, GH = s.GH;
   for (int64_t p = p0; p < p1; ++p) {
@@ -324,7 +331,7 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
     const T* wpan = s.wp + p * H * G * U;
     for (int64_t i0 = 0; i0 < s.bs; i0 += panel::kMR) {
       const int64_t m = std::min<int64_t>(panel::kMR, s.bs - i0);
-      panel::product_rows<T, G>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
+      panel::product_rows<T, G * UV>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = i0 + i, row = s.off + b;
         const T* xr = s.xg + row * GH + j0;
@@ -361,6 +368,42 @@ FASTRNN_INLINE void fused_step_impl(const FusedStep<T>& s, int64_t p0, int64_t p
   }
 }
 
+// C[m, N] (=, or += when accumulate) A[m, K] @ B[K, N] for a fixed B packed into panels of
+// V vectors; used for backward's per-step dh = dG W_hh at sizes where dispatching to a BLAS costs
+// more than the product. Panels are split over threads; each thread keeps its slice of B.
+template <typename T>
+struct PanelGemmArgs {
+  const T* a;
+  int64_t lda, m, K, N, n_panels;
+  const T* bp;
+  T* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+constexpr int kBwdV = 4;
+
+template <typename T>
+FASTRNN_INLINE void panel_gemm_impl(const PanelGemmArgs<T>& g, int64_t p0, int64_t p1) {
+  constexpr int NR = kBwdV * panel::Vec<T>::L;
+  alignas(64) T tile[panel::kMR * NR];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c0 = p * NR, nc = std::min<int64_t>(NR, g.N - c0);
+    for (int64_t i0 = 0; i0 < g.m; i0 += panel::kMR) {
+      const int64_t mr = std::min<int64_t>(panel::kMR, g.m - i0);
+      panel::product_rows<T, kBwdV>(g.a + i0 * g.lda, g.lda, mr, g.K, g.bp + p * g.K * NR, tile, NR);
+      for (int64_t i = 0; i < mr; ++i) {
+        T* crow = g.c + (i0 + i) * g.ldc + c0;
+        const T* trow = tile + i * NR;
+        if (g.accumulate)
+          for (int64_t q = 0; q < nc; ++q) crow[q] += trow[q];
+        else
+          std::memcpy(crow, trow, sizeof(T) * nc);
+      }
+    }
+  }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTRNN_NO_CLONES)
 #define FASTRNN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -374,6 +417,9 @@ FASTRNN_ISA_CLONES void backward_rows_isa(const BwdRows<double>& s, int64_t b0, 
 
 FASTRNN_ISA_CLONES void fused_step_isa(const FusedStep<float>& s, int64_t p0, int64_t p1) { fused_step_impl(s, p0, p1); }
 FASTRNN_ISA_CLONES void fused_step_isa(const FusedStep<double>& s, int64_t p0, int64_t p1) { fused_step_impl(s, p0, p1); }
+
+FASTRNN_ISA_CLONES void panel_gemm_isa(const PanelGemmArgs<float>& g, int64_t p0, int64_t p1) { panel_gemm_impl(g, p0, p1); }
+FASTRNN_ISA_CLONES void panel_gemm_isa(const PanelGemmArgs<double>& g, int64_t p0, int64_t p1) { panel_gemm_impl(g, p0, p1); }
 
 // The baseline build of the same loops, callable on any CPU.
 template <typename T>
@@ -396,6 +442,44 @@ void fused_step(const FusedStep<T>& s, int64_t p0, int64_t p1) {
   else
     fused_step_isa(s, p0, p1);
 }
+
+template <typename T>
+__attribute__((noinline)) void panel_gemm_baseline(const PanelGemmArgs<T>& g, int64_t p0, int64_t p1) {
+  panel_gemm_impl(g, p0, p1);
+}
+
+// B [K, N] row-major, packed once; run() multiplies any A with up to the m it was sized for.
+template <typename T>
+class PanelGemm {
+ public:
+  PanelGemm(const T* b, int64_t K, int64_t N, const at::TensorOptions& opts) : K_(K), N_(N) {
+    constexpr int64_t NR = kBwdV * panel::Vec<T>::L;
+    n_panels_ = (N + NR - 1) / NR;
+    packed_ = at::zeros({n_panels_, K, NR}, opts);
+    T* dst = packed_.data_ptr<T>();
+    at::parallel_for(0, n_panels_, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t k = 0; k < K; ++k)
+          std::memcpy(dst + (p * K + k) * NR, b + k * N + p * NR, sizeof(T) * std::min<int64_t>(NR, N - p * NR));
+    });
+  }
+  void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate) const {
+    if (m == 0) return;
+    const PanelGemmArgs<T> g{a, lda, m, K_, N_, n_panels_, packed_.data_ptr<T>(), c, ldc, accumulate};
+    constexpr int64_t NR = kBwdV * panel::Vec<T>::L;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, m * K_ * NR));
+    at::parallel_for(0, n_panels_, grain, [&](int64_t p0, int64_t p1) {
+      if (isa_override() == IsaOverride::Baseline)
+        panel_gemm_baseline(g, p0, p1);
+      else
+        panel_gemm_isa(g, p0, p1);
+    });
+  }
+
+ private:
+  int64_t K_, N_, n_panels_ = 0;
+  at::Tensor packed_;
+};
 
 template <typename T>
 void forward_rows(const FwdRows<T>& s, int64_t b0, int64_t b1) {
@@ -503,7 +587,8 @@ template <typename T>
 void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   const Schedule& s = a.sched;
   const int64_t H = a.H, G = a.G, GH = a.G * a.H, B = s.B;
-  constexpr int64_t U = panel::Vec<T>::L;
+  const int64_t U = int64_t(panel::Vec<T>::L) *
+                    (a.cell == Cell::RNN ? units_vectors<1>() : a.cell == Cell::GRU ? units_vectors<3>() : units_vectors<4>());
   const int64_t NR = G * U, n_panels = (H + U - 1) / U;
   const auto opts = a.x.options();
 
@@ -658,6 +743,14 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
 
   const int64_t pack_m = s.T > 1 ? B : 0;
   WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, B, pack_m);  // dh = dgh W_hh
+  // Same product on the panel kernel, where it beats BLAS dispatch (and always when forced).
+  std::unique_ptr<PanelGemm<T>> rec_panel;
+  {
+    const int o = gemm_backend_override().load();
+    const double macs = double(B) * double(GH) * double(P);
+    if (o == 4 || (o == 0 && s.T > 1 && macs < kBwdPanelMaxMacs))
+      rec_panel = std::make_unique<PanelGemm<T>>(a.w_hh.data_ptr<T>(), GH, P, a.x.options());
+  }
   std::unique_ptr<WeightGemm<T>> projg;
   if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), false, H, P, B, pack_m);  // dr = dh W_hr
 
@@ -689,7 +782,10 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dr, dhp, dcp, dgxp, dghp};
     at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { backward_rows(rows, b0, b1); });
     // The GRU's row pass left z * dh in dh: the recurrent GEMM adds to it.
-    rec.run(dghp + off * GH, bs, GH, dhp, P, a.cell == Cell::GRU ? T(1) : T(0));
+    if (rec_panel)
+      rec_panel->run(dghp + off * GH, bs, GH, dhp, P, a.cell == Cell::GRU);
+    else
+      rec.run(dghp + off * GH, bs, GH, dhp, P, a.cell == Cell::GRU ? T(1) : T(0));
   }
 
   // The state each step started from, as one matrix, so dW_hh is a single GEMM.
