@@ -55,6 +55,14 @@ def rnn_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, batch_sizes=None, rev
     return _ops.rnn_forward(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, nonlinearity == "relu")
 
 
+def _torch_fallback(fn, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                    batch_sizes):
+    """torch's own implementation, for devices fastrnn has no kernel for."""
+    if batch_sizes is None:
+        return tuple(fn(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first))
+    return tuple(fn(input, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional))
+
+
 def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
            batch_sizes):
     """Runs layer_fn over layers and directions; states: list of [L*D, B, *] initial states."""
@@ -95,11 +103,8 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
     Returns (output [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H]).
     """
     if not _has_kernel(input.device):
-        if batch_sizes is None:
-            return tuple(torch._VF.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
-                                        batch_first))
-        return tuple(torch._VF.lstm(input, batch_sizes, hx, params, has_biases, num_layers, dropout, train,
-                                    bidirectional))
+        return _torch_fallback(torch._VF.lstm, input, hx, params, has_biases, num_layers, dropout, train,
+                               bidirectional, batch_first, batch_sizes)
 
     def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
         w_hr = extra[0] if extra else None
@@ -114,11 +119,8 @@ def gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional
     """Stacked GRU with torch.nn.GRU's semantics. hx: [L*D, B, H].
     Returns (output [T, B, D*H], h_n [L*D, B, H])."""
     if not _has_kernel(input.device):
-        if batch_sizes is None:
-            return tuple(torch._VF.gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
-                                       batch_first))
-        return tuple(torch._VF.gru(input, batch_sizes, hx, params, has_biases, num_layers, dropout, train,
-                                   bidirectional))
+        return _torch_fallback(torch._VF.gru, input, hx, params, has_biases, num_layers, dropout, train,
+                               bidirectional, batch_first, batch_sizes)
 
     def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
         return gru_layer(x, st[0], w_ih, w_hh, b_ih, b_hh, bsz, rev)
@@ -136,9 +138,8 @@ def rnn(input, hx, params, has_biases, num_layers, dropout, train, bidirectional
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     if not _has_kernel(input.device):
         fn = torch._VF.rnn_tanh if nonlinearity == "tanh" else torch._VF.rnn_relu
-        if batch_sizes is None:
-            return tuple(fn(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first))
-        return tuple(fn(input, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional))
+        return _torch_fallback(fn, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                               batch_first, batch_sizes)
 
     def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
         return rnn_layer(x, st[0], w_ih, w_hh, b_ih, b_hh, bsz, rev, nonlinearity)

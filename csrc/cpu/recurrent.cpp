@@ -410,43 +410,27 @@ FASTRNN_INLINE void panel_gemm_impl(const PanelGemmArgs<T>& g, int64_t p0, int64
 #define FASTRNN_ISA_CLONES
 #endif
 
-FASTRNN_ISA_CLONES void forward_rows_isa(const FwdRows<float>& s, int64_t b0, int64_t b1) { forward_rows_impl(s, b0, b1); }
-FASTRNN_ISA_CLONES void forward_rows_isa(const FwdRows<double>& s, int64_t b0, int64_t b1) { forward_rows_impl(s, b0, b1); }
-FASTRNN_ISA_CLONES void backward_rows_isa(const BwdRows<float>& s, int64_t b0, int64_t b1) { backward_rows_impl(s, b0, b1); }
-FASTRNN_ISA_CLONES void backward_rows_isa(const BwdRows<double>& s, int64_t b0, int64_t b1) { backward_rows_impl(s, b0, b1); }
+// One kernel family: the widest-ISA clones for float and double, the baseline build, and the
+// entry point that picks between them (FASTRNN_FORCE_GENERIC_ISA / fastrnn._C.set_isa).
+#define FASTRNN_ISA_KERNEL(name, Args, impl)                                                        \
+  FASTRNN_ISA_CLONES void name##_isa(const Args<float>& s, int64_t b, int64_t e) { impl(s, b, e); }  \
+  FASTRNN_ISA_CLONES void name##_isa(const Args<double>& s, int64_t b, int64_t e) { impl(s, b, e); } \
+  template <typename T>                                                                             \
+  __attribute__((noinline)) void name##_baseline(const Args<T>& s, int64_t b, int64_t e) {          \
+    impl(s, b, e);                                                                                  \
+  }                                                                                                 \
+  template <typename T>                                                                             \
+  void name(const Args<T>& s, int64_t b, int64_t e) {                                               \
+    if (isa_override() == IsaOverride::Baseline)                                                    \
+      name##_baseline(s, b, e);                                                                     \
+    else                                                                                            \
+      name##_isa(s, b, e);                                                                          \
+  }
 
-FASTRNN_ISA_CLONES void fused_step_isa(const FusedStep<float>& s, int64_t p0, int64_t p1) { fused_step_impl(s, p0, p1); }
-FASTRNN_ISA_CLONES void fused_step_isa(const FusedStep<double>& s, int64_t p0, int64_t p1) { fused_step_impl(s, p0, p1); }
-
-FASTRNN_ISA_CLONES void panel_gemm_isa(const PanelGemmArgs<float>& g, int64_t p0, int64_t p1) { panel_gemm_impl(g, p0, p1); }
-FASTRNN_ISA_CLONES void panel_gemm_isa(const PanelGemmArgs<double>& g, int64_t p0, int64_t p1) { panel_gemm_impl(g, p0, p1); }
-
-// The baseline build of the same loops, callable on any CPU.
-template <typename T>
-__attribute__((noinline)) void forward_rows_baseline(const FwdRows<T>& s, int64_t b0, int64_t b1) {
-  forward_rows_impl(s, b0, b1);
-}
-template <typename T>
-__attribute__((noinline)) void backward_rows_baseline(const BwdRows<T>& s, int64_t b0, int64_t b1) {
-  backward_rows_impl(s, b0, b1);
-}
-
-template <typename T>
-__attribute__((noinline)) void fused_step_baseline(const FusedStep<T>& s, int64_t p0, int64_t p1) {
-  fused_step_impl(s, p0, p1);
-}
-template <typename T>
-void fused_step(const FusedStep<T>& s, int64_t p0, int64_t p1) {
-  if (isa_override() == IsaOverride::Baseline)
-    fused_step_baseline(s, p0, p1);
-  else
-    fused_step_isa(s, p0, p1);
-}
-
-template <typename T>
-__attribute__((noinline)) void panel_gemm_baseline(const PanelGemmArgs<T>& g, int64_t p0, int64_t p1) {
-  panel_gemm_impl(g, p0, p1);
-}
+FASTRNN_ISA_KERNEL(forward_rows, FwdRows, forward_rows_impl)
+FASTRNN_ISA_KERNEL(backward_rows, BwdRows, backward_rows_impl)
+FASTRNN_ISA_KERNEL(fused_step, FusedStep, fused_step_impl)
+FASTRNN_ISA_KERNEL(panel_gemm, PanelGemmArgs, panel_gemm_impl)
 
 // B [K, N] row-major, packed once; run() multiplies any A with up to the m it was sized for.
 template <typename T>
@@ -468,12 +452,7 @@ class PanelGemm {
     const PanelGemmArgs<T> g{a, lda, m, K_, N_, n_panels_, packed_.data_ptr<T>(), c, ldc, accumulate};
     constexpr int64_t NR = kBwdV * panel::Vec<T>::L;
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, m * K_ * NR));
-    at::parallel_for(0, n_panels_, grain, [&](int64_t p0, int64_t p1) {
-      if (isa_override() == IsaOverride::Baseline)
-        panel_gemm_baseline(g, p0, p1);
-      else
-        panel_gemm_isa(g, p0, p1);
-    });
+    at::parallel_for(0, n_panels_, grain, [&](int64_t p0, int64_t p1) { panel_gemm(g, p0, p1); });
   }
 
  private:
@@ -481,20 +460,6 @@ class PanelGemm {
   at::Tensor packed_;
 };
 
-template <typename T>
-void forward_rows(const FwdRows<T>& s, int64_t b0, int64_t b1) {
-  if (isa_override() == IsaOverride::Baseline)
-    forward_rows_baseline(s, b0, b1);
-  else
-    forward_rows_isa(s, b0, b1);
-}
-template <typename T>
-void backward_rows(const BwdRows<T>& s, int64_t b0, int64_t b1) {
-  if (isa_override() == IsaOverride::Baseline)
-    backward_rows_baseline(s, b0, b1);
-  else
-    backward_rows_isa(s, b0, b1);
-}
 
 // Outputs: output [lead, P], hy [B, P], cy [B, H] (LSTM), and the workspace saved for
 // backward when train: ws0 = gate activations [N, G*H]; ws1 = LSTM cells c_t / GRU (W_hn h + b_hn)
