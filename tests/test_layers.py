@@ -288,3 +288,20 @@ def test_cell_loop_equals_layer():
         hc = cell(x[t], hc)
         assert_close(hc[0], out[t])
     assert_close(hc[1], c[0])
+
+
+def test_outputs_are_ordinary_tensors():
+    """Large outputs live on huge-page memory: they must still behave like any tensor."""
+    m = fastrnn.GRU(64, 256)
+    x = torch.randn(200, 16, 64, requires_grad=True)  # output 3.3 MB: the huge-page path
+    out, h = m(x)
+    assert out.is_contiguous() and out.shape == (200, 16, 256)
+    y = out * 2
+    y.add_(1).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    import pickle
+    clone = pickle.loads(pickle.dumps(out.detach()))
+    assert torch.equal(clone, out.detach())
+    out2 = out.detach().clone()
+    out2.resize_(10, 10)
+    assert out2.shape == (10, 10)

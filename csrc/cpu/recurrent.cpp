@@ -16,6 +16,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -23,6 +26,7 @@
 
 #include "checks.h"
 #include "cpu/gemm.h"
+#include "cpu/workspace.h"
 #include "fastrnn/cells.h"
 #include "fastrnn/panel_gemm.h"
 
@@ -34,6 +38,26 @@ using OptTensor = c10::optional<at::Tensor>;
 enum class Cell { LSTM, GRU, RNN };
 
 inline int64_t gates_of(Cell c) { return c == Cell::LSTM ? 4 : (c == Cell::GRU ? 3 : 1); }
+
+// FASTRNN_PROFILE=1 prints where a kernel call spends its time, phase by phase (stderr).
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(const char* what) : what_(what), on_(std::getenv("FASTRNN_PROFILE") != nullptr) {
+    last_ = std::chrono::steady_clock::now();
+  }
+  void mark(const char* phase) {
+    if (!on_) return;
+    auto now = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "fastrnn %s: %-12s %9.3f ms\n", what_, phase,
+                 std::chrono::duration<double, std::milli>(now - last_).count());
+    last_ = now;
+  }
+
+ private:
+  const char* what_;
+  bool on_;
+  std::chrono::steady_clock::time_point last_;
+};
 
 // The time-step schedule over packed rows.
 struct Schedule {
@@ -566,10 +590,10 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   hbuf.select(0, 0).copy_(a.hx);
   hbuf.select(0, 1).copy_(a.hx);
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
-  o.output = at::empty(lead_with(a, H), opts);
+  o.output = empty_big(lead_with(a, H), opts);
   if (train && a.cell != Cell::RNN) {
-    o.ws0 = at::empty({s.N, GH}, opts);
-    o.ws1 = at::empty({s.N, H}, opts);
+    o.ws0 = empty_big({s.N, GH}, opts);
+    o.ws1 = empty_big({s.N, H}, opts);
   }
 
   FusedStep<T> st{a.cell, train, a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh, H, GH, U, n_panels, 0, 0,
@@ -614,10 +638,10 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
 
   o.hy = a.hx.clone();
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
-  o.output = at::empty(lead_with(a, P), a.x.options());
-  if (train && a.cell != Cell::RNN) o.ws0 = at::empty({s.N, GH}, a.x.options());
-  if (train && a.cell != Cell::RNN) o.ws1 = at::empty({s.N, H}, a.x.options());
-  if (train && proj) o.ws2 = at::empty({s.N, H}, a.x.options());
+  o.output = empty_big(lead_with(a, P), a.x.options());
+  if (train && a.cell != Cell::RNN) o.ws0 = empty_big({s.N, GH}, a.x.options());
+  if (train && a.cell != Cell::RNN) o.ws1 = empty_big({s.N, H}, a.x.options());
+  if (train && proj) o.ws2 = empty_big({s.N, H}, a.x.options());
   at::Tensor hg = at::empty({B, GH}, a.x.options());
   at::Tensor rbuf = (proj && !train) ? at::empty({B, H}, a.x.options()) : at::Tensor();
 
@@ -681,7 +705,7 @@ ForwardOut forward(const Args& a, bool train) {
 template <typename T>
 at::Tensor transposed(const at::Tensor& a) {
   const int64_t R = a.size(0), C = a.size(1);
-  at::Tensor out = at::empty({C, R}, a.options());
+  at::Tensor out = empty_big({C, R}, a.options());
   const T* src = a.data_ptr<T>();
   T* dst = out.data_ptr<T>();
   constexpr int64_t TB = 32;
@@ -701,10 +725,15 @@ at::Tensor transposed(const at::Tensor& a) {
 // float32 products they are transposed first (measured: 1600x768x256 3.3 ms with at::mm,
 // 1.4 ms + two transposes with oneDNN; 6400x2048x512 67 ms vs 31 ms).
 template <typename T>
-at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
+// dy_t caches dy's transpose across calls that share dy (the LSTM's and RNN's dW_ih and dW_hh).
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::Tensor* dy_t = nullptr) {
   const int64_t N = dy.size(0), A = dy.size(1), B = x.size(1);
-  if (N > 0 && use_onednn_for(A, B, N, std::is_same_v<T, float>))
-    return onednn_linear(transposed<T>(dy), transposed<T>(x), at::Tensor());
+  if (N > 0 && use_onednn_for(A, B, N, std::is_same_v<T, float>)) {
+    at::Tensor local;
+    at::Tensor& dyt = dy_t ? *dy_t : local;
+    if (!dyt.defined()) dyt = transposed<T>(dy);
+    return onednn_linear(dyt, transposed<T>(x), at::Tensor());
+  }
   return at::mm(dy.t(), x);
 }
 
@@ -732,9 +761,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
 
   at::Tensor dh = grad_hy.contiguous().clone();
   at::Tensor dc = a.cell == Cell::LSTM ? grad_cy.contiguous().clone() : at::Tensor();
-  at::Tensor dgx = at::empty({N, GH}, a.x.options());
-  at::Tensor dgh = a.cell == Cell::GRU ? at::empty({N, GH}, a.x.options()) : dgx;
-  at::Tensor dh_all = proj ? at::empty({N, P}, a.x.options()) : at::Tensor();
+  at::Tensor dgx = empty_big({N, GH}, a.x.options());
+  at::Tensor dgh = a.cell == Cell::GRU ? empty_big({N, GH}, a.x.options()) : dgx;
+  at::Tensor dh_all = proj ? empty_big({N, P}, a.x.options()) : at::Tensor();
   at::Tensor drbuf = proj ? at::empty({B, H}, a.x.options()) : at::Tensor();
 
   const int64_t pack_m = s.T > 1 ? B : 0;
@@ -765,6 +794,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   const Nonlinearity act = a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh;
   const int64_t grain = row_grain(GH);
 
+  PhaseTimer timer("backward");
   for (int64_t step = s.T - 1; step >= 0; --step) {
     const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
     const T* gor = go + off * P;
@@ -784,8 +814,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       rec.run(dghp + off * GH, bs, GH, dhp, P, a.cell == Cell::GRU ? T(1) : T(0));
   }
 
+  timer.mark("time loop");
   // The state each step started from, as one matrix, so dW_hh is a single GEMM.
-  at::Tensor hprev = at::empty({N, P}, a.x.options());
+  at::Tensor hprev = empty_big({N, P}, a.x.options());
   T* hpv = hprev.data_ptr<T>();
   for (int64_t t = 0; t < s.T; ++t)
     for (int64_t b = 0; b < s.bs[t]; ++b) {
@@ -793,11 +824,17 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       std::memcpy(hpv + (s.off[t] + b) * P, prev >= 0 ? outp + prev * P : hx + b * P, sizeof(T) * P);
     }
 
-  g.grad_w_hh = weight_grad<T>(dgh, hprev);
-  g.grad_w_ih = weight_grad<T>(dgx, a.x);
+  timer.mark("hprev");
+  at::Tensor dgx_t;  // shared by both weight gradients when dgh is dgx
+  g.grad_w_hh = weight_grad<T>(dgh, hprev, a.cell == Cell::GRU ? nullptr : &dgx_t);
+  timer.mark("grad_w_hh");
+  g.grad_w_ih = weight_grad<T>(dgx, a.x, &dgx_t);
+  timer.mark("grad_w_ih");
   g.grad_input = fast_linear(dgx, a.w_ih.t().contiguous()).reshape(lead_with(a, a.I));
+  timer.mark("grad_input");
   g.grad_b_ih = dgx.sum(0);
-  g.grad_b_hh = dgh.sum(0);
+  g.grad_b_hh = a.cell == Cell::GRU ? dgh.sum(0) : g.grad_b_ih.clone();
+  timer.mark("bias sums");
   g.grad_w_hr = proj ? weight_grad<T>(dh_all, ws2) : at::empty({0}, a.x.options());
   g.grad_hx = dh;
   g.grad_cx = dc.defined() ? dc : at::empty({0}, a.x.options());

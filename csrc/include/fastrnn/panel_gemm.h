@@ -54,12 +54,15 @@ FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, c
     for (int v = 0; v < V; ++v) std::memcpy(C + i * ldc + v * L, &acc[i][v], sizeof(vec));
 }
 
-constexpr int kMR = 4;
+constexpr int kMR = 6;
 
 // C[m, V*L] = A[m, K] @ panel for m <= kMR rows.
 template <typename T, int V>
 FASTRNN_INLINE void product_rows(const T* A, int64_t lda, int64_t m, int64_t K, const T* W, T* C, int64_t ldc) {
+  static_assert(kMR == 6, "product_rows handles up to 6 rows");
   switch (m) {
+    case 6: micro<T, V, 6>(A, lda, K, W, C, ldc); break;
+    case 5: micro<T, V, 5>(A, lda, K, W, C, ldc); break;
     case 4: micro<T, V, 4>(A, lda, K, W, C, ldc); break;
     case 3: micro<T, V, 3>(A, lda, K, W, C, ldc); break;
     case 2: micro<T, V, 2>(A, lda, K, W, C, ldc); break;
