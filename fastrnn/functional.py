@@ -21,7 +21,17 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _has_kernel(device: torch.device) -> bool:
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _has_kernel(input: torch.Tensor) -> bool:
+    """Whether fastrnn's kernels run this input. Otherwise the layers call torch's own
+    implementation, exactly as torch.nn would: other devices (CUDA in a CPU-only build),
+    dtypes without a fused kernel yet (float16, bfloat16), and autocast regions, where
+    torch.nn's RNNs run in the autocast dtype."""
+    device = input.device
+    if input.dtype not in _NATIVE_DTYPES or torch.is_autocast_enabled(device.type):
+        return False
     if device.type == "cpu":
         return True
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastrnn::lstm_forward", device.type.upper())
@@ -102,7 +112,7 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
     params: per layer and direction, w_ih, w_hh, (b_ih, b_hh if has_biases), (w_hr if projecting)
     Returns (output [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H]).
     """
-    if not _has_kernel(input.device):
+    if not _has_kernel(input):
         return _torch_fallback(torch._VF.lstm, input, hx, params, has_biases, num_layers, dropout, train,
                                bidirectional, batch_first, batch_sizes)
 
@@ -118,7 +128,7 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
 def gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, batch_sizes=None):
     """Stacked GRU with torch.nn.GRU's semantics. hx: [L*D, B, H].
     Returns (output [T, B, D*H], h_n [L*D, B, H])."""
-    if not _has_kernel(input.device):
+    if not _has_kernel(input):
         return _torch_fallback(torch._VF.gru, input, hx, params, has_biases, num_layers, dropout, train,
                                bidirectional, batch_first, batch_sizes)
 
@@ -136,7 +146,7 @@ def rnn(input, hx, params, has_biases, num_layers, dropout, train, bidirectional
     Returns (output [T, B, D*H], h_n [L*D, B, H])."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-    if not _has_kernel(input.device):
+    if not _has_kernel(input):
         fn = torch._VF.rnn_tanh if nonlinearity == "tanh" else torch._VF.rnn_relu
         return _torch_fallback(fn, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
                                batch_first, batch_sizes)

@@ -305,3 +305,31 @@ def test_outputs_are_ordinary_tensors():
     out2 = out.detach().clone()
     out2.resize_(10, 10)
     assert out2.shape == (10, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_low_precision_modules_match_torch(kind, dtype):
+    """Half and bfloat16 modules work as torch.nn's do (torch's implementation runs them)."""
+    ref, ours = make_pair(kind, 4, 8, num_layers=2, bidirectional=True, dtype=dtype)
+    x = torch.randn(5, 3, 4, dtype=dtype)
+    for a, b in zip(flat(ours(x)), flat(ref(x))):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_autocast_matches_torch(kind):
+    ref, ours = make_pair(kind, 4, 8, dtype=torch.float32)
+    x = torch.randn(5, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r, o = ref(x), ours(x)
+    for a, b in zip(flat(o), flat(r)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    cell_ref, cell = nn.LSTMCell(4, 8), fastrnn.LSTMCell(4, 8)
+    cell.load_state_dict(cell_ref.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for a, b in zip(cell(x[0]), cell_ref(x[0])):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -139,7 +139,7 @@ class LSTMCell(_CellBase):
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         x, (h, c), is_batched = self._prepare(input, hx, 2)
-        if not FR._has_kernel(x.device):
+        if not FR._has_kernel(x):
             h, c = torch._VF.lstm_cell(x[0], (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         else:
             _, h, c = FR.lstm_layer(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
@@ -158,7 +158,7 @@ class GRUCell(_CellBase):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, (h,), is_batched = self._prepare(input, hx, 1)
-        if not FR._has_kernel(x.device):
+        if not FR._has_kernel(x):
             h = torch._VF.gru_cell(x[0], h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         else:
             _, h = FR.gru_layer(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
@@ -182,7 +182,7 @@ class RNNCell(_CellBase):
         if hx is not None and hx.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
         x, (h,), is_batched = self._prepare(input, hx, 1)
-        if not FR._has_kernel(x.device):
+        if not FR._has_kernel(x):
             fn = torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh" else torch._VF.rnn_relu_cell
             h = fn(x[0], h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         else:
