@@ -35,6 +35,15 @@ def _check_common(name, input, w_ih, w_hh, hx, gates):
                      f"{t.device} and {input.device}")
 
 
+def _check_devices(name, input, **tensors):
+    """Every tensor argument on input's device. A CPU call with one meta tensor dispatches here
+    (Meta outranks CPU), so this check is what stops it from returning uninitialised tensors."""
+    for arg, t in tensors.items():
+        if isinstance(t, torch.Tensor):
+            torch._check(t.device == input.device, lambda: f"{name}: {arg} and input must be on the same device, "
+                         f"got {t.device} and {input.device}")
+
+
 def _workspace(input, train, *widths):
     n = _rows(input)
     return tuple(input.new_empty((n, w)) if (train and w) else input.new_empty((0,)) for w in widths)
@@ -43,6 +52,7 @@ def _workspace(input, train, *widths):
 @torch.library.register_fake(_lib + "lstm_forward")
 def _lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train):
     _check_common("fastrnn.lstm_forward", input, w_ih, w_hh, hx, 4)
+    _check_devices("fastrnn.lstm_forward", input, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr, cx=cx, batch_sizes=batch_sizes)
     H = w_ih.shape[0] // 4
     P = w_hr.shape[0] if w_hr is not None else H
     out = input.new_empty((*input.shape[:-1], P))
@@ -53,6 +63,9 @@ def _lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes,
 @torch.library.register_fake(_lib + "lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, reverse,
                         output, gates, cells, proj_input):
+    _check_devices("fastrnn.lstm_backward", input, grad_output=grad_output, grad_hy=grad_hy, grad_cy=grad_cy,
+                   w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, hx=hx, cx=cx, batch_sizes=batch_sizes, output=output,
+                   gates=gates, cells=cells, proj_input=proj_input)
     H = w_ih.shape[0] // 4
     gw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty((0,))
     return (input.new_empty(input.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), input.new_empty((4 * H,)),
@@ -62,6 +75,7 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, w_hr, 
 @torch.library.register_fake(_lib + "gru_forward")
 def _gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train):
     _check_common("fastrnn.gru_forward", input, w_ih, w_hh, hx, 3)
+    _check_devices("fastrnn.gru_forward", input, b_ih=b_ih, b_hh=b_hh, batch_sizes=batch_sizes)
     H = w_ih.shape[0] // 3
     out = input.new_empty((*input.shape[:-1], H))
     gates, hn = _workspace(input, train, 3 * H, H)
@@ -71,12 +85,15 @@ def _gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, t
 @torch.library.register_fake(_lib + "rnn_forward")
 def _rnn_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, relu):
     _check_common("fastrnn.rnn_forward", input, w_ih, w_hh, hx, 1)
+    _check_devices("fastrnn.rnn_forward", input, b_ih=b_ih, b_hh=b_hh, batch_sizes=batch_sizes)
     H = w_ih.shape[0]
     return input.new_empty((*input.shape[:-1], H)), hx.new_empty(hx.shape)
 
 
 def _gru_rnn_backward_fake(gates_per_h):
     def fake(grad_output, grad_hy, input, w_ih, w_hh, hx, batch_sizes, reverse, *rest):
+        _check_devices("fastrnn backward", input, grad_output=grad_output, grad_hy=grad_hy, w_ih=w_ih, w_hh=w_hh,
+                       hx=hx, batch_sizes=batch_sizes, **{f"arg{i}": t for i, t in enumerate(rest)})
         G = w_ih.shape[0]
         return (input.new_empty(input.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), input.new_empty((G,)),
                 input.new_empty((G,)), hx.new_empty(hx.shape))

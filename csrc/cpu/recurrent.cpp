@@ -13,6 +13,7 @@
 // order), so the rows alive at a step are a prefix of the state buffers, finished rows keep
 // their final state, and the reverse direction starts each row from its initial state.
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,7 +22,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <atomic>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "checks.h"
@@ -572,6 +575,38 @@ at::Tensor packed_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U
   return packed;
 }
 
+// ---------------------------------------------------------------------------------------
+// A persistent team for the time loop. With ATen's OpenMP backend every chunk of a
+// parallel_for runs on its own thread of one team, all at once, so the chunks can meet at a
+// barrier between steps. Work is counted in slices (the chunks' index ranges), so the barrier
+// is right however OpenMP splits the range. Other backends (a task pool gives no such
+// guarantee) and nested calls take a parallel_for per step.
+// ---------------------------------------------------------------------------------------
+inline bool use_persistent_team(int64_t slices, int64_t steps) {
+#if AT_PARALLEL_OPENMP
+  return slices > 1 && steps > 1 && !at::in_parallel_region() && !std::getenv("FASTRNN_NO_TEAM");
+#else
+  return false;
+#endif
+}
+
+class StepBarrier {
+ public:
+  // Adds this thread's finished slices and waits until `target` slices in all have finished.
+  void arrive_and_wait(int64_t slices, int64_t target) {
+    done_.fetch_add(slices, std::memory_order_acq_rel);
+    for (uint64_t spin = 0; done_.load(std::memory_order_acquire) < target; ++spin) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if (spin > (uint64_t(1) << 20)) std::this_thread::yield();
+    }
+  }
+
+ private:
+  std::atomic<int64_t> done_{0};
+};
+
 template <typename T>
 void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   const Schedule& s = a.sched;
@@ -581,10 +616,12 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   const int64_t NR = G * U, n_panels = (H + U - 1) / U;
   const auto opts = a.x.options();
 
+  PhaseTimer timer("fused forward");
   at::Tensor b_hn;
   at::Tensor xg = input_projection(a, b_hn);
-
+  timer.mark("input proj");
   at::Tensor wp = packed_panels<T>(a.w_hh, G, H, U);
+  timer.mark("pack W_hh");
 
   at::Tensor hbuf = at::empty({2, B, H}, opts);
   hbuf.select(0, 0).copy_(a.hx);
@@ -602,18 +639,36 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
                   o.ws0.defined() ? o.ws0.data_ptr<T>() : nullptr, o.ws1.defined() ? o.ws1.data_ptr<T>() : nullptr,
                   b_hn.defined() ? b_hn.data_ptr<T>() : nullptr};
   T* hb = hbuf.data_ptr<T>();
-  int cur = 0;
-  for (int64_t step = 0; step < s.T; ++step) {
+  auto step_args = [&](int64_t step) {
+    FusedStep<T> x = st;
     const int64_t t = s.time_at(step);
-    st.bs = s.bs[t];
-    st.off = s.off[t];
-    st.hcur = hb + cur * B * H;
-    st.hnext = hb + (1 - cur) * B * H;
-    // Small steps stay on one thread: a parallel region costs more than they do.
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, st.bs * H * NR));
-    at::parallel_for(0, n_panels, grain, [&](int64_t p0, int64_t p1) { fused_step(st, p0, p1); });
-    cur = 1 - cur;
+    x.bs = s.bs[t];
+    x.off = s.off[t];
+    x.hcur = hb + (step % 2) * B * H;
+    x.hnext = hb + (1 - step % 2) * B * H;
+    return x;
+  };
+  const int64_t slices = std::min<int64_t>(at::get_num_threads(), n_panels);
+  if (use_persistent_team(slices, s.T)) {
+    // One parallel region for the whole sequence: a fork/join per step costs as much as a
+    // B=1 step (the team's threads fall asleep between regions), a spin barrier ~1 us.
+    StepBarrier barrier;
+    at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t step = 0; step < s.T; ++step) {
+        const FusedStep<T> x = step_args(step);
+        for (int64_t sl = s0; sl < s1; ++sl) fused_step(x, sl * n_panels / slices, (sl + 1) * n_panels / slices);
+        barrier.arrive_and_wait(s1 - s0, (step + 1) * slices);
+      }
+    });
+  } else {
+    for (int64_t step = 0; step < s.T; ++step) {
+      const FusedStep<T> x = step_args(step);
+      // Small steps stay on one thread: a parallel region costs more than they do.
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, x.bs * H * NR));
+      at::parallel_for(0, n_panels, grain, [&](int64_t p0, int64_t p1) { fused_step(x, p0, p1); });
+    }
   }
+  timer.mark("time loop");
 
   // h_n of each row is its output at its last processed step.
   o.hy = at::empty({B, H}, opts);
@@ -633,8 +688,10 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
   const int64_t H = a.H, P = a.P, GH = a.G * a.H, B = s.B;
   const bool proj = a.w_hr.defined();
 
+  PhaseTimer timer("forward");
   at::Tensor b_hn;
   at::Tensor xg = input_projection(a, b_hn);
+  timer.mark("input proj");
 
   o.hy = a.hx.clone();
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
@@ -672,6 +729,7 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
     if (proj) projg->run(r, bs, H, h, P, T(0));
     std::memcpy(out + off * P, h, sizeof(T) * bs * P);
   }
+  timer.mark("time loop");
 }
 
 // The fused path wins while a step's recurrent product is small enough that dispatch and
