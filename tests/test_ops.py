@@ -236,3 +236,28 @@ def test_packed_weight_cache_sees_every_write(mutate, gemm_backend):
     ctx = torch.inference_mode() if mutate == "inference_mode" else torch.no_grad()
     with ctx:
         assert_close(m(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize("team", [True, False], ids=["team", "per-step"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_persistent_team_and_per_step_regions_agree(cell, packed, team, monkeypatch):
+    """Hidden sizes with several panels, so the time loops run as one parallel region with
+    barriers between steps (or, with FASTRNN_NO_TEAM, one region per step)."""
+    if not team:
+        monkeypatch.setenv("FASTRNN_NO_TEAM", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, st, w, bsz = make_case(cell, T=7, B=5, I=12, H=80, packed=packed)
+        for reverse in (False, True):
+            outs = run_fused(cell, x, st, w, bsz, reverse)
+            refs = run_ref(cell, x, st, w, bsz, reverse)
+            for o, r in zip(outs, refs):
+                assert_close(o, r)
+            cot = [torch.randn_like(r) for r in refs]
+            for gf, gr in zip(torch.autograd.grad(outs, leaves(x, st, w), cot),
+                              torch.autograd.grad(refs, leaves(x, st, w), cot)):
+                assert_close(gf, gr)
+    finally:
+        torch.set_num_threads(n)

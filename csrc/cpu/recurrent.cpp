@@ -474,6 +474,13 @@ class PanelGemm {
           std::memcpy(dst + (p * K + k) * NR, b + k * N + p * NR, sizeof(T) * std::min<int64_t>(NR, N - p * NR));
     });
   }
+  int64_t panels() const { return n_panels_; }
+  // Panels [p0, p1) only, on the calling thread (for a persistent team).
+  void run_panels(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate, int64_t p0,
+                  int64_t p1) const {
+    if (m == 0 || p0 >= p1) return;
+    panel_gemm(PanelGemmArgs<T>{a, lda, m, K_, N_, n_panels_, packed_.data_ptr<T>(), c, ldc, accumulate}, p0, p1);
+  }
   void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate) const {
     if (m == 0) return;
     const PanelGemmArgs<T> g{a, lda, m, K_, N_, n_panels_, packed_.data_ptr<T>(), c, ldc, accumulate};
@@ -599,7 +606,9 @@ class StepBarrier {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
 #endif
-      if (spin > (uint64_t(1) << 20)) std::this_thread::yield();
+      // Spin briefly (a step is microseconds), then yield: when the machine is oversubscribed a
+      // peer may be descheduled, and spinning would only keep it off the core longer.
+      if (spin > 4096) std::this_thread::yield();
     }
   }
 
@@ -853,7 +862,28 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   const int64_t grain = row_grain(GH);
 
   PhaseTimer timer("backward");
-  for (int64_t step = s.T - 1; step >= 0; --step) {
+  const int64_t slices = rec_panel ? std::min<int64_t>(at::get_num_threads(), rec_panel->panels()) : 1;
+  if (rec_panel && !proj && use_persistent_team(slices, s.T)) {
+    // As in the fused forward: one parallel region, two barriers a step (the row pass writes
+    // dG that every panel reads; the panel pass writes columns of dh that every row reads).
+    StepBarrier barrier;
+    const bool gru = a.cell == Cell::GRU;
+    at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+      int64_t target = 0;
+      for (int64_t step = s.T - 1; step >= 0; --step) {
+        const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+        const int64_t r0 = bs * s0 / slices, r1 = bs * s1 / slices;
+        for (int64_t i = r0 * P; i < r1 * P; ++i) dhp[i] += go[off * P + i];
+        const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dhp, dhp, dcp, dgxp, dghp};
+        backward_rows(rows, r0, r1);
+        barrier.arrive_and_wait(s1 - s0, target += slices);
+        const int64_t np = rec_panel->panels();
+        rec_panel->run_panels(dghp + off * GH, bs, GH, dhp, P, gru, np * s0 / slices, np * s1 / slices);
+        barrier.arrive_and_wait(s1 - s0, target += slices);
+      }
+    });
+  }
+  for (int64_t step = s.T - 1; step >= 0 && !(rec_panel && !proj && use_persistent_team(slices, s.T)); --step) {
     const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
     const T* gor = go + off * P;
     for (int64_t i = 0; i < bs * P; ++i) dhp[i] += gor[i];
