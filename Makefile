@@ -32,3 +32,26 @@ bench: $(BUILD_STAMP)
 
 clean:
 	rm -rf build $(BUILD_STAMP)
+
+# AddressSanitizer + UBSan run of the kernel tests. The instrumented build goes to its own
+# directory (build/asan/site, built in build/asan/cmake) instead of over the editable install,
+# so `make test` keeps using the normal extension throughout (nothing to restore afterwards, and
+# other processes importing fastrnn meanwhile are unaffected). scripts/asan_pytest.py points
+# this pytest run (and the processes it starts) at the instrumented copy and refuses to run if
+# that is not what got imported. libstdc++ is preloaded with libasan: otherwise ASan's
+# __cxa_throw interceptor finds no real __cxa_throw (python does not link libstdc++) and aborts
+# on the first C++ exception. --capture=sys keeps fd 2 uncaptured, so a sanitizer report is
+# printed even when it kills the process. Symbolized reports need debug info in the library,
+# which a Release build loses three ways: pybind11_add_module adds -flto (code generated at link
+# time, where no -g is passed) unless CMAKE_INTERPROCEDURAL_OPTIMIZATION is defined, strips the
+# module after linking in Release, and scikit-build-core strips on install; hence the three
+# settings below (FASTRNN_SANITIZE itself adds -O1 -g).
+ASAN_SITE := build/asan/site
+ASAN_TESTS ?= tests/test_ops.py tests/test_errors.py tests/test_malformed_ops.py
+test-asan: $(DEPS_STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps --upgrade \
+		--target $(ASAN_SITE) . -Ccmake.define.FASTRNN_SANITIZE=ON -Cbuild-dir=build/asan/cmake \
+		-Ccmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF -Ccmake.build-type=RelWithDebInfo -Cinstall.strip=false
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		$(PY) scripts/asan_pytest.py $(ASAN_SITE) -q --capture=sys -p no:logging $(PYTEST_ARGS) $(ASAN_TESTS)

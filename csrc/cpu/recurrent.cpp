@@ -170,6 +170,8 @@ Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tenso
       TORCH_CHECK(s.bs[t] > 0 && (t == 0 || s.bs[t] <= s.bs[t - 1]), op,
                   ": batch_sizes must be positive and non-increasing (as in a PackedSequence), got ", s.bs[t],
                   " at step ", t);
+      TORCH_CHECK(s.bs[t] <= input.size(0) - total, op, ": packed input must have sum(batch_sizes) rows, got ",
+                  input.size(0), " rows and batch_sizes summing to more");
       total += s.bs[t];
     }
     s.B = s.bs[0];
@@ -736,7 +738,7 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
     const FwdRows<T> rows{a.cell, train, act, H, P, GH, off, xgp, hgp, h, c, r, proj ? H : P, ws0, ws1, bhn};
     at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { forward_rows(rows, b0, b1); });
     if (proj) projg->run(r, bs, H, h, P, T(0));
-    std::memcpy(out + off * P, h, sizeof(T) * bs * P);
+    if (bs > 0) std::memcpy(out + off * P, h, sizeof(T) * bs * P);
   }
   timer.mark("time loop");
 }
@@ -889,7 +891,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     for (int64_t i = 0; i < bs * P; ++i) dhp[i] += gor[i];
     const T* dr = dhp;
     if (proj) {
-      std::memcpy(dhall + off * P, dhp, sizeof(T) * bs * P);
+      if (bs > 0) std::memcpy(dhall + off * P, dhp, sizeof(T) * bs * P);
       projg->run(dhp, bs, P, drp, H, T(0));
       dr = drp;
     }

@@ -1,0 +1,405 @@
+"""Malformed calls to every registered fastrnn op raise a Python exception: never a crash, never a
+return value. Valid but unusual layouts (non-contiguous, expanded, offset views, empty batch)
+must work and give exactly what the contiguous call gives.
+
+The whole table runs in a child process (this file, run as a script), one JSON line per case on
+stdout, so a segfault or abort inside the kernel fails the case that caused it instead of killing
+pytest. A child that dies is restarted on the cases it did not reach; the case it was running is
+recorded as crashed, with the head of any sanitizer report on its stderr (`make test-asan` runs
+this table against the ASan/UBSan build).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import fastrnn  # noqa: F401  (registers torch.ops.fastrnn.*)
+
+OPS = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "rnn_forward", "rnn_backward"]
+ALLOWED = ("RuntimeError", "ValueError", "TypeError", "NotImplementedError")  # the last is a RuntimeError
+
+T, B, I, H, P = 4, 3, 5, 6, 4
+BATCH_SIZES = [3, 3, 2, 1]  # sums to 9 packed rows, B = 3
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+# A CPU call with one meta tensor dispatches to the Meta kernel (Meta outranks CPU), i.e. to the
+# fake kernels of fastrnn/_ops.py: the "meta" rows check that those raise too (they used to
+# return uninitialised CPU tensors; fixed in a46a624 after this table found it).
+
+
+# ------------------------------------------------------------------------------ valid calls
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen) * 0.4
+
+
+def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object]":
+    """A valid argument list for `op`, in schema order. variant: dense, proj (LSTM projection),
+    packed."""
+    cell, kind = op.split("_")
+    G = GATES[cell]
+    proj, packed = variant == "proj", variant == "packed"
+    Ph = P if proj else H
+    gen = torch.Generator().manual_seed(1234)
+    x = _randn(gen, sum(BATCH_SIZES), I) if packed else _randn(gen, T, batch, I)
+    bsz = torch.tensor(BATCH_SIZES, dtype=torch.int64) if packed else None
+    w_ih, w_hh = _randn(gen, G * H, I), _randn(gen, G * H, Ph)
+    b_ih, b_hh = _randn(gen, G * H), _randn(gen, G * H)
+    w_hr = _randn(gen, P, H) if proj else None
+    nb = BATCH_SIZES[0] if packed else batch
+    hx, cx = _randn(gen, nb, Ph), _randn(gen, nb, H)
+    ops = torch.ops.fastrnn
+    if cell == "lstm":
+        fwd = OrderedDict(input=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr, hx=hx, cx=cx,
+                          batch_sizes=bsz, reverse=False, train=True)
+        if kind == "forward":
+            return fwd
+        out, hy, cy, gates, cells, pin = ops.lstm_forward(*fwd.values())
+        return OrderedDict(grad_output=_randn(gen, *out.shape), grad_hy=_randn(gen, *hy.shape),
+                           grad_cy=_randn(gen, *cy.shape), input=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, hx=hx, cx=cx,
+                           batch_sizes=bsz, reverse=False, output=out, gates=gates, cells=cells, proj_input=pin)
+    if cell == "gru":
+        fwd = OrderedDict(input=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, hx=hx, batch_sizes=bsz, reverse=False,
+                          train=True)
+        if kind == "forward":
+            return fwd
+        out, hy, gates, hn = ops.gru_forward(*fwd.values())
+        return OrderedDict(grad_output=_randn(gen, *out.shape), grad_hy=_randn(gen, *hy.shape), input=x, w_ih=w_ih,
+                           w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, output=out, gates=gates, hn=hn)
+    fwd = OrderedDict(input=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, hx=hx, batch_sizes=bsz, reverse=False,
+                      relu=False)
+    if kind == "forward":
+        return fwd
+    out, hy = ops.rnn_forward(*fwd.values())
+    return OrderedDict(grad_output=_randn(gen, *out.shape), grad_hy=_randn(gen, *hy.shape), input=x, w_ih=w_ih,
+                       w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, relu=False, output=out)
+
+
+def schema_names(op: str) -> list[str]:
+    return [a.name for a in getattr(torch.ops.fastrnn, op).default._schema.arguments]
+
+
+def schema_optional(op: str) -> set[str]:
+    return {a.name for a in getattr(torch.ops.fastrnn, op).default._schema.arguments
+            if str(a.type).startswith("Optional") or str(a.type).endswith("?")}
+
+
+# ------------------------------------------------------------------------------ mutations
+# Each mutation maps a tensor to a malformed replacement (or None to skip the case).
+def _cat1(t, dim):
+    return torch.cat([t, t.narrow(dim, 0, 1)], dim)
+
+
+ERROR_MUTATIONS = {
+    "rank_up": lambda t: t.unsqueeze(0),
+    "rank_down": lambda t: t.select(0, 0) if t.dim() >= 1 and t.size(0) > 0 else None,
+    "size_last+1": lambda t: _cat1(t, -1) if t.dim() >= 1 and t.size(-1) > 0 else None,
+    "size_first+1": lambda t: _cat1(t, 0) if t.dim() >= 2 and t.size(0) > 0 else None,
+    "float64": lambda t: t.double() if t.dtype != torch.float64 else t.float(),
+    "float16": lambda t: t.half(),
+    "int64": lambda t: t.long() if t.dtype != torch.int64 else None,
+    "int32": lambda t: t.int(),
+    "meta": lambda t: t.to("meta"),
+    "empty_1d": lambda t: torch.empty(0, dtype=t.dtype),
+    "zero_last_dim": lambda t: t.narrow(-1, 0, 0) if t.dim() >= 2 else None,
+}
+
+
+def _strided(t):
+    """Same values, last dimension with stride 2."""
+    if t.dim() == 0 or t.numel() == 0:
+        return None
+    buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    v = buf[..., ::2]
+    v.copy_(t)
+    return v
+
+
+def _column_major(t):
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 and t.numel() > 1 else None
+
+
+def _offset(t):
+    """Contiguous, but not at the start of its storage."""
+    if t.dim() == 0:
+        return None
+    return torch.cat([torch.full_like(t.reshape(-1)[:1], 99), t.reshape(-1)])[1:].view(t.shape) if t.numel() else None
+
+
+def _expanded(t):
+    """Stride 0 along dimension 0 (values differ from t; compared to their contiguous copy)."""
+    return t[:1].expand_as(t) if t.dim() >= 1 and t.size(0) > 1 else None
+
+
+LAYOUT_MUTATIONS = {"strided": _strided, "column_major": _column_major, "offset": _offset, "expanded": _expanded}
+
+
+class Case:
+    def __init__(self, op, variant, arg, what, expect, fn):
+        self.id = f"{op}-{variant}-{arg}-{what}"
+        self.op, self.variant, self.arg, self.what, self.expect, self.fn = op, variant, arg, what, expect, fn
+
+
+def _set(arg, value):
+    def fn(args):
+        args[arg] = value(args[arg]) if callable(value) else value
+        return args
+    return fn
+
+
+def _variants(op):
+    cell = op.split("_")[0]
+    return ["dense", "proj", "packed"] if cell == "lstm" else ["dense", "packed"]
+
+
+def build_cases() -> list[Case]:
+    cases = []
+    for op in OPS:
+        cell, kind = op.split("_")
+        optional = schema_optional(op)
+        for variant in _variants(op):
+            args = base_args(op, variant)
+            packed = variant == "packed"
+            for arg, value in args.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if arg == "proj_input" and variant != "proj":
+                    continue  # unused without w_hr (an empty tensor is passed), so not checked
+                if packed and arg != "batch_sizes" and arg not in ("input", "hx"):
+                    # the packed variant adds coverage for packed-specific arguments; per-argument
+                    # malformations of weights and workspaces are covered by the dense variants
+                    muts = {k: ERROR_MUTATIONS[k] for k in ("meta",)}
+                else:
+                    muts = ERROR_MUTATIONS
+                for what, mut in muts.items():
+                    if mut(value) is None:
+                        continue
+                    if kind == "forward" and not packed and arg == "input" and what == "size_first+1":
+                        cases.append(Case(op, variant, arg, "one_more_step", "ok", _set(arg, mut)))
+                        continue  # a longer sequence is a valid call
+                    cases.append(Case(op, variant, arg, what, "error", _set(arg, mut)))
+                for what, mut in LAYOUT_MUTATIONS.items():
+                    if arg == "batch_sizes" and what == "expanded":
+                        continue  # changes the sum of batch_sizes: a malformed call, covered below
+                    if mut(value) is None:
+                        continue
+                    cases.append(Case(op, variant, arg, what, "same", _set(arg, mut)))
+                cases.append(Case(op, variant, arg, "None", "error", _set(arg, None)))
+                cases.append(Case(op, variant, arg, "python_list", "error", _set(arg, lambda t: t.tolist())))
+            # a required-by-this-config optional argument missing is covered above ("None"); here:
+            # (None for a bool is not in the table: torch's op binding converts it to False, as it
+            # does for aten ops.)
+            for arg, value in args.items():
+                if isinstance(value, bool):
+                    cases.append(Case(op, variant, arg, "str", "error", _set(arg, "yes")))
+                    cases.append(Case(op, variant, arg, "tensor", "error", _set(arg, torch.ones(2))))
+            cases.append(Case(op, variant, "args", "too_few", "error", lambda a: OrderedDict(list(a.items())[:-1])))
+            cases.append(Case(op, variant, "args", "too_many", "error",
+                              lambda a: OrderedDict(list(a.items()) + [("extra", torch.ones(1))])))
+            cases.append(Case(op, variant, "all", "meta", "ok",
+                              lambda a: OrderedDict((k, v.to("meta") if isinstance(v, torch.Tensor) else v)
+                                                    for k, v in a.items())))
+            if not packed:
+                cases.append(Case(op, variant, "batch_sizes", "given_for_dense_input", "error",
+                                  _set("batch_sizes", torch.tensor([B] * T))))
+                cases.append(Case(op, variant, "batch", "zero", "ok",
+                                  lambda a, op=op, variant=variant: base_args(op, variant, batch=0)))
+            else:
+                bad = {
+                    "negative": [3, 3, -1, 4], "unsorted": [1, 2, 3, 3], "sum_too_small": [3, 2, 2, 1],
+                    "sum_too_large": [3, 3, 2, 2], "zero_entry": [3, 3, 3, 0], "first_ne_hx_batch": [4, 2, 2, 1],
+                    "all_zero": [0, 0, 0, 0], "one_step_too_many_rows": [9],
+                    "int64_overflow_sum": [2 ** 63 - 1, 2 ** 63 - 1, sum(BATCH_SIZES) + 2],
+                    "huge_first": [2 ** 40, 1, 1, 1],
+                }
+                for what, v in bad.items():
+                    cases.append(Case(op, variant, "batch_sizes", what, "error",
+                                      _set("batch_sizes", torch.tensor(v, dtype=torch.int64))))
+                cases.append(Case(op, variant, "batch_sizes", "2d", "error",
+                                  _set("batch_sizes", torch.tensor([BATCH_SIZES]))))
+                cases.append(Case(op, variant, "input", "dense_3d_with_batch_sizes", "error",
+                                  _set("input", lambda t: t.reshape(3, 3, I))))
+            if kind == "backward" and cell != "rnn":
+                ws = ["gates", "cells", "proj_input"] if cell == "lstm" else ["gates", "hn"]
+                if variant != "proj":
+                    ws = ws[:2]
+                for w in ws:
+                    cases.append(Case(op, variant, w, "transposed_shape", "error", _set(w, lambda t: t.reshape(
+                        t.shape[1], t.shape[0]) if t.dim() == 2 else t.reshape(-1))))
+                    cases.append(Case(op, variant, w, "from_train_false", "error",
+                                      _set(w, lambda t: torch.empty(0, dtype=t.dtype))))
+            if kind == "backward":
+                cases.append(Case(op, variant, "output", "from_shorter_sequence", "error",
+                                  _set("output", lambda t: t[:-1])))
+    ids = [c.id for c in cases]
+    assert len(ids) == len(set(ids)), "duplicate case ids"
+    return cases
+
+
+# ------------------------------------------------------------------------------ the child process
+def _call(op, args):
+    return getattr(torch.ops.fastrnn, op)(*args.values())
+
+
+def _flat(res):
+    return list(res) if isinstance(res, (tuple, list)) else [res]
+
+
+def _expected_shapes_ok(op, args, res):
+    """For calls expected to work: output shapes follow the inputs (checked against a CPU run of the
+    same call where the inputs are not meta)."""
+    out = _flat(res)
+    if op.endswith("_backward"):
+        return all(isinstance(t, torch.Tensor) for t in out) and tuple(out[0].shape) == tuple(
+            args["input"].shape)
+    H_out = args["w_hr"].shape[0] if args.get("w_hr") is not None else args["w_ih"].shape[0] // GATES[op.split("_")[0]]
+    return tuple(out[0].shape) == (*args["input"].shape[:-1], H_out) and tuple(out[1].shape) == tuple(
+        args["hx"].shape)
+
+
+def run_case(case: Case) -> dict:
+    args = case.fn(base_args(case.op, case.variant))
+    try:
+        res = _call(case.op, args)
+    except Exception as e:  # noqa: BLE001 -- the type is the result
+        return {"status": "raised", "type": type(e).__name__, "msg": str(e).splitlines()[0][:300] if str(e) else ""}
+    if case.expect == "error":
+        out = _flat(res)
+        desc = [f"{t.device}:{tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t) for t in out]
+        return {"status": "returned", "msg": ", ".join(desc)}
+    if case.expect == "ok":
+        return {"status": "ok" if _expected_shapes_ok(case.op, args, res) else "bad_shapes",
+                "msg": str([tuple(t.shape) for t in _flat(res)])}
+    # "same": the call with the layout-mutated argument equals the call with its contiguous copy
+    ref_args = OrderedDict((k, v.contiguous() if k == case.arg and isinstance(v, torch.Tensor) else v)
+                           for k, v in args.items())
+    ref = _flat(_call(case.op, ref_args))
+    got = _flat(res)
+    bad = [i for i, (a, b) in enumerate(zip(got, ref)) if a.shape != b.shape or not torch.equal(a, b)]
+    if bad:
+        diffs = [float((got[i] - ref[i]).abs().max()) if got[i].shape == ref[i].shape and got[i].numel() else None
+                 for i in bad]
+        return {"status": "differs", "msg": f"outputs {bad} differ, max abs diff {diffs}"}
+    return {"status": "same"}
+
+
+def child_main(ids: list[str]) -> None:
+    torch.set_num_threads(1)
+    by_id = {c.id: c for c in build_cases()}
+    for cid in ids:
+        print(json.dumps({"start": cid}), flush=True)
+        if cid == "__selftest_abort__":
+            os.abort()
+        try:
+            r = run_case(by_id[cid])
+        except Exception as e:  # noqa: BLE001
+            r = {"status": "harness_error", "msg": f"{type(e).__name__}: {e}"}
+        r["id"] = cid
+        print(json.dumps(r), flush=True)
+
+
+def _crash_report(err: str) -> str:
+    """The head of a sanitizer / fatal-error report if there is one (its first frames name the
+    culprit), else the tail of stderr."""
+    lines = err.splitlines()
+    for i, line in enumerate(lines):
+        if any(k in line for k in ("runtime error:", "ERROR: AddressSanitizer", "Fatal Python error",
+                                   "Segmentation fault", "terminate called")):
+            return "\n".join(lines[i:i + 12])
+    return err[-3000:]
+
+
+def run_table(ids: list[str], timeout: float = 300.0) -> dict[str, dict]:
+    """Runs the cases in child processes; a case that kills its child is recorded as crashed."""
+    results: dict[str, dict] = {}
+    todo = list(ids)
+    while todo:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
+        try:
+            out, err = proc.communicate(json.dumps(todo), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            err = f"[killed after {timeout:.0f} s]\n" + err
+        started = None
+        for line in out.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "start" in rec:
+                started = rec["start"]
+            elif "id" in rec:
+                results[rec["id"]] = rec
+                started = None
+        todo = [i for i in todo if i not in results]
+        if not todo:
+            break
+        victim = started if started is not None else todo[0]
+        results[victim] = {"id": victim, "status": "crashed",
+                           "msg": f"child exit code {proc.returncode}; stderr:\n{_crash_report(err)}"}
+        todo = [i for i in todo if i != victim]
+    return results
+
+
+# ------------------------------------------------------------------------------ the tests
+CASES = build_cases()
+
+
+@pytest.fixture(scope="module")
+def table():
+    return run_table([c.id for c in CASES])
+
+
+def test_table_covers_every_registered_op():
+    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastrnn::")}
+    assert registered == set(OPS), f"registered fastrnn ops changed: {sorted(registered)}"
+    for op in OPS:
+        for variant in _variants(op):
+            assert list(base_args(op, variant)) == schema_names(op), op
+        assert any(c.op == op and c.expect == "error" for c in CASES)
+
+
+def test_harness_catches_a_crash():
+    """A case that kills the child is reported as crashed, and the cases after it still run."""
+    ids = [CASES[0].id, "__selftest_abort__", CASES[1].id]
+    r = run_table(ids)
+    assert r["__selftest_abort__"]["status"] == "crashed"
+    assert r[CASES[0].id]["status"] == r[CASES[1].id]["status"] == "raised"
+
+
+def test_valid_base_calls_work():
+    for op in OPS:
+        for variant in _variants(op):
+            res = _flat(_call(op, base_args(op, variant)))
+            assert all(torch.isfinite(t).all() for t in res if t.numel()), (op, variant)
+
+
+def _check(case, r):
+    assert r["status"] not in ("crashed", "harness_error"), f"{case.id}: {r['status']}: {r.get('msg')}"
+    if case.expect == "error":
+        assert r["status"] == "raised", f"{case.id}: malformed call returned ({r.get('msg')}) instead of raising"
+        assert r["type"] in ALLOWED, f"{case.id}: raised {r['type']}: {r['msg']}"
+    elif case.expect == "ok":
+        assert r["status"] == "ok", f"{case.id}: {r}"
+    else:
+        assert r["status"] == "same", f"{case.id}: {r}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_malformed_call(case, table):
+    _check(case, table[case.id])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--child"]:
+        child_main(json.loads(sys.stdin.read()))
+    else:
+        print(f"{len(CASES)} cases; run with pytest")
