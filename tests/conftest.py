@@ -19,6 +19,57 @@ def assert_close(actual, expected, dtype=None, msg=""):
     torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: f"{msg}\n{m}" if msg else m)
 
 
+def flat(o):
+    """Every tensor of a layer's return value, in order (PackedSequence -> its data)."""
+    from torch.nn.utils.rnn import PackedSequence
+    if isinstance(o, PackedSequence):
+        return [o.data]
+    if isinstance(o, (tuple, list)):
+        return [t for x in o for t in flat(x)]
+    return [o]
+
+
+class Tagger(torch.nn.Module):
+    """Embedding -> recurrent layer -> Linear over every step: the small model the compile,
+    export and serialization tests trace. Returns the logits, and the final h when return_state."""
+
+    def __init__(self, rnn, return_state=False):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.rnn = rnn
+        self.return_state = return_state
+        D = 2 if rnn.bidirectional else 1
+        P = getattr(rnn, "proj_size", 0) or rnn.hidden_size
+        self.head = torch.nn.Linear(D * P, 5)
+
+    def forward(self, tokens):
+        out, state = self.rnn(self.emb(tokens))
+        if not self.return_state:
+            return self.head(out)
+        h = state[0] if isinstance(state, tuple) else state
+        return self.head(out), h
+
+
+def run_threads(worker, n, timeout=120):
+    """Runs worker(t) for t < n on n threads; fails on a hung thread or any exception."""
+    import threading
+    errors = []
+
+    def wrapped(t):
+        try:
+            worker(t)
+        except BaseException as e:  # noqa: BLE001 -- reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=wrapped, args=(t,)) for t in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=timeout)
+    assert not any(th.is_alive() for th in threads), "a worker thread hung"
+    assert not errors, errors
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -4,21 +4,7 @@ import torch
 from torch import nn
 
 import fastrnn
-from conftest import assert_close
-
-
-class Tagger(nn.Module):
-    def __init__(self, rnn):
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.rnn = rnn
-        D = 2 if rnn.bidirectional else 1
-        P = getattr(rnn, "proj_size", 0) or rnn.hidden_size
-        self.head = nn.Linear(D * P, 5)
-
-    def forward(self, tokens):
-        out, _ = self.rnn(self.emb(tokens))
-        return self.head(out)
+from conftest import Tagger, assert_close
 
 
 MODELS = {

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pack_sequence
 
 import fastrnn
-from conftest import assert_close
+from conftest import assert_close, flat
 
 PAIRS = {"LSTM": (nn.LSTM, fastrnn.LSTM), "GRU": (nn.GRU, fastrnn.GRU), "RNN": (nn.RNN, fastrnn.RNN)}
 
@@ -31,14 +31,6 @@ def states_for(kind, ref, B, dtype, unbatched=False):
     if kind == "LSTM":
         return (h, torch.randn(*lead, ref.hidden_size, dtype=dtype, requires_grad=True))
     return h
-
-
-def flat(o):
-    if isinstance(o, torch.nn.utils.rnn.PackedSequence):
-        return [o.data]
-    if isinstance(o, (tuple, list)):
-        return [t for x in o for t in flat(x)]
-    return [o]
 
 
 def compare(ref, ours, x, hx, dtype, extra_leaves=()):

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import fastrnn
 from fastrnn import functional as FR
 from fastrnn import reference as R
-from conftest import assert_close
+from conftest import assert_close, flat
 
 F64 = torch.float64
 MAX_EXAMPLES = {"layers": 60, "cells": 40, "ops": 60}
@@ -44,18 +44,10 @@ def _run_property(name, prop, request, record_property, capsys):
     assert n >= 0.8 * MAX_EXAMPLES[name], f"only {n} examples ran"
 
 
-def _flat(o):
-    if isinstance(o, PackedSequence):
-        return [o.data]
-    if isinstance(o, (tuple, list)):
-        return [t for x in o for t in _flat(x)]
-    return [o]
-
-
 def _compare_modules(ref, ours, x, hx, extra_leaves, seed):
     r = ref(x) if hx is None else ref(x, hx)
     o = ours(x) if hx is None else ours(x, hx)
-    rf, of = _flat(r), _flat(o)
+    rf, of = flat(r), flat(o)
     assert len(rf) == len(of)
     for a, b in zip(of, rf):
         assert a.shape == b.shape and a.dtype == b.dtype

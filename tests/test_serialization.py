@@ -14,7 +14,7 @@ from torch import nn
 from torch.export import Dim
 
 import fastrnn
-from conftest import assert_close
+from conftest import Tagger, assert_close
 
 F64 = torch.float64
 
@@ -127,21 +127,6 @@ def _ctor_kwargs(t):
 
 
 # ------------------------------------------------------------------------------ torch.export
-class Tagger(nn.Module):
-    def __init__(self, rnn):
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.rnn = rnn
-        D = 2 if rnn.bidirectional else 1
-        P = getattr(rnn, "proj_size", 0) or rnn.hidden_size
-        self.head = nn.Linear(D * P, 5)
-
-    def forward(self, tokens):
-        out, state = self.rnn(self.emb(tokens))
-        h = state[0] if isinstance(state, tuple) else state
-        return self.head(out), h
-
-
 EXPORT_MODELS = {
     "gru": lambda: fastrnn.GRU(8, 12, num_layers=2, batch_first=True),
     "rnn": lambda: fastrnn.RNN(8, 12, bidirectional=True, batch_first=True, nonlinearity="relu"),
@@ -153,7 +138,7 @@ EXPORT_MODELS = {
 @pytest.mark.parametrize("name", list(EXPORT_MODELS))
 def test_export_matches_eager(name, dynamic):
     torch.manual_seed(0)
-    model = Tagger(EXPORT_MODELS[name]()).eval()
+    model = Tagger(EXPORT_MODELS[name](), return_state=True).eval()
     tokens = torch.randint(0, 20, (3, 7))
     dims = {"static": None,
             "batch": {"tokens": {0: Dim("batch", min=1, max=64)}},
@@ -175,7 +160,7 @@ def test_export_matches_eager(name, dynamic):
 @pytest.mark.parametrize("name", list(EXPORT_MODELS))
 def test_exported_program_save_load(name, tmp_path):
     torch.manual_seed(0)
-    model = Tagger(EXPORT_MODELS[name]()).eval()
+    model = Tagger(EXPORT_MODELS[name](), return_state=True).eval()
     tokens = torch.randint(0, 20, (3, 7))
     ep = torch.export.export(model, (tokens,), dynamic_shapes={"tokens": {0: Dim("batch", min=1, max=64)}})
     path = tmp_path / "prog.pt2"

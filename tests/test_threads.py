@@ -16,17 +16,9 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 import fastrnn
-from conftest import assert_close
+from conftest import assert_close, flat, run_threads
 
 F64 = torch.float64
-
-
-def _flat(o):
-    if isinstance(o, PackedSequence):
-        return [o.data]
-    if isinstance(o, (tuple, list)):
-        return [t for x in o for t in _flat(x)]
-    return [o]
 
 
 def _inputs(seed, I, packed, dtype, T=12, B=5):
@@ -40,7 +32,7 @@ def _inputs(seed, I, packed, dtype, T=12, B=5):
 def _step(model, x, seed):
     """Forward and every parameter gradient (autograd.grad: nothing accumulates in .grad, so
     concurrent calls on one module do not interfere through it)."""
-    outs = _flat(model(x))
+    outs = flat(model(x))
     g = torch.Generator().manual_seed(seed)
     cot = [torch.randn(t.shape, dtype=t.dtype, generator=g) for t in outs]
     grads = torch.autograd.grad(outs, list(model.parameters()), cot)
@@ -65,24 +57,15 @@ def test_four_threads_on_one_module_equal_serial(name, dtype):
     inputs = {j: _inputs(100 * j[0] + j[1], 16, packed=(j[1] % 2 == 1), dtype=dtype) for j in jobs}
     serial = {j: _step(model, inputs[j], 7 + j[1]) for j in jobs}
 
-    results, errors = {}, []
+    results = {}
     barrier = threading.Barrier(4)
 
     def worker(t):
-        try:
-            barrier.wait(timeout=30)
-            for k in range(3):
-                results[(t, k)] = _step(model, inputs[(t, k)], 7 + k)
-        except BaseException as e:  # noqa: BLE001 -- reported below
-            errors.append(repr(e))
+        barrier.wait(timeout=30)
+        for k in range(3):
+            results[(t, k)] = _step(model, inputs[(t, k)], 7 + k)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not any(th.is_alive() for th in threads), "a worker thread hung"
-    assert not errors, errors
+    run_threads(worker, 4)
     for j in jobs:
         for a, b in zip(results[j], serial[j]):
             assert_close(a, b, msg=f"thread {j[0]} iteration {j[1]}")
@@ -96,23 +79,15 @@ def test_threads_churning_the_packed_weight_cache():
     x = _inputs(3, 8, packed=False, dtype=F64, T=6, B=2)
     with torch.no_grad():
         serial = [m(x)[0] for m in models]
-    results, errors = {}, []
+    results = {}
 
     def worker(t):
-        try:
-            with torch.no_grad():
-                for rep in range(3):
-                    for i in range(t, len(models), 2):  # overlapping subsets
-                        results[(t, rep, i)] = models[i](x)[0]
-        except BaseException as e:  # noqa: BLE001
-            errors.append(repr(e))
+        with torch.no_grad():
+            for rep in range(3):
+                for i in range(t, len(models), 2):  # overlapping subsets
+                    results[(t, rep, i)] = models[i](x)[0]
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not errors, errors
+    run_threads(worker, 4)
     assert len(results) == 3 * sum(len(range(t, len(models), 2)) for t in range(4))
     for (t, rep, i), out in results.items():
         assert_close(out, serial[i], msg=f"thread {t} rep {rep} model {i}")
