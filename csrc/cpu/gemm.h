@@ -88,7 +88,7 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const 
 // Below this many multiply-adds the dispatcher's overhead outweighs oneDNN's faster kernel.
 // Crossovers measured on this project's 2-core AMD machine (benchmarks/): below them the panel
 // kernels beat oneDNN/MKL for the per-step recurrent product, forward and backward.
-constexpr double kFusedMaxMacs = 3.5 * 1024 * 1024;
+constexpr double kFusedMaxMacs = 6.0 * 1024 * 1024;
 constexpr double kBwdPanelMaxMacs = 2.0 * 1024 * 1024;
 constexpr double kOnednnMinMacs = 1.0 * 1024 * 1024;
 
