@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 from torch import nn
 
 import fastrnn
@@ -46,6 +47,12 @@ CASES: dict[str, tuple[int, int, int, int]] = {
 # Extra cases: name -> (base case, cell, num_layers, bidirectional). Only run for that cell.
 EXTRA_CASES: dict[str, tuple[str, str, int, bool]] = {
     "mid-2L-bi": ("mid", "LSTM", 2, True),
+}
+# Variable-length batches: name -> (T, B, I, H, shortest length). Lengths are drawn uniformly in
+# [shortest, T] (the first is T) and the batch is packed (enforce_sorted=False) inside each call,
+# on both sides; FLOPs count the real tokens only.
+PACKED_CASES: dict[str, tuple[int, int, int, int, int]] = {
+    "packed-varlen": (200, 32, 128, 256, 20),
 }
 CELLS = ("LSTM", "GRU", "RNN")
 MODES = ("inference", "training")
@@ -229,12 +236,15 @@ class Spec:
     H: int
     num_layers: int = 1
     bidirectional: bool = False
+    lengths: tuple = ()  # packed cases: the sequence lengths
 
     @property
     def shape(self) -> str:
         s = f"({self.T},{self.B},{self.I},{self.H})"
         if self.num_layers != 1 or self.bidirectional:
             s += f" {self.num_layers}L{' bi' if self.bidirectional else ''}"
+        if self.lengths:
+            s += f" packed, mean len {sum(self.lengths) / len(self.lengths):.0f}"
         return s
 
     def forward_flops(self) -> float:
@@ -242,9 +252,10 @@ class Spec:
         G = GATES[self.cell]
         D = 2 if self.bidirectional else 1
         total = 0.0
+        rows = sum(self.lengths) if self.lengths else self.T * self.B
         for layer in range(self.num_layers):
             in_l = self.I if layer == 0 else D * self.H
-            total += D * 2.0 * self.T * self.B * G * self.H * (in_l + self.H)
+            total += D * 2.0 * rows * G * self.H * (in_l + self.H)
         return total
 
     def flops(self, mode: str) -> float:
@@ -258,6 +269,13 @@ def build_specs(cells, cases, quick: bool) -> list[Spec]:
             T, B, I, H = CASES[case]
             for cell in cells:
                 specs.append(Spec(case, cell, min(T, QUICK_T) if quick else T, B, I, H))
+        elif case in PACKED_CASES:
+            T, B, I, H, shortest = PACKED_CASES[case]
+            T = min(T, QUICK_T) if quick else T
+            g = torch.Generator().manual_seed(SEED + 2)
+            lengths = [T] + torch.randint(min(shortest, T), T + 1, (B - 1,), generator=g).tolist()
+            for cell in cells:
+                specs.append(Spec(case, cell, T, B, I, H, lengths=tuple(lengths)))
         else:
             base, cell, L, bi = EXTRA_CASES[case]
             if cell not in cells:
@@ -265,6 +283,20 @@ def build_specs(cells, cases, quick: bool) -> list[Spec]:
             T, B, I, H = CASES[base]
             specs.append(Spec(case, cell, min(T, QUICK_T) if quick else T, B, I, H, L, bi))
     return specs
+
+
+class Packed(nn.Module):
+    """Runs a recurrent layer on a padded batch packed with fixed lengths (packing included in
+    the timed call, as in a training loop) and returns (output.data, state)."""
+
+    def __init__(self, rnn: nn.Module, lengths):
+        super().__init__()
+        self.rnn = rnn
+        self.lengths = torch.tensor(lengths)
+
+    def forward(self, x):
+        out, state = self.rnn(pack_padded_sequence(x, self.lengths, enforce_sorted=False))
+        return out.data, state
 
 
 def make_modules(spec: Spec):
@@ -277,6 +309,8 @@ def make_modules(spec: Spec):
     fast.load_state_dict(base.state_dict())
     base.eval()   # no dropout anyway; eval() only to make the intent explicit
     fast.eval()
+    if spec.lengths:
+        return Packed(base, spec.lengths), Packed(fast, spec.lengths)
     return base, fast
 
 
@@ -524,7 +558,7 @@ def parse_list(s: str, allowed, what: str, parser) -> list[str]:
 
 
 def main(argv=None) -> int:
-    all_cases = list(CASES) + list(EXTRA_CASES)
+    all_cases = list(CASES) + list(EXTRA_CASES) + list(PACKED_CASES)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", default=",".join(CELLS), help="comma list of LSTM,GRU,RNN (default: all)")
     p.add_argument("--cases", default=",".join(all_cases), help=f"comma list of {','.join(all_cases)} "
