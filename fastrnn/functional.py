@@ -18,6 +18,11 @@ __all__ = ["lstm", "gru", "rnn", "lstm_layer", "gru_layer", "rnn_layer"]
 
 
 def _needs_grad(*tensors):
+    # torch.jit.trace bakes this flag into the graph as a constant and re-runs the model under
+    # no_grad to check the trace: saving the workspace whenever tracing keeps the two graphs
+    # identical and the traced model differentiable.
+    if torch.jit.is_tracing():
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
