@@ -2,10 +2,17 @@
 
 The forward ops save their workspace (gate activations, cell states) only when called with
 train=True; fastrnn.functional sets it from grad mode, so inference saves nothing.
+
+The fused backward ops have no derivative of their own. When a backward runs with
+create_graph=True (double backward: gradient penalties, Hessian-vector products), the
+gradients are instead computed by differentiating the plain-PyTorch reference of the same
+layer, so they stay differentiable and correct (at the reference's speed).
 """
 from __future__ import annotations
 
 import torch
+
+from . import reference as R
 
 _ops = torch.ops.fastrnn
 
@@ -14,25 +21,38 @@ def _zeros_if_none(g, like):
     return torch.zeros_like(like) if g is None else g
 
 
+def _reference_grads(forward, tensors, grad_outputs):
+    """Gradients of forward()'s outputs w.r.t. `tensors` (None where not needed), as a graph."""
+    with torch.enable_grad():
+        outs = forward()
+    wanted = [t for t in tensors if t is not None and t.requires_grad]
+    cot = [_zeros_if_none(g, o) for g, o in zip(grad_outputs, outs)]
+    grads = iter(torch.autograd.grad(outs, wanted, cot, create_graph=True, allow_unused=True)) if wanted else iter(())
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in tensors)
+
+
 # ---------------------------------------------------------------------------- LSTM
 def _lstm_setup(ctx, inputs, output):
     input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train = inputs
     out, hy, cy, gates, cells, proj_input = output
     ctx.mark_non_differentiable(gates, cells, proj_input)
     ctx.reverse = reverse
-    ctx.has_bias = b_ih is not None
-    ctx.has_proj = w_hr is not None
-    ctx.save_for_backward(input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, out, gates, cells, proj_input)
+    ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, out, gates, cells, proj_input)
 
 
 def _lstm_backward(ctx, g_out, g_hy, g_cy, *_):
-    input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, out, gates, cells, proj_input = ctx.saved_tensors
+    input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, out, gates, cells, proj_input = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        grads = _reference_grads(
+            lambda: R.lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, ctx.reverse),
+            (input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx), (g_out, g_hy, g_cy))
+        return (*grads, None, None, None)
     g = _ops.lstm_backward(_zeros_if_none(g_out, out), _zeros_if_none(g_hy, hx), _zeros_if_none(g_cy, cx),
                            input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, ctx.reverse, out, gates, cells,
                            proj_input)
     gi, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, ghx, gcx = g
-    bias = (gb_ih, gb_hh) if ctx.has_bias else (None, None)
-    return (gi, gw_ih, gw_hh, *bias, gw_hr if ctx.has_proj else None, ghx, gcx, None, None, None)
+    bias = (gb_ih, gb_hh) if b_ih is not None else (None, None)
+    return (gi, gw_ih, gw_hh, *bias, gw_hr if w_hr is not None else None, ghx, gcx, None, None, None)
 
 
 torch.library.register_autograd("fastrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup)
@@ -44,16 +64,20 @@ def _gru_setup(ctx, inputs, output):
     out, hy, gates, hn = output
     ctx.mark_non_differentiable(gates, hn)
     ctx.reverse = reverse
-    ctx.has_bias = b_ih is not None
-    ctx.save_for_backward(input, w_ih, w_hh, hx, batch_sizes, out, gates, hn)
+    ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, out, gates, hn)
 
 
 def _gru_backward(ctx, g_out, g_hy, *_):
-    input, w_ih, w_hh, hx, batch_sizes, out, gates, hn = ctx.saved_tensors
+    input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, out, gates, hn = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        grads = _reference_grads(
+            lambda: R.gru_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, ctx.reverse),
+            (input, w_ih, w_hh, b_ih, b_hh, hx), (g_out, g_hy))
+        return (*grads, None, None, None)
     gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx = _ops.gru_backward(
         _zeros_if_none(g_out, out), _zeros_if_none(g_hy, hx), input, w_ih, w_hh, hx, batch_sizes, ctx.reverse,
         out, gates, hn)
-    bias = (gb_ih, gb_hh) if ctx.has_bias else (None, None)
+    bias = (gb_ih, gb_hh) if b_ih is not None else (None, None)
     return (gi, gw_ih, gw_hh, *bias, ghx, None, None, None)
 
 
@@ -66,16 +90,21 @@ def _rnn_setup(ctx, inputs, output):
     out, hy = output
     ctx.reverse = reverse
     ctx.relu = relu
-    ctx.has_bias = b_ih is not None
-    ctx.save_for_backward(input, w_ih, w_hh, hx, batch_sizes, out)
+    ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, out)
 
 
 def _rnn_backward(ctx, g_out, g_hy):
-    input, w_ih, w_hh, hx, batch_sizes, out = ctx.saved_tensors
+    input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, out = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        act = "relu" if ctx.relu else "tanh"
+        grads = _reference_grads(
+            lambda: R.rnn_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, ctx.reverse, act),
+            (input, w_ih, w_hh, b_ih, b_hh, hx), (g_out, g_hy))
+        return (*grads, None, None, None)
     gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx = _ops.rnn_backward(
         _zeros_if_none(g_out, out), _zeros_if_none(g_hy, hx), input, w_ih, w_hh, hx, batch_sizes, ctx.reverse,
         ctx.relu, out)
-    bias = (gb_ih, gb_hh) if ctx.has_bias else (None, None)
+    bias = (gb_ih, gb_hh) if b_ih is not None else (None, None)
     return (gi, gw_ih, gw_hh, *bias, ghx, None, None, None)
 
 

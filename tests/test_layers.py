@@ -325,3 +325,31 @@ def test_autocast_matches_torch(kind):
         for a, b in zip(cell(x[0]), cell_ref(x[0])):
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,kw", [("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(proj_size=2)),
+                                     ("GRU", dict(num_layers=2)), ("RNN", dict(bidirectional=True))])
+def test_double_backward_matches_torch(kind, kw):
+    """create_graph=True (gradient penalties): the second derivative equals torch.nn's."""
+    ref, ours = make_pair(kind, 3, 5, **kw)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    res = []
+    for m in (ref, ours):
+        g, = torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)
+        res.append(torch.autograd.grad(g.pow(2).sum(), [x] + list(m.parameters()), allow_unused=True))
+    for a, b in zip(res[1], res[0]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b)
+
+
+def test_double_backward_packed():
+    ref, ours = make_pair("GRU", 3, 5)
+    seqs = [torch.randn(L, 3, dtype=torch.float64, requires_grad=True) for L in (4, 2, 3)]
+    res = []
+    for m in (ref, ours):
+        out, _ = m(pack_sequence(seqs, enforce_sorted=False))
+        g = torch.autograd.grad(out.data.sum(), seqs, create_graph=True)
+        res.append(torch.autograd.grad(sum(t.pow(2).sum() for t in g), list(m.parameters())))
+    for a, b in zip(res[1], res[0]):
+        assert_close(a, b)
