@@ -544,7 +544,8 @@ at::Tensor pack_recurrent_weight(const at::Tensor& w_hh, int64_t G, int64_t H, i
 // calls: a model run over many short sequences (streaming, a decoder loop) packs once. A hit
 // must be the same live tensor *and* byte-identical to the copy taken at packing time: version
 // counters miss writes through .data, and inference tensors have none, so the check is a
-// memcmp (a read of W, ~4x cheaper than repacking it).
+// memcmp (a read of W, ~4x cheaper than repacking it). At most 16 weights and 256 MB
+// (FASTRNN_PACK_CACHE_MB) are kept.
 struct PackCacheEntry {
   c10::weak_intrusive_ptr<c10::TensorImpl> weight;
   const void* data = nullptr;
@@ -578,7 +579,19 @@ at::Tensor packed_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U
   at::Tensor packed = pack_recurrent_weight<T>(w_hh, G, H, U);
   at::Tensor copy = w_hh.clone();
   std::lock_guard<std::mutex> lock(mu);
-  if (cache.size() >= kMaxEntries) cache.erase(cache.begin());
+  // Bounded in entries and in bytes (each entry holds a copy and a packing of its weight).
+  static const size_t max_bytes = [] {
+    const char* mb = std::getenv("FASTRNN_PACK_CACHE_MB");
+    return size_t(mb ? std::strtoull(mb, nullptr, 10) : 256) << 20;
+  }();
+  auto entry_bytes = [](const PackCacheEntry& e) { return e.copy.nbytes() + e.packed.nbytes(); };
+  size_t total = copy.nbytes() + packed.nbytes();
+  for (const auto& e : cache) total += entry_bytes(e);
+  while (!cache.empty() && (cache.size() >= kMaxEntries || total > max_bytes)) {
+    total -= entry_bytes(cache.front());
+    cache.erase(cache.begin());
+  }
+  if (copy.nbytes() + packed.nbytes() > max_bytes) return packed;  // too big to keep
   cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w_hh.getIntrusivePtr()), w_hh.data_ptr(), G, U, copy,
                    packed});
   return packed;
