@@ -2,7 +2,7 @@
 //
 // One driver serves the three cells; they differ only in the pointwise row functions of
 // fastrnn/cells.h. Flow of a forward call:
-//   1. xg = X W_ih^T + folded biases: one GEMM over every step (outside the loop).
+//   1. xg = X W_ih^T + folded biases: large GEMMs over chunks of steps (outside the step loop).
 //   2. per step: hg = h W_hh^T (packed BLAS, no dispatcher), one fused pointwise pass over the
 //      active rows writing the new state, the output row, and (training only) what backward needs.
 // Backward runs the steps in reverse with one pointwise pass and one GEMM per step; the weight
@@ -236,7 +236,8 @@ struct FwdRows {
   bool save;
   Nonlinearity act;
   int64_t H, P, GH, off;
-  const T* xg;   // [N, GH] input projections (row off + b)
+  const T* xg;   // input projections of rows [xg_row0, ...), GH wide (row off + b)
+  int64_t xg_row0;
   const T* hg;   // [B, GH] recurrent products of this step
   T* h;          // [B, P] state, updated in place (GRU/RNN; LSTM writes r there when not projecting)
   T* c;          // [B, H] LSTM cell state, updated in place
@@ -252,7 +253,7 @@ FASTRNN_INLINE void forward_rows_impl(const FwdRows<T>& s, int64_t b0, int64_t b
   const int64_t H = s.H, GH = s.GH;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t row = s.off + b;
-    const T* xr = s.xg + row * GH;
+    const T* xr = s.xg + (row - s.xg_row0) * GH;
     const T* hr = s.hg + b * GH;
     switch (s.cell) {
       case Cell::LSTM:
@@ -333,7 +334,8 @@ struct FusedStep {
   Nonlinearity act;
   int64_t H, GH, U, n_panels, bs, off;
   const T* wp;     // [n_panels, H, G*U] packed W_hh^T
-  const T* xg;     // [N, GH]
+  const T* xg;     // input projections of rows [xg_row0, ...), GH wide
+  int64_t xg_row0;
   const T* hcur;   // [B, H]
   T* hnext;        // [B, H]
   T* c;            // [B, H] LSTM
@@ -363,7 +365,7 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
       panel::product_rows<T, G * UV>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = i0 + i, row = s.off + b;
-        const T* xr = s.xg + row * GH + j0;
+        const T* xr = s.xg + (row - s.xg_row0) * GH + j0;
         const T* hr = C + i * G * U;
         T* hn = s.hnext + b * H + j0;
         if constexpr (G == 4) {
@@ -504,9 +506,9 @@ struct ForwardOut {
   at::Tensor output, hy, cy, ws0, ws1, ws2;
 };
 
-// xg = X W_ih^T + folded biases, for every step at once. The GRU keeps b_hn apart (returned in
-// b_hn): it sits inside r * (W_hn h + b_hn).
-at::Tensor input_projection(const Args& a, at::Tensor& b_hn) {
+// The biases folded into the input projection (b_ih + b_hh); the GRU keeps b_hn apart (returned
+// in b_hn): it sits inside r * (W_hn h + b_hn). Undefined without biases.
+at::Tensor folded_bias(const Args& a, at::Tensor& b_hn) {
   const int64_t H = a.H;
   at::Tensor bias;
   if (a.b_ih.defined()) {
@@ -518,8 +520,42 @@ at::Tensor input_projection(const Args& a, at::Tensor& b_hn) {
       bias.add_(a.b_hh);
     }
   }
-  return fast_linear(a.x, a.w_ih, bias).contiguous();
+  return bias;
 }
+
+// The input projection computed a chunk of steps at a time, right before those steps run: the
+// chunk is still in cache when it is read, and no [T*B, G*H] buffer (tens of MB, faulted in
+// page by page on every call) is allocated. A chunk is ~8 MB of projections
+// (FASTRNN_CHUNK_STEPS=n forces n steps a chunk, for tests).
+struct XgChunk {
+  at::Tensor rows;
+  int64_t row0 = 0;
+};
+
+class ChunkedProjection {
+ public:
+  ChunkedProjection(const Args& a, at::Tensor bias) : a_(a), bias_(std::move(bias)) {
+    const int64_t step_bytes = std::max<int64_t>(1, a.sched.B * a.G * a.H * int64_t(a.x.element_size()));
+    steps_ = std::max<int64_t>(1, (int64_t(8) << 20) / step_bytes);
+    if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) steps_ = std::max<int64_t>(1, std::atoll(forced));
+  }
+  int64_t steps_per_chunk() const { return steps_; }
+  // Projections of the rows of processing steps [s0, s1).
+  XgChunk compute(int64_t s0, int64_t s1) const {
+    const Schedule& s = a_.sched;
+    const int64_t ta = s.time_at(s0), tb = s.time_at(s1 - 1);
+    const int64_t lo = std::min(ta, tb), hi = std::max(ta, tb);
+    XgChunk c;
+    c.row0 = s.off[lo];
+    c.rows = fast_linear(a_.x.narrow(0, c.row0, s.off[hi] + s.bs[hi] - c.row0), a_.w_ih, bias_).contiguous();
+    return c;
+  }
+
+ private:
+  const Args& a_;
+  at::Tensor bias_;
+  int64_t steps_ = 1;
+};
 
 // W_hh [G*H, H] -> panels [n_panels][k = H][gate g, unit u], zero past the last unit.
 template <typename T>
@@ -642,8 +678,7 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
 
   PhaseTimer timer("fused forward");
   at::Tensor b_hn;
-  at::Tensor xg = input_projection(a, b_hn);
-  timer.mark("input proj");
+  const ChunkedProjection projection(a, folded_bias(a, b_hn));
   at::Tensor wp = packed_panels<T>(a.w_hh, G, H, U);
   timer.mark("pack W_hh");
 
@@ -658,7 +693,7 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   }
 
   FusedStep<T> st{a.cell, train, a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh, H, GH, U, n_panels, 0, 0,
-                  wp.data_ptr<T>(), xg.data_ptr<T>(), nullptr, nullptr,
+                  wp.data_ptr<T>(), nullptr, 0, nullptr, nullptr,
                   a.cell == Cell::LSTM ? o.cy.data_ptr<T>() : nullptr, o.output.data_ptr<T>(),
                   o.ws0.defined() ? o.ws0.data_ptr<T>() : nullptr, o.ws1.defined() ? o.ws1.data_ptr<T>() : nullptr,
                   b_hn.defined() ? b_hn.data_ptr<T>() : nullptr};
@@ -673,23 +708,30 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
     return x;
   };
   const int64_t slices = std::min<int64_t>(at::get_num_threads(), n_panels);
-  if (use_persistent_team(slices, s.T)) {
-    // One parallel region for the whole sequence: a fork/join per step costs as much as a
-    // B=1 step (the team's threads fall asleep between regions), a spin barrier ~1 us.
-    StepBarrier barrier;
-    at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
-      for (int64_t step = 0; step < s.T; ++step) {
+  const int64_t chunk_steps = projection.steps_per_chunk();
+  for (int64_t c0 = 0; c0 < s.T; c0 += chunk_steps) {
+    const int64_t c1 = std::min(s.T, c0 + chunk_steps);
+    const XgChunk chunk = projection.compute(c0, c1);
+    st.xg = chunk.rows.data_ptr<T>();
+    st.xg_row0 = chunk.row0;
+    if (use_persistent_team(slices, c1 - c0)) {
+      // One parallel region for the chunk's steps: a fork/join per step costs as much as a
+      // B=1 step (the team's threads fall asleep between regions), a spin barrier ~1 us.
+      StepBarrier barrier;
+      at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t step = c0; step < c1; ++step) {
+          const FusedStep<T> x = step_args(step);
+          for (int64_t sl = s0; sl < s1; ++sl) fused_step(x, sl * n_panels / slices, (sl + 1) * n_panels / slices);
+          barrier.arrive_and_wait(s1 - s0, (step - c0 + 1) * slices);
+        }
+      });
+    } else {
+      for (int64_t step = c0; step < c1; ++step) {
         const FusedStep<T> x = step_args(step);
-        for (int64_t sl = s0; sl < s1; ++sl) fused_step(x, sl * n_panels / slices, (sl + 1) * n_panels / slices);
-        barrier.arrive_and_wait(s1 - s0, (step + 1) * slices);
+        // Small steps stay on one thread: a parallel region costs more than they do.
+        const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, x.bs * H * NR));
+        at::parallel_for(0, n_panels, grain, [&](int64_t p0, int64_t p1) { fused_step(x, p0, p1); });
       }
-    });
-  } else {
-    for (int64_t step = 0; step < s.T; ++step) {
-      const FusedStep<T> x = step_args(step);
-      // Small steps stay on one thread: a parallel region costs more than they do.
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, x.bs * H * NR));
-      at::parallel_for(0, n_panels, grain, [&](int64_t p0, int64_t p1) { fused_step(x, p0, p1); });
     }
   }
   timer.mark("time loop");
@@ -714,8 +756,7 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
 
   PhaseTimer timer("forward");
   at::Tensor b_hn;
-  at::Tensor xg = input_projection(a, b_hn);
-  timer.mark("input proj");
+  const ChunkedProjection projection(a, folded_bias(a, b_hn));
 
   o.hy = a.hx.clone();
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
@@ -732,7 +773,6 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
   std::unique_ptr<WeightGemm<T>> projg;
   if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), true, P, H, B, pack_m);
 
-  const T* xgp = xg.data_ptr<T>();
   T* hgp = hg.data_ptr<T>();
   T* h = o.hy.data_ptr<T>();
   T* c = a.cell == Cell::LSTM ? o.cy.data_ptr<T>() : nullptr;
@@ -744,11 +784,17 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
   const Nonlinearity act = a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh;
   const int64_t grain = row_grain(GH);
 
-  for (int64_t step = 0; step < s.T; ++step) {
+  XgChunk chunk;
+  for (int64_t step = 0, chunk_end = 0; step < s.T; ++step) {
+    if (step == chunk_end) {
+      chunk_end = std::min(s.T, step + projection.steps_per_chunk());
+      chunk = projection.compute(step, chunk_end);
+    }
     const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
     rec.run(h, bs, P, hgp, GH, T(0));
     T* r = proj ? (train ? ws2 + off * H : rbuf.data_ptr<T>()) : h;  // where o*tanh(c) goes
-    const FwdRows<T> rows{a.cell, train, act, H, P, GH, off, xgp, hgp, h, c, r, proj ? H : P, ws0, ws1, bhn};
+    const FwdRows<T> rows{a.cell, train, act, H, P, GH, off, chunk.rows.data_ptr<T>(), chunk.row0, hgp, h, c, r,
+                          proj ? H : P, ws0, ws1, bhn};
     at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { forward_rows(rows, b0, b1); });
     if (proj) projg->run(r, bs, H, h, P, T(0));
     if (bs > 0) std::memcpy(out + off * P, h, sizeof(T) * bs * P);
