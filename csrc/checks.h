@@ -49,8 +49,4 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
                     " must be float32 or float64, got ", t.scalar_type());
 }
 
-inline void check_finite_size(int64_t v, const char* op, const char* what) {
-  TORCH_CHECK(v > 0, op, ": ", what, " must be greater than zero, got ", v);
-}
-
 }  // namespace fastrnn

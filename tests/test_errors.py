@@ -104,6 +104,13 @@ def test_cell_errors(kind):
     same_error(ref, ours, torch.randn(2, 3), hx, match="batch size")
 
 
+def test_lstm_state_tuple_length():
+    ref, ours = both("LSTMCell", 3, 4)
+    same_error(ref, ours, torch.randn(2, 3), (torch.zeros(2, 4),), match="tuple of 2 tensors")
+    with pytest.raises(RuntimeError, match="tuple \\(h_0, c_0\\)"):
+        fastrnn.LSTM(3, 4)(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4),))
+
+
 # ------------------------------------------------------------------ raw ops: checks before memory
 def lstm_args(T=4, B=2, I=3, H=5, dtype=torch.float32):
     return dict(input=torch.randn(T, B, I, dtype=dtype), w_ih=torch.randn(4 * H, I, dtype=dtype),

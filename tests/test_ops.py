@@ -31,24 +31,25 @@ def make_case(cell, T=5, B=3, I=4, H=6, P=3, dtype=torch.float64, bias=True, pac
     return x, st, w, batch_sizes
 
 
+# The fused layer functions and their references take the same arguments in the same order.
+FUSED = {"lstm": FR.lstm_layer, "gru": FR.gru_layer, "rnn": FR.rnn_layer}
+REFERENCE = {"lstm": R.lstm_layer_ref, "gru": R.gru_layer_ref, "rnn": R.rnn_layer_ref}
+
+
+def _run(impls, cell, x, st, w, batch_sizes, reverse):
+    kind = cell.split("_")[0]
+    states = [st["hx"], st["cx"]] if kind == "lstm" else [st["hx"]]
+    weights = [w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"]] + ([w.get("w_hr")] if kind == "lstm" else [])
+    extra = [cell.split("_")[1]] if kind == "rnn" else []
+    return impls[kind](x, *states, *weights, batch_sizes, reverse, *extra)
+
+
 def run_fused(cell, x, st, w, batch_sizes, reverse):
-    if cell.startswith("lstm"):
-        return FR.lstm_layer(x, st["hx"], st["cx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w.get("w_hr"),
-                             batch_sizes, reverse)
-    if cell == "gru":
-        return FR.gru_layer(x, st["hx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], batch_sizes, reverse)
-    return FR.rnn_layer(x, st["hx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], batch_sizes, reverse,
-                        cell.split("_")[1])
+    return _run(FUSED, cell, x, st, w, batch_sizes, reverse)
 
 
 def run_ref(cell, x, st, w, batch_sizes, reverse):
-    if cell.startswith("lstm"):
-        return R.lstm_layer_ref(x, st["hx"], st["cx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w.get("w_hr"),
-                                batch_sizes, reverse)
-    if cell == "gru":
-        return R.gru_layer_ref(x, st["hx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], batch_sizes, reverse)
-    return R.rnn_layer_ref(x, st["hx"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], batch_sizes, reverse,
-                           cell.split("_")[1])
+    return _run(REFERENCE, cell, x, st, w, batch_sizes, reverse)
 
 
 def leaves(x, st, w):

@@ -924,7 +924,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
 
   PhaseTimer timer("backward");
   const int64_t slices = rec_panel ? std::min<int64_t>(at::get_num_threads(), rec_panel->panels()) : 1;
-  if (rec_panel && !proj && use_persistent_team(slices, s.T)) {
+  // Decided once: the per-step loop below must not re-check it (it reads the environment).
+  const bool team = rec_panel && !proj && use_persistent_team(slices, s.T);
+  if (team) {
     // As in the fused forward: one parallel region, two barriers a step (the row pass writes
     // dG that every panel reads; the panel pass writes columns of dh that every row reads).
     StepBarrier barrier;
@@ -944,7 +946,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       }
     });
   }
-  for (int64_t step = s.T - 1; step >= 0 && !(rec_panel && !proj && use_persistent_team(slices, s.T)); --step) {
+  for (int64_t step = s.T - 1; step >= 0 && !team; --step) {
     const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
     const T* gor = go + off * P;
     for (int64_t i = 0; i < bs * P; ++i) dhp[i] += gor[i];

@@ -61,6 +61,8 @@ class _CellBase(nn.Module):
             raise RuntimeError(f"{name}: input and parameter tensors are not at the same device, found input tensor "
                                f"at {input.device} and parameter tensor at {self.weight_ih.device}")
         states = None if hx is None else ([hx] if n_states == 1 else list(hx))
+        if states is not None and len(states) != n_states:
+            raise RuntimeError(f"{name}: hx must be a tuple of {n_states} tensors (h_0, c_0), got {len(states)}")
         if states is not None:
             for idx, value in enumerate(states):
                 if value.dim() not in (1, 2):

@@ -71,13 +71,5 @@ FASTRNN_INLINE void product_rows(const T* A, int64_t lda, int64_t m, int64_t K, 
   }
 }
 
-// Packs panels: dst[p][k][q] = src(k, p * NR + q) for q < NR (src returns 0 past the edge).
-template <typename T, typename Src>
-inline void pack_panels(int64_t n_panels, int64_t NR, int64_t K, T* dst, Src src) {
-  for (int64_t p = 0; p < n_panels; ++p)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t q = 0; q < NR; ++q) dst[(p * K + k) * NR + q] = src(k, p * NR + q);
-}
-
 }  // namespace panel
 }  // namespace fastrnn
