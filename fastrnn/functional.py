@@ -42,6 +42,15 @@ def _has_kernel(input: torch.Tensor) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastrnn::lstm_forward", device.type.upper())
 
 
+def _call(op, train, *args):
+    # Inference skips the autograd layer: its Python wrapper (register_autograd) costs more than
+    # a small step. Not while compiling: dynamo traces the op as it is.
+    if train or torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def lstm_layer(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None, reverse=False):
     """One LSTM layer in one direction, fused.
 
@@ -50,7 +59,7 @@ def lstm_layer(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch
     Returns output [T, B, P] (or [N, P]), h_n [B, P], c_n [B, H].
     """
     train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
-    out, hy, cy, _, _, _ = _ops.lstm_forward(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train)
+    out, hy, cy, _, _, _ = _call(_ops.lstm_forward, train, input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train)
     return out, hy, cy
 
 
@@ -58,7 +67,7 @@ def gru_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, batch_sizes=None, rev
     """One GRU layer in one direction, fused. input [T, B, I] (or packed [N, I]); hx [B, H];
     w_ih [3H, I]; w_hh [3H, H]; b_ih, b_hh [3H]. Returns output [T, B, H] (or [N, H]), h_n [B, H]."""
     train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
-    out, hy, _, _ = _ops.gru_forward(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train)
+    out, hy, _, _ = _call(_ops.gru_forward, train, input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train)
     return out, hy
 
 
@@ -67,7 +76,9 @@ def rnn_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, batch_sizes=None, rev
     w_ih [H, I]; w_hh [H, H]; b_ih, b_hh [H]. Returns output [T, B, H] (or [N, H]), h_n [B, H]."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-    return _ops.rnn_forward(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, nonlinearity == "relu")
+    train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
+    return _call(_ops.rnn_forward, train, input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse,
+                 nonlinearity == "relu")
 
 
 def _torch_fallback(fn, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
@@ -88,6 +99,11 @@ def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, tra
     per = len(params) // (num_layers * D)
     dense_batch_first = batch_first and batch_sizes is None
     x = input.transpose(0, 1) if dense_batch_first else input
+    if num_layers == 1 and D == 1:  # the common case, without the bookkeeping below
+        w = params
+        out, *fin = layer_fn(x, [s[0] for s in states], w[0], w[1], w[2] if has_biases else None,
+                             w[3] if has_biases else None, w[4 if has_biases else 2:], batch_sizes, False)
+        return (out.transpose(0, 1) if dense_batch_first else out), [f.unsqueeze(0) for f in fin]
     finals = [[] for _ in states]
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and train:

@@ -399,6 +399,86 @@ FASTRNN_INLINE void fused_step_impl(const FusedStep<T>& s, int64_t p0, int64_t p
   }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// A single step (T = 1: a frame at a time, and the cells), with few rows. Packing W_hh or
+// dispatching two GEMMs costs more than the step, so each thread takes blocks of kStepU hidden
+// units, computes their G gate rows of x W_ih^T and h W_hh^T as dot products straight from the
+// weights as they lie, and applies the gate math at once: one parallel region, no buffers.
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kStepU = 16;
+constexpr int64_t kStepMaxRows = 8;  // above this a GEMM over all rows wins
+
+template <typename T>
+struct OneStep {
+  Cell cell;
+  bool save;
+  Nonlinearity act;
+  int64_t I, H, GH, rows;
+  const T* x;     // [rows, I]
+  const T* h;     // [rows, H] h_{t-1}
+  const T* w_ih;  // [GH, I]
+  const T* w_hh;  // [GH, H]
+  const T* b_ih;  // [GH] or null
+  const T* b_hh;  // [GH] or null (GRU: only its r and z parts are added here, b_hn below)
+  const T* bhn;   // [H] GRU b_hn or null
+  T* c;           // [rows, H] LSTM c, updated in place
+  T* out;         // [rows, H] h_t
+  T* ws0;         // [rows, GH] saved gate activations or null
+  T* ws1;         // [rows, H] saved LSTM cells / GRU hn or null
+};
+
+template <typename T>
+FASTRNN_INLINE void one_step_impl(const OneStep<T>& s, int64_t blk0, int64_t blk1) {
+  constexpr int64_t U = kStepU, MR = panel::kDotMR;
+  const int64_t G = s.GH / s.H, H = s.H, GH = s.GH;
+  alignas(64) T xg[MR * 4 * U], hg[MR * 4 * U];
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t j0 = blk * U, nu = std::min<int64_t>(U, H - j0);
+    for (int64_t b0 = 0; b0 < s.rows; b0 += MR) {
+      const int64_t m = std::min<int64_t>(MR, s.rows - b0);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r0 = g * H + j0;
+        panel::dot_block<T>(s.x + b0 * s.I, s.I, m, s.w_ih + r0 * s.I, s.I, nu, s.I, xg + g * U, G * U);
+        panel::dot_block<T>(s.h + b0 * H, H, m, s.w_hh + r0 * H, H, nu, H, hg + g * U, G * U);
+        if (s.b_ih) {
+          const bool hh = !(s.cell == Cell::GRU && g == 2);  // b_hn sits inside r * (W_hn h + b_hn)
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t u = 0; u < nu; ++u)
+              xg[i * G * U + g * U + u] += s.b_ih[r0 + u] + (hh ? s.b_hh[r0 + u] : T(0));
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t b = b0 + i;
+        const T* xr = xg + i * G * U;
+        const T* hr = hg + i * G * U;
+        T* hn = s.out + b * H + j0;
+        switch (s.cell) {
+          case Cell::LSTM:
+            if (s.save)
+              lstm_forward_row<true, T>(nu, xr, U, hr, U, s.c + b * H + j0, hn, s.ws0 + b * GH + j0, H,
+                                        s.ws1 + b * H + j0);
+            else
+              lstm_forward_row<false, T>(nu, xr, U, hr, U, s.c + b * H + j0, hn, nullptr, H, nullptr);
+            break;
+          case Cell::GRU: {
+            const T* bh = s.bhn ? s.bhn + j0 : nullptr;
+            if (s.save)
+              gru_forward_row<true, T>(nu, xr, U, hr, U, bh, s.h + b * H + j0, hn, s.ws0 + b * GH + j0, H,
+                                       s.ws1 + b * H + j0);
+            else
+              gru_forward_row<false, T>(nu, xr, U, hr, U, bh, s.h + b * H + j0, hn, nullptr, H, nullptr);
+            break;
+          }
+          case Cell::RNN:
+            rnn_forward_row<T>(nu, s.act, xr, hr, hn);
+            break;
+        }
+      }
+    }
+  }
+}
+
 // C[m, N] (=, or += when accumulate) A[m, K] @ B[K, N] for a fixed B packed into panels of
 // V vectors; used for backward's per-step dh = dG W_hh at sizes where dispatching to a BLAS costs
 // more than the product. Panels are split over threads; each thread keeps its slice of B.
@@ -462,6 +542,7 @@ FASTRNN_ISA_KERNEL(forward_rows, FwdRows, forward_rows_impl)
 FASTRNN_ISA_KERNEL(backward_rows, BwdRows, backward_rows_impl)
 FASTRNN_ISA_KERNEL(fused_step, FusedStep, fused_step_impl)
 FASTRNN_ISA_KERNEL(panel_gemm, PanelGemmArgs, panel_gemm_impl)
+FASTRNN_ISA_KERNEL(one_step, OneStep, one_step_impl)
 
 // B [K, N] row-major, packed once; run() multiplies any A with up to the m it was sized for.
 template <typename T>
@@ -802,6 +883,32 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
   timer.mark("time loop");
 }
 
+
+template <typename T>
+void one_step_kernel(const Args& a, bool train, ForwardOut& o) {
+  const int64_t H = a.H, GH = a.G * a.H, rows = a.sched.N;
+  const auto opts = a.x.options();
+  if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
+  o.output = at::empty(lead_with(a, H), opts);
+  const T* b_ih = a.b_ih.defined() ? a.b_ih.data_ptr<T>() : nullptr;
+  const T* b_hh = a.b_hh.defined() ? a.b_hh.data_ptr<T>() : nullptr;
+  if (train && a.cell != Cell::RNN) {
+    o.ws0 = at::empty({rows, GH}, opts);
+    o.ws1 = at::empty({rows, H}, opts);
+  }
+  const OneStep<T> st{a.cell, train, a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh, a.I, H, GH, rows,
+                      a.x.data_ptr<T>(), a.hx.data_ptr<T>(), a.w_ih.data_ptr<T>(), a.w_hh.data_ptr<T>(),
+                      b_ih, b_hh, (b_hh && a.cell == Cell::GRU) ? b_hh + 2 * H : nullptr,
+                      a.cell == Cell::LSTM ? o.cy.data_ptr<T>() : nullptr, o.output.data_ptr<T>(),
+                      o.ws0.defined() ? o.ws0.data_ptr<T>() : nullptr, o.ws1.defined() ? o.ws1.data_ptr<T>() : nullptr};
+  const int64_t blocks = (H + kStepU - 1) / kStepU;
+  // Split over threads only when each gets enough weight rows to stream to beat the fork.
+  const int64_t block_macs = std::max<int64_t>(1, a.G * kStepU * (a.I + H) * rows);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(64) << 10) / block_macs);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { one_step(st, b0, b1); });
+  o.hy = o.output.reshape({rows, H}).clone();
+}
+
 // The fused path wins while a step's recurrent product is small enough that dispatch and
 // cache traffic dominate; past that oneDNN's GEMM is faster (measured in benchmarks/).
 bool prefer_fused(const Args& a) {
@@ -817,8 +924,12 @@ bool prefer_fused(const Args& a) {
 ForwardOut forward(const Args& a, bool train) {
   ForwardOut o;
   const bool fused = !a.w_hr.defined() && prefer_fused(a);
+  const bool one_step = !a.w_hr.defined() && a.sched.T == 1 && a.sched.N <= kStepMaxRows &&
+                        gemm_backend_override().load() == 0;
   AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fastrnn_forward", [&] {
-    if (fused)
+    if (one_step)
+      one_step_kernel<scalar_t>(a, train, o);
+    else if (fused)
       fused_forward_kernel<scalar_t>(a, train, o);
     else
       forward_kernel<scalar_t>(a, train, o);

@@ -71,5 +71,70 @@ FASTRNN_INLINE void product_rows(const T* A, int64_t lda, int64_t m, int64_t K, 
   }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Dot-product form for weights stored [N, K] row-major (nn.Linear layout), for a few rows of A:
+// C[i, r] = sum_k A[i, k] W[r, k] for i < MR, r < NR. Used where packing W would cost more than
+// the product itself (a single step: T = 1, a frame at a time), so W is read where it lies.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+FASTRNN_INLINE T hsum(typename Vec<T>::type v) {
+  T s[Vec<T>::L];
+  std::memcpy(s, &v, sizeof(v));
+  T acc = T(0);
+  for (int l = 0; l < Vec<T>::L; ++l) acc += s[l];
+  return acc;
+}
+
+template <typename T, int MR, int NR>
+FASTRNN_INLINE void dot_rows(const T* FASTRNN_RESTRICT A, int64_t lda, const T* FASTRNN_RESTRICT W, int64_t ldw,
+                             int64_t K, T* FASTRNN_RESTRICT C, int64_t ldc) {
+  using vec = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  vec acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = vec{};
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    vec w[NR];
+    for (int r = 0; r < NR; ++r) std::memcpy(&w[r], W + r * ldw + k, sizeof(vec));
+    for (int i = 0; i < MR; ++i) {
+      vec a;
+      std::memcpy(&a, A + i * lda + k, sizeof(vec));
+      for (int r = 0; r < NR; ++r) acc[i][r] += a * w[r];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) {
+      T s = hsum<T>(acc[i][r]);
+      for (int64_t q = k; q < K; ++q) s += A[i * lda + q] * W[r * ldw + q];
+      C[i * ldc + r] = s;
+    }
+}
+
+constexpr int kDotMR = 4;
+
+// C[i, r] for i < m <= kDotMR rows of A and r < n rows of W (any n).
+template <typename T, int MR>
+FASTRNN_INLINE void dot_block_m(const T* A, int64_t lda, const T* W, int64_t ldw, int64_t n, int64_t K, T* C,
+                                int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) dot_rows<T, MR, 4>(A, lda, W + r * ldw, ldw, K, C + r, ldc);
+  for (; r < n; ++r) dot_rows<T, MR, 1>(A, lda, W + r * ldw, ldw, K, C + r, ldc);
+}
+
+template <typename T>
+FASTRNN_INLINE void dot_block(const T* A, int64_t lda, int64_t m, const T* W, int64_t ldw, int64_t n, int64_t K,
+                              T* C, int64_t ldc) {
+  static_assert(kDotMR == 4, "dot_block handles up to 4 rows");
+  switch (m) {
+    case 4: dot_block_m<T, 4>(A, lda, W, ldw, n, K, C, ldc); break;
+    case 3: dot_block_m<T, 3>(A, lda, W, ldw, n, K, C, ldc); break;
+    case 2: dot_block_m<T, 2>(A, lda, W, ldw, n, K, C, ldc); break;
+    case 1: dot_block_m<T, 1>(A, lda, W, ldw, n, K, C, ldc); break;
+    default: break;
+  }
+}
+
 }  // namespace panel
 }  // namespace fastrnn
