@@ -5,7 +5,7 @@ import torch
 import fastrnn
 from fastrnn import functional as FR
 from fastrnn import reference as R
-from conftest import assert_close
+from conftest import assert_close, assert_close_to_truth
 
 CELLS = ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"]
 
@@ -264,26 +264,31 @@ def test_persistent_team_and_per_step_regions_agree(cell, packed, team, monkeypa
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("backend", ["auto", "fused", "onednn"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_chunked_input_projection(cell, packed, backend, monkeypatch):
-    """The input projection runs a few steps at a time; chunk edges (forward and reverse, packed
-    rows of shrinking batches) must not change any result."""
+def test_chunked_input_projection(cell, packed, backend, dtype, monkeypatch):
+    """The forward's input projection and the backward's weight gradients and grad_input run a
+    few steps at a time; chunk edges (forward and reverse, packed rows of shrinking batches, and
+    oneDNN's transposed float32 operands) must not change any result."""
     from fastrnn import _C
     monkeypatch.setenv("FASTRNN_CHUNK_STEPS", "3")
     old = _C.get_gemm_backend()
     _C.set_gemm_backend(backend)
     try:
-        x, st, w, bsz = make_case(cell, T=8, B=5, I=6, H=20, P=7, packed=packed)
+        x, st, w, bsz = make_case(cell, T=8, B=5, I=6, H=20, P=7, packed=packed)  # float64 truth
+        cast = lambda t: t.detach().to(dtype).requires_grad_()  # noqa: E731
+        xd, std, wd = cast(x), {k: cast(v) for k, v in st.items()}, {k: cast(v) for k, v in w.items() if v is not None}
         for reverse in (False, True):
-            outs = run_fused(cell, x, st, w, bsz, reverse)
+            outs = run_fused(cell, xd, std, wd, bsz, reverse)
             refs = run_ref(cell, x, st, w, bsz, reverse)
+            check = assert_close if dtype == torch.float64 else assert_close_to_truth
             for o, r in zip(outs, refs):
-                assert_close(o, r)
-            for gf, gr in zip(torch.autograd.grad(outs[0].sum(), leaves(x, st, w)),
+                check(o, r)
+            for gf, gr in zip(torch.autograd.grad(outs[0].sum(), leaves(xd, std, wd)),
                               torch.autograd.grad(refs[0].sum(), leaves(x, st, w))):
-                assert_close(gf, gr)
+                check(gf, gr)
     finally:
         _C.set_gemm_backend(old)
 

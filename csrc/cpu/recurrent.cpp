@@ -291,8 +291,9 @@ struct BwdRows {
   const T* dr;    // [B, H] dL/d(o tanh c) (LSTM)
   T* dh;          // [B, P] dL/dh, updated in place
   T* dc;          // [B, H] dL/dc, updated in place
-  T* dgx;         // [N, GH]
-  T* dgh;         // [N, GH]
+  T* dgx;         // [rows of the chunk, GH]: row r of the sequence at dgx[(r - dg_row0) * GH]
+  T* dgh;         // [rows of the chunk, GH]
+  int64_t dg_row0;
 };
 
 template <typename T>
@@ -300,21 +301,22 @@ FASTRNN_INLINE void backward_rows_impl(const BwdRows<T>& s, int64_t b0, int64_t 
   const int64_t H = s.H, P = s.P, GH = s.GH;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t row = s.off + b, prev = s.sched->prev_row(s.t, b);
+    T* dgx = s.dgx + (row - s.dg_row0) * GH;
+    T* dgh = s.dgh + (row - s.dg_row0) * GH;
     switch (s.cell) {
       case Cell::LSTM: {
         const T* cprev = prev >= 0 ? s.ws1 + prev * H : s.cx + b * H;
         lstm_backward_row<T>(H, s.ws0 + row * GH, s.ws1 + row * H, cprev, s.dr + b * H, s.dc + b * H,
-                             s.dgx + row * GH);
+                             dgx);
         break;
       }
       case Cell::GRU: {
         const T* hprev = prev >= 0 ? s.out + prev * P : s.hx + b * P;
-        gru_backward_row<T>(H, s.ws0 + row * GH, s.ws1 + row * H, hprev, s.dh + b * H, s.dgx + row * GH,
-                            s.dgh + row * GH);
+        gru_backward_row<T>(H, s.ws0 + row * GH, s.ws1 + row * H, hprev, s.dh + b * H, dgx, dgh);
         break;
       }
       case Cell::RNN:
-        rnn_backward_row<T>(H, s.act, s.out + row * P, s.dh + b * H, s.dgx + row * GH);
+        rnn_backward_row<T>(H, s.act, s.out + row * P, s.dh + b * H, dgx);
         break;
     }
   }
@@ -1000,10 +1002,23 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
 
   at::Tensor dh = grad_hy.contiguous().clone();
   at::Tensor dc = a.cell == Cell::LSTM ? grad_cy.contiguous().clone() : at::Tensor();
-  at::Tensor dgx = empty_big({N, GH}, a.x.options());
-  at::Tensor dgh = a.cell == Cell::GRU ? empty_big({N, GH}, a.x.options()) : dgx;
   at::Tensor dh_all = proj ? empty_big({N, P}, a.x.options()) : at::Tensor();
   at::Tensor drbuf = proj ? at::empty({B, H}, a.x.options()) : at::Tensor();
+
+  // The steps run in chunks (in processing order, backwards), each followed by its share of the
+  // weight gradients (dW_hh += dG_h^T h_prev, dW_ih += dG_x^T X, over the chunk's rows) and its
+  // rows of grad_input = dG_x W_ih. dG then needs a buffer for one chunk (~8 MB), not [N, G*H],
+  // and is still in cache when the GEMMs read it: training's peak memory stays below torch.nn's
+  // (measured at T=100, B=64, I=H=512). oneDNN wants K-contiguous operands for these long-K
+  // products, so each chunk's dG and X are transposed (at the chunk's size). Double or small
+  // products take one chunk and at::mm, which needs no transposes.
+  const bool chunked = N > 0 && use_onednn_for(GH, std::max(a.I, P), N, std::is_same_v<T, float>);
+  const int64_t step_bytes = std::max<int64_t>(1, B * GH * int64_t(sizeof(T)));
+  int64_t chunk_steps = chunked ? std::max<int64_t>(1, (int64_t(8) << 20) / step_bytes) : std::max<int64_t>(1, s.T);
+  if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) chunk_steps = std::max<int64_t>(1, std::atoll(forced));
+  const int64_t cap_rows = std::max<int64_t>(1, std::min(N, chunk_steps * B));
+  at::Tensor dgx = empty_big({cap_rows, GH}, a.x.options());
+  at::Tensor dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.x.options()) : dgx;
 
   const int64_t pack_m = s.T > 1 ? B : 0;
   WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, B, pack_m);  // dh = dgh W_hh
@@ -1037,66 +1052,98 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   const int64_t slices = rec_panel ? std::min<int64_t>(at::get_num_threads(), rec_panel->panels()) : 1;
   // Decided once: the per-step loop below must not re-check it (it reads the environment).
   const bool team = rec_panel && !proj && use_persistent_team(slices, s.T);
-  if (team) {
-    // As in the fused forward: one parallel region, two barriers a step (the row pass writes
-    // dG that every panel reads; the panel pass writes columns of dh that every row reads).
-    StepBarrier barrier;
-    const bool gru = a.cell == Cell::GRU;
-    at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
-      int64_t target = 0;
-      for (int64_t step = s.T - 1; step >= 0; --step) {
-        const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
-        const int64_t r0 = bs * s0 / slices, r1 = bs * s1 / slices;
-        for (int64_t i = r0 * P; i < r1 * P; ++i) dhp[i] += go[off * P + i];
-        const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dhp, dhp, dcp, dgxp, dghp};
-        backward_rows(rows, r0, r1);
-        barrier.arrive_and_wait(s1 - s0, target += slices);
-        const int64_t np = rec_panel->panels();
-        rec_panel->run_panels(dghp + off * GH, bs, GH, dhp, P, gru, np * s0 / slices, np * s1 / slices);
-        barrier.arrive_and_wait(s1 - s0, target += slices);
-      }
-    });
-  }
-  for (int64_t step = s.T - 1; step >= 0 && !team; --step) {
-    const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
-    const T* gor = go + off * P;
-    for (int64_t i = 0; i < bs * P; ++i) dhp[i] += gor[i];
-    const T* dr = dhp;
-    if (proj) {
-      if (bs > 0) std::memcpy(dhall + off * P, dhp, sizeof(T) * bs * P);
-      projg->run(dhp, bs, P, drp, H, T(0));
-      dr = drp;
-    }
-    const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dr, dhp, dcp, dgxp, dghp};
-    at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { backward_rows(rows, b0, b1); });
-    // The GRU's row pass left z * dh in dh: the recurrent GEMM adds to it.
-    if (rec_panel)
-      rec_panel->run(dghp + off * GH, bs, GH, dhp, P, a.cell == Cell::GRU);
-    else
-      rec.run(dghp + off * GH, bs, GH, dhp, P, a.cell == Cell::GRU ? T(1) : T(0));
-  }
 
-  timer.mark("time loop");
-  // The state each step started from, as one matrix, so dW_hh is a single GEMM.
-  at::Tensor hprev = empty_big({N, P}, a.x.options());
-  T* hpv = hprev.data_ptr<T>();
+  // Runs processing steps [c_lo, c_hi) backwards; their rows start at row0.
+  auto run_steps = [&](int64_t c_lo, int64_t c_hi, int64_t row0) {
+    if (team && c_hi - c_lo > 1) {
+      // As in the fused forward: one parallel region, two barriers a step (the row pass writes
+      // dG that every panel reads; the panel pass writes columns of dh that every row reads).
+      StepBarrier barrier;
+      const bool gru = a.cell == Cell::GRU;
+      at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+        int64_t target = 0;
+        for (int64_t step = c_hi - 1; step >= c_lo; --step) {
+          const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+          const int64_t r0 = bs * s0 / slices, r1 = bs * s1 / slices;
+          for (int64_t i = r0 * P; i < r1 * P; ++i) dhp[i] += go[off * P + i];
+          const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dhp, dhp, dcp, dgxp, dghp, row0};
+          backward_rows(rows, r0, r1);
+          barrier.arrive_and_wait(s1 - s0, target += slices);
+          const int64_t np = rec_panel->panels();
+          rec_panel->run_panels(dghp + (off - row0) * GH, bs, GH, dhp, P, gru, np * s0 / slices, np * s1 / slices);
+          barrier.arrive_and_wait(s1 - s0, target += slices);
+        }
+      });
+      return;
+    }
+    for (int64_t step = c_hi - 1; step >= c_lo; --step) {
+      const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+      const T* gor = go + off * P;
+      for (int64_t i = 0; i < bs * P; ++i) dhp[i] += gor[i];
+      const T* dr = dhp;
+      if (proj) {
+        if (bs > 0) std::memcpy(dhall + off * P, dhp, sizeof(T) * bs * P);
+        projg->run(dhp, bs, P, drp, H, T(0));
+        dr = drp;
+      }
+      const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dr, dhp, dcp, dgxp, dghp, row0};
+      at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { backward_rows(rows, b0, b1); });
+      // The GRU's row pass left z * dh in dh: the recurrent GEMM adds to it.
+      T* dg = dghp + (off - row0) * GH;
+      if (rec_panel)
+        rec_panel->run(dg, bs, GH, dhp, P, a.cell == Cell::GRU);
+      else
+        rec.run(dg, bs, GH, dhp, P, a.cell == Cell::GRU ? T(1) : T(0));
+    }
+  };
+
+  // For h_prev: the row each row's step started from, or -1 - b for row b of the initial state.
+  std::vector<int64_t> prev_of_row(N);
   for (int64_t t = 0; t < s.T; ++t)
     for (int64_t b = 0; b < s.bs[t]; ++b) {
       const int64_t prev = s.prev_row(t, b);
-      std::memcpy(hpv + (s.off[t] + b) * P, prev >= 0 ? outp + prev * P : hx + b * P, sizeof(T) * P);
+      prev_of_row[s.off[t] + b] = prev >= 0 ? prev : -1 - b;
     }
-
-  timer.mark("hprev");
-  at::Tensor dgx_t;  // shared by both weight gradients when dgh is dgx
-  g.grad_w_hh = weight_grad<T>(dgh, hprev, a.cell == Cell::GRU ? nullptr : &dgx_t);
-  timer.mark("grad_w_hh");
-  g.grad_w_ih = weight_grad<T>(dgx, a.x, &dgx_t);
-  timer.mark("grad_w_ih");
-  g.grad_input = fast_linear(dgx, a.w_ih.t().contiguous()).reshape(lead_with(a, a.I));
-  timer.mark("grad_input");
-  g.grad_b_ih = dgx.sum(0);
-  g.grad_b_hh = a.cell == Cell::GRU ? dgh.sum(0) : g.grad_b_ih.clone();
-  timer.mark("bias sums");
+  at::Tensor w_ih_t = a.w_ih.t().contiguous();
+  g.grad_input = at::empty({N, a.I}, a.x.options());
+  g.grad_w_hh = at::zeros({GH, P}, a.x.options());
+  g.grad_w_ih = at::zeros({GH, a.I}, a.x.options());
+  g.grad_b_ih = at::zeros({GH}, a.x.options());
+  at::Tensor grad_b_hn = a.cell == Cell::GRU ? at::zeros({GH}, a.x.options()) : at::Tensor();
+  bool first = true;
+  for (int64_t c_hi = s.T; c_hi > 0; c_hi -= chunk_steps) {
+    const int64_t c_lo = std::max<int64_t>(0, c_hi - chunk_steps);
+    const int64_t t_a = s.time_at(c_lo), t_b = s.time_at(c_hi - 1);
+    const int64_t t_lo = std::min(t_a, t_b), t_hi = std::max(t_a, t_b);
+    const int64_t row0 = s.off[t_lo], rows = s.off[t_hi] + s.bs[t_hi] - row0;
+    run_steps(c_lo, c_hi, row0);
+    timer.mark("steps");
+    if (rows == 0) continue;
+    at::Tensor hprev = at::empty({rows, P}, a.x.options());
+    T* hpv = hprev.data_ptr<T>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t prev = prev_of_row[row0 + r];
+      std::memcpy(hpv + r * P, prev >= 0 ? outp + prev * P : hx + (-1 - prev) * P, sizeof(T) * P);
+    }
+    at::Tensor dgx_c = dgx.narrow(0, 0, rows), dgh_c = dgh.narrow(0, 0, rows);
+    at::Tensor dgx_t;  // shared by both weight gradients when dgh is dgx
+    at::Tensor gw_hh = weight_grad<T>(dgh_c, hprev, a.cell == Cell::GRU ? nullptr : &dgx_t);
+    at::Tensor gw_ih = weight_grad<T>(dgx_c, a.x.narrow(0, row0, rows), &dgx_t);
+    if (first) {
+      g.grad_w_hh = gw_hh;
+      g.grad_w_ih = gw_ih;
+    } else {
+      g.grad_w_hh.add_(gw_hh);
+      g.grad_w_ih.add_(gw_ih);
+    }
+    first = false;
+    g.grad_input.narrow(0, row0, rows).copy_(fast_linear(dgx_c, w_ih_t));
+    g.grad_b_ih.add_(dgx_c.sum(0));
+    if (grad_b_hn.defined()) grad_b_hn.add_(dgh_c.sum(0));
+    timer.mark("weight grads, grad_input");
+  }
+  g.grad_input = g.grad_input.reshape(lead_with(a, a.I));
+  g.grad_b_hh = a.cell == Cell::GRU ? grad_b_hn : g.grad_b_ih.clone();
   g.grad_w_hr = proj ? weight_grad<T>(dh_all, ws2) : at::empty({0}, a.x.options());
   g.grad_hx = dh;
   g.grad_cx = dc.defined() ? dc : at::empty({0}, a.x.options());
