@@ -33,6 +33,9 @@ from torch import nn
 
 import fastrnn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import extras  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 
@@ -570,6 +573,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: 1 warm-up, 1 round, T<={QUICK_T}; numbers are meaningless")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default benchmarks/results)")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip the streaming (T=1) and training peak-memory measurements")
     args = p.parse_args(argv)
 
     cells = parse_list(args.cells, CELLS, "cell", p)
@@ -631,6 +636,13 @@ def main(argv=None) -> int:
     finally:
         bar.close()
 
+    stream_rows, mem_rows = [], []
+    if not args.no_extras:
+        print("streaming and peak-memory measurements ...", file=sys.stderr, flush=True)
+        stream_rows = extras.streaming_rows(time_pair, args.rounds, args.warmup,
+                                            0.0 if args.quick else MIN_ROUND_S, args.quick)
+        mem_rows = extras.peak_memory_rows(args.quick)
+
     # again at the end: a different sgemm rate means the machine's speed changed during the run
     end_peak = sgemm_peak_gflops(reps=3 if args.quick else 15)
     peak["end_gflops"] = end_peak["gflops"]
@@ -645,13 +657,24 @@ def main(argv=None) -> int:
           f"outputs, states (and gradients in training); noisy = max/min > {NOISY_RATIO} on a side; "
           f"contended = other processes used > {CONTENDED_CORES} cores during the row. "
           f"Total time {elapsed:.1f}s.")
+    extra_md = []
+    if stream_rows:
+        extra_md += ["## Streaming: one step a call (T=1, B=1, carried state)", "", extras.streaming_table(stream_rows),
+                     "", "Per call, median of the timed rounds, interleaved; the LSTMCell pairing is timed separately "
+                     "(its own fastrnn column). Training = forward + backward of the output's sum.", ""]
+    if mem_rows:
+        extra_md += ["## Training peak memory", "", extras.memory_table(mem_rows), "",
+                     "Peak resident memory of one forward+backward above the resident memory before it, each side in "
+                     "a fresh process (benchmarks/extras.py).", ""]
+    if extra_md:
+        print("\n" + "\n".join(extra_md))
 
     result = {
         "started_utc": started, "elapsed_s": elapsed, "command": cmdline,
         "settings": {"rounds": args.rounds, "warmup": args.warmup, "quick": args.quick, "threads": info["threads"],
                      "min_round_s": 0.0 if args.quick else MIN_ROUND_S, "seed": SEED,
                      "check_atol": CHECK_ATOL, "check_rtol": CHECK_RTOL},
-        "machine": info, "sgemm_peak": peak, "rows": rows,
+        "machine": info, "sgemm_peak": peak, "rows": rows, "streaming": stream_rows, "peak_memory": mem_rows,
     }
     with open(out_dir / "results.json", "w") as f:
         json.dump(result, f, indent=2, default=str)
@@ -670,6 +693,7 @@ def main(argv=None) -> int:
           f"{NOISY_RATIO} on either side; contended = other processes (or hypervisor steal) used more than {CONTENDED_CORES} "
           f"CPU cores on average while the row ran. Don't quote noisy or contended rows: rerun them on a "
           f"quiet machine.", ""]
+    md += extra_md
     if have_png:
         md += ["![speedup per case and mode](speedup.png)", "", "[speedup.png](speedup.png)", ""]
     (out_dir / "RESULTS.md").write_text("\n".join(md))
