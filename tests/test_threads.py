@@ -236,8 +236,10 @@ def _raw_op_calls(cell):
     """(forward inference, forward with autograd, backward) calls of one raw op, inputs built
     up front so the call is the op and nothing else."""
     ops = torch.ops.fastrnn
-    T, B, I, H = 600, 4, 32, 96
     G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    # About the same work per cell (an RNN step is a quarter of an LSTM's), so that each call
+    # lasts long enough for the probe thread to be scheduled during it on a busy machine.
+    T, B, I, H = 2400 // G, 4, 32, 96
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, B, I, generator=g)
     w_ih, w_hh = torch.randn(G * H, I, generator=g) * 0.1, torch.randn(G * H, H, generator=g) * 0.1
