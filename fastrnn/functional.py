@@ -9,6 +9,8 @@ one for the other. On devices fastrnn has no kernel for, they call torch's imple
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -235,8 +237,35 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     L, S = query.shape[-2], key.shape[-2]
     if attn_mask is not None:
         attn_mask = _check_mask(attn_mask, "attn_mask", fn, query, (*lead, L, S))
-    from . import reference as R
-    return R.scaled_dot_product_attention_ref(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    scale = _default_scale(query) if scale is None else float(scale)
+    if not _attention_kernel(query) or dropout_p > 0.0:
+        # torch's own kernel: other devices and dtypes, and dropout (same semantics, its RNG).
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+    if attn_mask is not None and attn_mask.requires_grad:
+        from . import reference as R  # the fused backward does not differentiate the mask
+        return R.scaled_dot_product_attention_ref(query, key, value, attn_mask, 0.0, is_causal, scale)
+    # The op works on [B, H, L, E]: fewer leading dims are unsqueezed, more are flattened into B.
+    nlead = len(lead)
+    q, k, v = (t.expand(*lead, *t.shape[-2:]) for t in (query, key, value))
+    if nlead > 2:
+        q, k, v = (t.reshape(-1, lead[-1], *t.shape[-2:]) for t in (q, k, v))
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(*lead, L, S).reshape(-1, lead[-1], L, S)
+    elif nlead < 2:
+        q, k, v = (t.view((1,) * (2 - nlead) + tuple(t.shape)) for t in (q, k, v))
+    out, _ = _ops.sdpa_forward(q, k, v, attn_mask, is_causal, scale)
+    return out.view(*lead, L, value.shape[-1])
+
+
+def _default_scale(query):
+    E = query.shape[-1]
+    return 1.0 / math.sqrt(E) if E > 0 else 1.0
+
+
+def _attention_kernel(t):
+    """Whether fastrnn's fused attention kernels run this tensor (CPU float32/float64, outside
+    autocast); otherwise the functions fall back (see each docstring)."""
+    return t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and not torch.is_autocast_enabled("cpu")
 
 
 def _attention_mask_3d(mask, B, T, S, query, fn):
@@ -245,8 +274,9 @@ def _attention_mask_3d(mask, B, T, S, query, fn):
     if mask.dim() not in (2, 3) or mask.shape[0] != B or mask.shape[-1] != S or (mask.dim() == 3 and mask.shape[1] != T):
         raise RuntimeError(f"{fn}: mask must have shape [batch, src_len] = {[B, S]} or [batch, tgt_len, src_len] = "
                            f"{[B, T, S]}, got {list(mask.shape)}")
-    mask = _check_mask(mask, "mask", fn, query, (B, T, S))
-    return mask.unsqueeze(1).expand(B, T, S) if mask.dim() == 2 else mask
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(1)  # one source mask for every target step
+    return _check_mask(mask, "mask", fn, query, (B, T, S))
 
 
 def _check_attention_inputs(fn, query, keys, values):
@@ -298,8 +328,13 @@ def additive_attention(query, keys, values, w_q, w_k, v, bias=None, mask=None, s
     B, T, S = query.shape[0], query.shape[1], keys.shape[1]
     if mask is not None:
         mask = _attention_mask_3d(mask, B, T, S, query, fn)
-    from . import reference as R
-    return R.additive_attention_ref(query, keys, values, w_q, w_k, v, bias, mask, scale)
+    qp = F.linear(query, w_q, bias)
+    kp = F.linear(keys, w_k)
+    scale_factor = 1.0 / math.sqrt(D) if scale and D > 0 else 1.0
+    if not _attention_kernel(query) or (mask is not None and mask.requires_grad):
+        from . import reference as R  # other devices/dtypes, or a mask to differentiate
+        return R.additive_attention_core_ref(qp, kp, values, v, mask, scale_factor)
+    return _ops.additive_attention_forward(qp, kp, values, v, mask, scale_factor)
 
 
 def luong_attention(query, keys, values, weight=None, mask=None):

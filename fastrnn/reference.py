@@ -170,7 +170,7 @@ def scaled_dot_product_attention_ref(query, key, value, attn_mask=None, dropout_
     arguments. query [..., L, E], key [..., S, E], value [..., S, Ev] -> [..., L, Ev].
     scale defaults to 1/sqrt(E). dropout (on the weights) always applies when dropout_p > 0."""
     L, S, E = query.size(-2), key.size(-2), query.size(-1)
-    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    scale = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else scale
     scores = (query @ key.transpose(-2, -1)) * scale
     if is_causal:
         scores = scores.masked_fill(~causal_mask_ref(L, S, query.device), float("-inf"))
@@ -192,10 +192,16 @@ def additive_attention_ref(query, keys, values, w_q, w_k, v, bias=None, mask=Non
     qp = query @ w_q.T
     if bias is not None:
         qp = qp + bias
-    kp = keys @ w_k.T
-    energies = torch.tanh(qp.unsqueeze(2) + kp.unsqueeze(1)) @ v
-    if scale:
-        energies = energies / math.sqrt(w_q.shape[0])
+    scale_factor = 1.0 / math.sqrt(w_q.shape[0]) if scale else 1.0
+    return additive_attention_core_ref(qp, keys @ w_k.T, values, v, mask, scale_factor)
+
+
+def additive_attention_core_ref(query_proj, key_proj, values, v, mask=None, scale=1.0):
+    """The part of additive attention after the projections (what the fused op computes):
+    e_ij = scale * v . tanh(query_proj_i + key_proj_j), masked softmax, weighted sum of values.
+    query_proj [B, T, D], key_proj [B, S, D]; mask broadcastable to [B, T, S] ([B, S] masks one
+    source position for every target step). Returns (context [B, T, Dv], weights [B, T, S])."""
+    energies = (torch.tanh(query_proj.unsqueeze(2) + key_proj.unsqueeze(1)) @ v) * scale
     if mask is not None and mask.dim() == 2:
         mask = mask.unsqueeze(1)
     weights = masked_softmax_ref(energies, mask)
