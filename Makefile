@@ -29,6 +29,7 @@ test: $(BUILD_STAMP)
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_attention.py
 
 clean:
 	rm -rf build $(BUILD_STAMP)
