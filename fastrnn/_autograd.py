@@ -31,84 +31,25 @@ def _reference_grads(forward, tensors, grad_outputs):
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in tensors)
 
 
-# ---------------------------------------------------------------------------- LSTM
-def _lstm_setup(ctx, inputs, output):
-    input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train = inputs
-    out, hy, cy, gates, cells, proj_input = output
-    ctx.mark_non_differentiable(gates, cells, proj_input)
-    ctx.reverse = reverse
-    ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, out, gates, cells, proj_input)
-
-
-def _lstm_backward(ctx, g_out, g_hy, g_cy, *_):
-    input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, out, gates, cells, proj_input = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
-        grads = _reference_grads(
-            lambda: R.lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, ctx.reverse),
-            (input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx), (g_out, g_hy, g_cy))
-        return (*grads, None, None, None)
-    g = _ops.lstm_backward(_zeros_if_none(g_out, out), _zeros_if_none(g_hy, hx), _zeros_if_none(g_cy, cx),
-                           input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, ctx.reverse, out, gates, cells,
-                           proj_input)
-    gi, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, ghx, gcx = g
-    bias = (gb_ih, gb_hh) if b_ih is not None else (None, None)
-    return (gi, gw_ih, gw_hh, *bias, gw_hr if w_hr is not None else None, ghx, gcx, None, None, None)
-
-
-torch.library.register_autograd("fastrnn::lstm_forward", _lstm_backward, setup_context=_lstm_setup)
-
-
-# ---------------------------------------------------------------------------- GRU
-def _gru_setup(ctx, inputs, output):
-    input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train = inputs
-    out, hy, gates, hn = output
-    ctx.mark_non_differentiable(gates, hn)
-    ctx.reverse = reverse
-    ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, out, gates, hn)
-
-
-def _gru_backward(ctx, g_out, g_hy, *_):
-    input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, out, gates, hn = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
-        grads = _reference_grads(
-            lambda: R.gru_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, ctx.reverse),
-            (input, w_ih, w_hh, b_ih, b_hh, hx), (g_out, g_hy))
-        return (*grads, None, None, None)
-    gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx = _ops.gru_backward(
-        _zeros_if_none(g_out, out), _zeros_if_none(g_hy, hx), input, w_ih, w_hh, hx, batch_sizes, ctx.reverse,
-        out, gates, hn)
-    bias = (gb_ih, gb_hh) if b_ih is not None else (None, None)
-    return (gi, gw_ih, gw_hh, *bias, ghx, None, None, None)
-
-
-torch.library.register_autograd("fastrnn::gru_forward", _gru_backward, setup_context=_gru_setup)
-
-
-# ---------------------------------------------------------------------------- RNN
-def _rnn_setup(ctx, inputs, output):
-    input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, relu = inputs
-    out, hy = output
-    ctx.reverse = reverse
-    ctx.relu = relu
-    ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, out)
-
-
-def _rnn_backward(ctx, g_out, g_hy):
-    input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, out = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True
-        act = "relu" if ctx.relu else "tanh"
-        grads = _reference_grads(
-            lambda: R.rnn_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, ctx.reverse, act),
-            (input, w_ih, w_hh, b_ih, b_hh, hx), (g_out, g_hy))
-        return (*grads, None, None, None)
-    gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx = _ops.rnn_backward(
-        _zeros_if_none(g_out, out), _zeros_if_none(g_hy, hx), input, w_ih, w_hh, hx, batch_sizes, ctx.reverse,
-        ctx.relu, out)
-    bias = (gb_ih, gb_hh) if b_ih is not None else (None, None)
-    return (gi, gw_ih, gw_hh, *bias, ghx, None, None, None)
-
-
-torch.library.register_autograd("fastrnn::rnn_forward", _rnn_backward, setup_context=_rnn_setup)
+# ------------------------------------------------------------------- LSTM, GRU, RNN
+# The recurrent forward ops have their autograd in C++ (csrc/autograd.cpp: a Python
+# autograd.Function costs several times a small step). Their double backward lands here.
+def reference_backward(kind, saved, grad_outputs, reverse, relu):
+    """Gradients of the layer's tensor inputs, differentiable (create_graph=True), from the
+    plain-PyTorch reference. saved: the op's tensor inputs in schema order (None where absent):
+    lstm (input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes), gru/rnn (input, w_ih, w_hh,
+    b_ih, b_hh, hx, batch_sizes); grad_outputs: of (output, hy[, cy]), None where unused."""
+    if kind == "lstm":
+        input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, bsz = saved
+        return _reference_grads(lambda: R.lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, bsz, reverse),
+                                (input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx), grad_outputs)
+    input, w_ih, w_hh, b_ih, b_hh, hx, bsz = saved
+    if kind == "gru":
+        fwd = lambda: R.gru_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, bsz, reverse)  # noqa: E731
+    else:
+        act = "relu" if relu else "tanh"
+        fwd = lambda: R.rnn_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, bsz, reverse, act)  # noqa: E731
+    return _reference_grads(fwd, (input, w_ih, w_hh, b_ih, b_hh, hx), grad_outputs)
 
 
 # ---------------------------------------------------------------------------- attention

@@ -1,0 +1,203 @@
+// Autograd for the recurrent forward ops, in C++ (TORCH_LIBRARY_IMPL(fastrnn, Autograd)).
+//
+// torch.library.register_autograd wraps an op in a Python autograd.Function: ~50 us a call,
+// several times a small step's whole cost (a decoder cell called once per step in training).
+// Here the forward redispatches below autograd to the backend kernel (CPU, or the fake kernel
+// under torch.compile), saves what backward needs and returns; backward calls the fused
+// *_backward op. Only double backward (create_graph=True: the gradients must themselves be
+// differentiable) calls into Python, which differentiates the plain-PyTorch reference
+// (fastrnn/_autograd.py, reference_backward).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
+#include <torch/autograd.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+namespace fastrnn {
+namespace {
+
+namespace py = pybind11;
+using at::Tensor;
+using OptT = c10::optional<at::Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+Tensor opt(const OptT& t) { return t.has_value() ? *t : Tensor(); }
+OptT as_opt(const Tensor& t) { return t.defined() ? OptT(t) : OptT(); }
+Tensor zeros_if_undefined(const Tensor& g, const Tensor& like) { return g.defined() ? g : at::zeros_like(like); }
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// create_graph=True: fastrnn._autograd.reference_backward(kind, saved, grads, reverse, relu)
+// returns the gradients of the op's tensor inputs (None where not needed) as a graph.
+variable_list reference_backward(const char* kind, const variable_list& saved, const variable_list& grads, bool reverse,
+                                 bool relu) {
+  py::gil_scoped_acquire gil;
+  py::list s, g;
+  for (const Tensor& t : saved) s.append(t.defined() ? py::cast(t) : py::none());
+  for (const Tensor& t : grads) g.append(t.defined() ? py::cast(t) : py::none());
+  py::object res = py::module_::import("fastrnn._autograd").attr("reference_backward")(kind, s, g, reverse, relu);
+  variable_list out;
+  for (py::handle h : res) out.push_back(h.is_none() ? Tensor() : h.cast<Tensor>());
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------- LSTM
+using LstmFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&, const OptT&, const Tensor&, const Tensor&,
+    const OptT&, bool, bool);
+using LstmBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&,
+    const Tensor&, const Tensor&, const OptT&, bool, const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+
+struct LstmFunction : public torch::autograd::Function<LstmFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                               const OptT& b_ih, const OptT& b_hh, const OptT& w_hr, const Tensor& hx,
+                               const Tensor& cx, const OptT& batch_sizes, bool reverse, bool train) {
+    static const auto op = op_handle<LstmFwdSig>("fastrnn::lstm_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, hy, cy, gates, cells, pin] = op.call(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse,
+                                                    train);
+    ctx->mark_non_differentiable({gates, cells, pin});
+    ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(w_hr), hx, cx, opt(batch_sizes), out, gates,
+                            cells, pin});
+    ctx->saved_data["reverse"] = reverse;
+    return {out, hy, cy, gates, cells, pin};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &w_hr = s[5], &hx = s[6], &cx = s[7];
+    const Tensor &bsz = s[8], &out = s[9];
+    if (at::GradMode::is_enabled()) {
+      variable_list g = reference_backward("lstm", variable_list(s.begin(), s.begin() + 9), {grads[0], grads[1], grads[2]},
+                                           reverse, false);
+      g.resize(11);  // batch_sizes, reverse, train: no gradient
+      return g;
+    }
+    static const auto op = op_handle<LstmBwdSig>("fastrnn::lstm_backward");
+    auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, ghx, gcx] =
+        op.call(zeros_if_undefined(grads[0], out), zeros_if_undefined(grads[1], hx), zeros_if_undefined(grads[2], cx),
+                input, w_ih, w_hh, as_opt(w_hr), hx, cx, as_opt(bsz), reverse, out, s[10], s[11], s[12]);
+    const bool bias = b_ih.defined();
+    return {gi, gw_ih, gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), w_hr.defined() ? gw_hr : Tensor(),
+            ghx, gcx, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autograd(
+    const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const OptT& b_ih, const OptT& b_hh, const OptT& w_hr,
+    const Tensor& hx, const Tensor& cx, const OptT& batch_sizes, bool reverse, bool train) {
+  variable_list r = LstmFunction::apply(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+// ----------------------------------------------------------------------------------------- GRU
+using GruFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptT&,
+                                                             const OptT&, const Tensor&, const OptT&, bool, bool);
+using GruBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&, bool,
+    const Tensor&, const Tensor&, const Tensor&);
+
+struct GruFunction : public torch::autograd::Function<GruFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                               const OptT& b_ih, const OptT& b_hh, const Tensor& hx, const OptT& batch_sizes,
+                               bool reverse, bool train) {
+    static const auto op = op_handle<GruFwdSig>("fastrnn::gru_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, hy, gates, hn] = op.call(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train);
+    ctx->mark_non_differentiable({gates, hn});
+    ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), hx, opt(batch_sizes), out, gates, hn});
+    ctx->saved_data["reverse"] = reverse;
+    return {out, hy, gates, hn};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &hx = s[5], &bsz = s[6], &out = s[7];
+    if (at::GradMode::is_enabled()) {
+      variable_list g = reference_backward("gru", variable_list(s.begin(), s.begin() + 7), {grads[0], grads[1]},
+                                           reverse, false);
+      g.resize(9);
+      return g;
+    }
+    static const auto op = op_handle<GruBwdSig>("fastrnn::gru_backward");
+    auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx] =
+        op.call(zeros_if_undefined(grads[0], out), zeros_if_undefined(grads[1], hx), input, w_ih, w_hh, hx,
+                as_opt(bsz), reverse, out, s[8], s[9]);
+    const bool bias = b_ih.defined();
+    return {gi, gw_ih, gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), ghx, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_autograd(const Tensor& input, const Tensor& w_ih,
+                                                                const Tensor& w_hh, const OptT& b_ih, const OptT& b_hh,
+                                                                const Tensor& hx, const OptT& batch_sizes, bool reverse,
+                                                                bool train) {
+  variable_list r = GruFunction::apply(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+// ----------------------------------------------------------------------------------------- RNN
+using RnnFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&,
+                                             const Tensor&, const OptT&, bool, bool);
+using RnnBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&, bool, bool,
+    const Tensor&);
+
+struct RnnFunction : public torch::autograd::Function<RnnFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                               const OptT& b_ih, const OptT& b_hh, const Tensor& hx, const OptT& batch_sizes,
+                               bool reverse, bool relu) {
+    static const auto op = op_handle<RnnFwdSig>("fastrnn::rnn_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, hy] = op.call(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, relu);
+    ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), hx, opt(batch_sizes), out});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["relu"] = relu;
+    return {out, hy};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const bool reverse = ctx->saved_data["reverse"].toBool(), relu = ctx->saved_data["relu"].toBool();
+    const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &hx = s[5], &bsz = s[6], &out = s[7];
+    if (at::GradMode::is_enabled()) {
+      variable_list g = reference_backward("rnn", variable_list(s.begin(), s.begin() + 7), {grads[0], grads[1]},
+                                           reverse, relu);
+      g.resize(9);
+      return g;
+    }
+    static const auto op = op_handle<RnnBwdSig>("fastrnn::rnn_backward");
+    auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx] = op.call(zeros_if_undefined(grads[0], out),
+                                                         zeros_if_undefined(grads[1], hx), input, w_ih, w_hh, hx,
+                                                         as_opt(bsz), reverse, relu, out);
+    const bool bias = b_ih.defined();
+    return {gi, gw_ih, gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), ghx, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> rnn_forward_autograd(const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                                                const OptT& b_ih, const OptT& b_hh, const Tensor& hx,
+                                                const OptT& batch_sizes, bool reverse, bool relu) {
+  variable_list r = RnnFunction::apply(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, relu);
+  return {r[0], r[1]};
+}
+
+}  // namespace
+}  // namespace fastrnn
+
+TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
+  m.impl("lstm_forward", &fastrnn::lstm_forward_autograd);
+  m.impl("gru_forward", &fastrnn::gru_forward_autograd);
+  m.impl("rnn_forward", &fastrnn::rnn_forward_autograd);
+}
