@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <sstream>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,28 @@ inline void check_dtype(const at::Tensor& t, const char* op, const char* name, c
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
                     " must be float32 or float64, got ", t.scalar_type());
+}
+
+// The operands of one op: each defined and on the CPU, the first float32/float64 and the others
+// of its dtype, each of rank `dim` (-1: checked elsewhere). Checks run in that order over all of
+// them, so the first problem reported is the same whichever tensor has it.
+struct Operand {
+  const at::Tensor& t;
+  const char* name;
+  int64_t dim;
+};
+
+inline void check_operands(const char* op, std::initializer_list<Operand> operands) {
+  for (const Operand& o : operands) {
+    check_defined(o.t, op, o.name);
+    check_cpu(o.t, op, o.name);
+  }
+  const Operand& ref = *operands.begin();
+  check_floating(ref.t, op, ref.name);
+  for (const Operand& o : operands)
+    if (&o != &ref) check_dtype(o.t, op, o.name, ref.t, ref.name);
+  for (const Operand& o : operands)
+    if (o.dim >= 0) check_dim(o.t, op, o.name, o.dim);
 }
 
 }  // namespace fastrnn

@@ -212,17 +212,7 @@ void check_mask_arg(const char* op, const at::Tensor& mask, const at::Tensor& re
 
 SdpaArgs sdpa_prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const OptTensor& mask, bool causal, double scale) {
-  using Named = std::pair<const at::Tensor*, const char*>;
-  for (const Named& n : std::initializer_list<Named>{{&q, "query"}, {&k, "key"}, {&v, "value"}}) {
-    check_defined(*n.first, op, n.second);
-    check_cpu(*n.first, op, n.second);
-  }
-  check_floating(q, op, "query");
-  check_dtype(k, op, "key", q, "query");
-  check_dtype(v, op, "value", q, "query");
-  check_dim(q, op, "query", 4);
-  check_dim(k, op, "key", 4);
-  check_dim(v, op, "value", 4);
+  check_operands(op, {{q, "query", 4}, {k, "key", 4}, {v, "value", 4}});
   SdpaArgs a;
   a.B = q.size(0);
   a.H = q.size(1);
@@ -422,20 +412,7 @@ struct AdditiveArgs {
 
 AdditiveArgs additive_prepare(const char* op, const at::Tensor& qp, const at::Tensor& kp, const at::Tensor& values,
                               const at::Tensor& v, const OptTensor& mask, double scale) {
-  using Named = std::pair<const at::Tensor*, const char*>;
-  for (const Named& n : std::initializer_list<Named>{{&qp, "query_proj"}, {&kp, "key_proj"}, {&values, "values"},
-                                                     {&v, "v"}}) {
-    check_defined(*n.first, op, n.second);
-    check_cpu(*n.first, op, n.second);
-  }
-  check_floating(qp, op, "query_proj");
-  check_dtype(kp, op, "key_proj", qp, "query_proj");
-  check_dtype(values, op, "values", qp, "query_proj");
-  check_dtype(v, op, "v", qp, "query_proj");
-  check_dim(qp, op, "query_proj", 3);
-  check_dim(kp, op, "key_proj", 3);
-  check_dim(values, op, "values", 3);
-  check_dim(v, op, "v", 1);
+  check_operands(op, {{qp, "query_proj", 3}, {kp, "key_proj", 3}, {values, "values", 3}, {v, "v", 1}});
   AdditiveArgs a;
   a.B = qp.size(0);
   a.T = qp.size(1);

@@ -104,18 +104,7 @@ Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tenso
   a.op = op;
   a.cell = cell;
   a.G = gates_of(cell);
-  using Named = std::pair<const at::Tensor*, const char*>;
-  for (const Named& n : std::initializer_list<Named>{{&input, "input"}, {&w_ih, "w_ih"}, {&w_hh, "w_hh"}, {&hx, "hx"}}) {
-    check_defined(*n.first, op, n.second);
-    check_cpu(*n.first, op, n.second);
-  }
-  check_floating(input, op, "input");
-  check_dtype(w_ih, op, "w_ih", input, "input");
-  check_dtype(w_hh, op, "w_hh", input, "input");
-  check_dtype(hx, op, "hx", input, "input");
-  check_dim(w_ih, op, "w_ih", 2);
-  check_dim(w_hh, op, "w_hh", 2);
-  check_dim(hx, op, "hx", 2);
+  check_operands(op, {{input, "input", -1}, {w_ih, "w_ih", 2}, {w_hh, "w_hh", 2}, {hx, "hx", 2}});
 
   const bool packed = batch_sizes.has_value() && batch_sizes->defined();
   if (packed) {
