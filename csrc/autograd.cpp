@@ -62,6 +62,8 @@ struct LstmFunction : public torch::autograd::Function<LstmFunction> {
                                const OptT& b_ih, const OptT& b_hh, const OptT& w_hr, const Tensor& hx,
                                const Tensor& cx, const OptT& batch_sizes, bool reverse, bool train) {
     static const auto op = op_handle<LstmFwdSig>("fastrnn::lstm_forward");
+    // Unused output gradients stay undefined: zero-filling the workspace's would cost its size.
+    ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, hy, cy, gates, cells, pin] = op.call(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse,
                                                     train);
@@ -112,6 +114,8 @@ struct GruFunction : public torch::autograd::Function<GruFunction> {
                                const OptT& b_ih, const OptT& b_hh, const Tensor& hx, const OptT& batch_sizes,
                                bool reverse, bool train) {
     static const auto op = op_handle<GruFwdSig>("fastrnn::gru_forward");
+    // Unused output gradients stay undefined: zero-filling the workspace's would cost its size.
+    ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, hy, gates, hn] = op.call(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train);
     ctx->mark_non_differentiable({gates, hn});
@@ -159,6 +163,8 @@ struct RnnFunction : public torch::autograd::Function<RnnFunction> {
                                const OptT& b_ih, const OptT& b_hh, const Tensor& hx, const OptT& batch_sizes,
                                bool reverse, bool relu) {
     static const auto op = op_handle<RnnFwdSig>("fastrnn::rnn_forward");
+    // Unused output gradients stay undefined: zero-filling the workspace's would cost its size.
+    ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, hy] = op.call(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, relu);
     ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), hx, opt(batch_sizes), out});
