@@ -8,6 +8,7 @@ from . import functional, reference
 from .modules.rnn import LSTM, GRU, RNN
 from .modules.cells import LSTMCell, GRUCell, RNNCell
 from .convert import convert, to_torch
+from . import models
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,4 @@ def build_info():
 
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "to_torch", "functional", "reference",
-           "build_info"]
+           "build_info", "models"]
