@@ -93,9 +93,10 @@ class CNNRNN(nn.Module):
             raise ValueError("kernel_size must be odd ('same' padding)")
         blocks, c_in = [], input_size
         for c_out in conv_channels:
-            blocks += [nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2), nn.BatchNorm1d(c_out), nn.ReLU()]
+            blocks.append(nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+                                        nn.BatchNorm1d(c_out), nn.ReLU()))
             c_in = c_out
-        self.conv = nn.Sequential(*blocks)
+        self.conv = nn.ModuleList(blocks)
         self.lstm = LSTM(c_in, hidden_size, num_layers, batch_first=True, bidirectional=bidirectional,
                          dropout=dropout if num_layers > 1 else 0.0)
         self.pool = pool
@@ -103,11 +104,17 @@ class CNNRNN(nn.Module):
         self.head = _head((2 if bidirectional else 1) * hidden_size, num_outputs, dropout)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        feats = self.conv(x.transpose(1, 2)).transpose(1, 2)  # [B, T, C]
-        mask = None
-        if lengths is not None:
-            mask = lengths_to_mask(lengths, x.shape[1])
-            feats = feats * mask.unsqueeze(-1).to(feats.dtype)
+        # With lengths, steps past each length are zeroed before every conv block and after the
+        # last, so they read as the zeros of 'same' padding: a padded sequence gives the output of
+        # the same sequence alone (in eval mode, where BatchNorm does not mix the batch).
+        mask = lengths_to_mask(lengths, x.shape[1]).to(x.device) if lengths is not None else None
+        keep = mask.unsqueeze(1).to(x.dtype) if mask is not None else None
+        feats = x.transpose(1, 2)  # [B, F, T]
+        for block in self.conv:
+            feats = block(feats if keep is None else feats * keep)
+        if keep is not None:
+            feats = feats * keep
+        feats = feats.transpose(1, 2)  # [B, T, C]
         out, (h_n, _) = _run_lstm(self.lstm, feats, lengths)
         return self.head(_pool(out, h_n, self.pool, self.bidirectional, mask))
 
