@@ -32,4 +32,23 @@ TORCH_LIBRARY(fastrnn, m) {
       "rnn_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor w_ih, Tensor w_hh, Tensor hx, "
       "Tensor? batch_sizes, bool reverse, bool relu, Tensor output) -> (Tensor grad_input, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx)");
+
+  // Attention. sdpa_*: query [B, H, L, E], key [B, H, S, E], value [B, H, S, Ev]; attn_mask bool
+  // (true = attend) or query's dtype (added), broadcastable to [B, H, L, S]; lse [B, H, L] is the
+  // log-sum-exp of each query row's scores (+inf for a row with every key masked).
+  m.def(
+      "sdpa_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale) -> "
+      "(Tensor output, Tensor lse)");
+  m.def(
+      "sdpa_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor output, "
+      "Tensor lse, bool is_causal, float scale) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // additive_attention_*: query_proj [B, T, D] (W_q q + bias), key_proj [B, S, D] (W_k k), values [B, S, Dv],
+  // v [D]; mask bool (true = attend) or additive, broadcastable to [B, T, S]; scale multiplies the energies.
+  m.def(
+      "additive_attention_forward(Tensor query_proj, Tensor key_proj, Tensor values, Tensor v, Tensor? mask, "
+      "float scale) -> (Tensor context, Tensor weights)");
+  m.def(
+      "additive_attention_backward(Tensor grad_context, Tensor grad_weights, Tensor query_proj, Tensor key_proj, "
+      "Tensor values, Tensor v, Tensor weights, float scale) -> (Tensor grad_query_proj, Tensor grad_key_proj, "
+      "Tensor grad_values, Tensor grad_v)");
 }

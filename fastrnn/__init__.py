@@ -1,4 +1,4 @@
-"""fastrnn: fused LSTM, GRU and RNN kernels for PyTorch, as drop-in torch.nn layers."""
+"""fastrnn: fused LSTM, GRU, RNN and attention kernels for PyTorch, as drop-in torch.nn layers."""
 import torch  # noqa: F401  (loads libtorch before our library)
 
 from . import _C  # noqa: F401  (registers torch.ops.fastrnn.*)
@@ -7,6 +7,7 @@ from . import _autograd  # noqa: F401  (backward formulas)
 from . import functional, reference
 from .modules.rnn import LSTM, GRU, RNN
 from .modules.cells import LSTMCell, GRUCell, RNNCell
+from .modules.attention import MultiheadAttention, AdditiveAttention, LuongAttention
 from .convert import convert, to_torch
 from . import models
 
@@ -23,5 +24,6 @@ def build_info():
     return info
 
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "to_torch", "functional", "reference",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MultiheadAttention", "AdditiveAttention",
+           "LuongAttention", "convert", "to_torch", "functional", "reference",
            "build_info", "models"]

@@ -109,3 +109,55 @@ def _rnn_backward(ctx, g_out, g_hy):
 
 
 torch.library.register_autograd("fastrnn::rnn_forward", _rnn_backward, setup_context=_rnn_setup)
+
+
+# ---------------------------------------------------------------------------- attention
+# Masks are not differentiated here: fastrnn.functional sends a mask that requires grad down
+# the reference path instead.
+def _sdpa_setup(ctx, inputs, output):
+    query, key, value, attn_mask, is_causal, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+
+
+def _sdpa_backward(ctx, g_out, _g_lse):
+    query, key, value, attn_mask, out, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        grads = _reference_grads(
+            lambda: (R.scaled_dot_product_attention_ref(query, key, value, attn_mask, 0.0, ctx.is_causal, ctx.scale),),
+            (query, key, value), (g_out,))
+        return (*grads, None, None, None)
+    dq, dk, dv = _ops.sdpa_backward(_zeros_if_none(g_out, out), query, key, value, attn_mask, out, lse, ctx.is_causal,
+                                    ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("fastrnn::sdpa_forward", _sdpa_backward, setup_context=_sdpa_setup)
+
+
+def _additive_setup(ctx, inputs, output):
+    query_proj, key_proj, values, v, mask, scale = inputs
+    context, weights = output
+    ctx.scale = scale
+    ctx.save_for_backward(query_proj, key_proj, values, v, mask, weights)
+
+
+def _additive_backward(ctx, g_context, g_weights):
+    query_proj, key_proj, values, v, mask, weights = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        grads = _reference_grads(
+            lambda: R.additive_attention_core_ref(query_proj, key_proj, values, v, mask, ctx.scale),
+            (query_proj, key_proj, values, v), (g_context, g_weights))
+        return (*grads, None, None)
+    B, T, S = weights.shape
+    g_context = _zeros_if_none(g_context, query_proj.new_empty((B, T, values.shape[-1])))
+    g_weights = _zeros_if_none(g_weights, weights)
+    dqp, dkp, dvalues, dv = _ops.additive_attention_backward(g_context, g_weights, query_proj, key_proj, values, v,
+                                                             weights, ctx.scale)
+    return dqp, dkp, dvalues, dv, None, None
+
+
+torch.library.register_autograd("fastrnn::additive_attention_forward", _additive_backward,
+                                setup_context=_additive_setup)

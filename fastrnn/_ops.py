@@ -102,3 +102,73 @@ def _gru_rnn_backward_fake(gates_per_h):
 
 torch.library.register_fake(_lib + "gru_backward")(_gru_rnn_backward_fake(3))
 torch.library.register_fake(_lib + "rnn_backward")(_gru_rnn_backward_fake(1))
+
+
+# ------------------------------------------------------------------------------------ attention
+def _check_attention_devices(name, ref, **tensors):
+    for arg, t in tensors.items():
+        if isinstance(t, torch.Tensor):
+            torch._check(t.device == ref.device, lambda: f"{name}: {arg} and {next(iter(tensors))} must be on the "
+                         f"same device, got {t.device} and {ref.device}")
+
+
+def _check_sdpa(name, query, key, value, attn_mask):
+    torch._check(query.dim() == 4 and key.dim() == 4 and value.dim() == 4,
+                 lambda: f"{name}: query, key and value must be 4-D [batch, heads, len, features]")
+    B, H, L, E = query.shape
+    S = key.shape[2]
+    torch._check(tuple(key.shape) == (B, H, S, E), lambda: f"{name}: key must have shape [batch, heads, src_len, "
+                 f"query.size(-1)]")
+    torch._check(tuple(value.shape[:3]) == (B, H, S), lambda: f"{name}: value must have shape [batch, heads, "
+                 f"key.size(2), value_dim]")
+    for t, tn in ((key, "key"), (value, "value")):
+        torch._check(t.dtype == query.dtype, lambda: f"{name}: {tn} and query must have the same dtype")
+    if attn_mask is not None:
+        torch._check(attn_mask.dtype == torch.bool or attn_mask.dtype == query.dtype,
+                     lambda: f"{name}: attn_mask must be bool or have query's dtype")
+
+
+@torch.library.register_fake(_lib + "sdpa_forward")
+def _sdpa_forward_fake(query, key, value, attn_mask, is_causal, scale):
+    _check_attention_devices("fastrnn.sdpa_forward", query, query=query, key=key, value=value, attn_mask=attn_mask)
+    _check_sdpa("fastrnn.sdpa_forward", query, key, value, attn_mask)
+    B, H, L, _ = query.shape
+    return query.new_empty((B, H, L, value.shape[-1])), query.new_empty((B, H, L))
+
+
+@torch.library.register_fake(_lib + "sdpa_backward")
+def _sdpa_backward_fake(grad_output, query, key, value, attn_mask, output, lse, is_causal, scale):
+    _check_attention_devices("fastrnn.sdpa_backward", query, query=query, grad_output=grad_output, key=key,
+                             value=value, attn_mask=attn_mask, output=output, lse=lse)
+    _check_sdpa("fastrnn.sdpa_backward", query, key, value, attn_mask)
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _check_additive(name, query_proj, key_proj, values, v):
+    torch._check(query_proj.dim() == 3 and key_proj.dim() == 3 and values.dim() == 3 and v.dim() == 1,
+                 lambda: f"{name}: query_proj, key_proj and values must be 3-D and v 1-D")
+    B, T, D = query_proj.shape
+    S = key_proj.shape[1]
+    torch._check(tuple(key_proj.shape) == (B, S, D), lambda: f"{name}: key_proj must have shape [batch, src_len, "
+                 f"query_proj.size(-1)]")
+    torch._check(tuple(values.shape[:2]) == (B, S), lambda: f"{name}: values must have shape [batch, src_len, dim]")
+    torch._check(tuple(v.shape) == (D,), lambda: f"{name}: v must have shape [query_proj.size(-1)]")
+
+
+@torch.library.register_fake(_lib + "additive_attention_forward")
+def _additive_forward_fake(query_proj, key_proj, values, v, mask, scale):
+    _check_attention_devices("fastrnn.additive_attention_forward", query_proj, query_proj=query_proj,
+                             key_proj=key_proj, values=values, v=v, mask=mask)
+    _check_additive("fastrnn.additive_attention_forward", query_proj, key_proj, values, v)
+    B, T, _ = query_proj.shape
+    return query_proj.new_empty((B, T, values.shape[-1])), query_proj.new_empty((B, T, key_proj.shape[1]))
+
+
+@torch.library.register_fake(_lib + "additive_attention_backward")
+def _additive_backward_fake(grad_context, grad_weights, query_proj, key_proj, values, v, weights, scale):
+    _check_attention_devices("fastrnn.additive_attention_backward", query_proj, query_proj=query_proj,
+                             grad_context=grad_context, grad_weights=grad_weights, key_proj=key_proj, values=values,
+                             v=v, weights=weights)
+    _check_additive("fastrnn.additive_attention_backward", query_proj, key_proj, values, v)
+    return (query_proj.new_empty(query_proj.shape), key_proj.new_empty(key_proj.shape),
+            values.new_empty(values.shape), v.new_empty(v.shape))

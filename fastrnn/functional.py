@@ -1,4 +1,4 @@
-"""Functional forms of fastrnn's fused recurrent layers.
+"""Functional forms of fastrnn's fused recurrent layers and attention ops.
 
 Shapes: T = steps, B = batch, I = input size, H = hidden size, P = proj_size or H,
 L = num_layers, D = 2 if bidirectional else 1.
@@ -9,12 +9,15 @@ one for the other. On devices fastrnn has no kernel for, they call torch's imple
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 _ops = torch.ops.fastrnn
 
-__all__ = ["lstm", "gru", "rnn", "lstm_layer", "gru_layer", "rnn_layer"]
+__all__ = ["lstm", "gru", "rnn", "lstm_layer", "gru_layer", "rnn_layer", "scaled_dot_product_attention",
+           "additive_attention", "luong_attention"]
 
 
 def _needs_grad(*tensors):
@@ -162,3 +165,197 @@ def rnn(input, hx, params, has_biases, num_layers, dropout, train, bidirectional
     out, (h,) = _stack(layer, input, [hx], params, has_biases, num_layers, dropout, train, bidirectional,
                        batch_first, batch_sizes)
     return out, h
+
+
+# ------------------------------------------------------------------------------------ attention
+def _check_tensor(t, name, fn):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+
+
+def _check_same(t, ref, name, ref_name, fn):
+    if t.dtype != ref.dtype:
+        raise RuntimeError(f"{fn}: {name} and {ref_name} must have the same dtype, got {t.dtype} and {ref.dtype}")
+    if t.device != ref.device:
+        raise RuntimeError(f"{fn}: {name} and {ref_name} must be on the same device, got {t.device} and {ref.device}")
+
+
+def _check_mask(mask, name, fn, query, shape):
+    """mask: bool (True = attend) or floating (added to the scores), broadcastable to `shape`.
+    Returns it as bool or in query's dtype."""
+    _check_tensor(mask, name, fn)
+    if mask.device != query.device:
+        raise RuntimeError(f"{fn}: {name} and query must be on the same device, got {mask.device} and {query.device}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise RuntimeError(f"{fn}: {name} must be bool (True = attend) or floating point (added to the scores), "
+                           f"got {mask.dtype}")
+    try:
+        torch.broadcast_shapes(mask.shape, shape)
+        ok = mask.dim() <= len(shape)
+    except RuntimeError:
+        ok = False
+    if not ok or torch.broadcast_shapes(mask.shape, shape) != torch.Size(shape):
+        raise RuntimeError(f"{fn}: {name} of shape {list(mask.shape)} is not broadcastable to {list(shape)}")
+    return mask if mask.dtype in (torch.bool, query.dtype) else mask.to(query.dtype)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """softmax(Q K^T * scale + mask) V, with the arguments and semantics of
+    torch.nn.functional.scaled_dot_product_attention.
+
+    query [..., L, E], key [..., S, E], value [..., S, Ev] (leading dims broadcast) -> [..., L, Ev].
+    attn_mask: bool (True = attend) or float (added), broadcastable to [..., L, S].
+    is_causal: query i attends to keys j <= i (top-left aligned, as torch); not with attn_mask.
+    scale: defaults to 1/sqrt(E). A query row with every key masked gives zeros (as torch on CPU).
+
+    CPU float32/float64 runs the fused kernel (blocked online softmax; backward recomputes the
+    probabilities from the saved log-sum-exp, so nothing [L, S]-sized is kept). dropout_p > 0,
+    other dtypes and other devices call torch's own implementation.
+    """
+    fn = "fastrnn.scaled_dot_product_attention"
+    for t, n in ((query, "query"), (key, "key"), (value, "value")):
+        _check_tensor(t, n, fn)
+        if t.dim() < 2:
+            raise RuntimeError(f"{fn}: {n} must be at least 2-D [..., seq, features], got shape {list(t.shape)}")
+    _check_same(key, query, "key", "query", fn)
+    _check_same(value, query, "value", "query", fn)
+    if key.shape[-1] != query.shape[-1]:
+        raise RuntimeError(f"{fn}: key.size(-1) must equal query.size(-1) = {query.shape[-1]}, "
+                           f"got key of shape {list(key.shape)}")
+    if value.shape[-2] != key.shape[-2]:
+        raise RuntimeError(f"{fn}: value.size(-2) must equal key.size(-2) = {key.shape[-2]} (the key length), "
+                           f"got value of shape {list(value.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    if is_causal and attn_mask is not None:
+        raise RuntimeError(f"{fn}: attn_mask must be None when is_causal=True (the causal mask is implied)")
+    try:
+        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except RuntimeError:
+        raise RuntimeError(f"{fn}: the leading (batch) dimensions of query {list(query.shape)}, key "
+                           f"{list(key.shape)} and value {list(value.shape)} do not broadcast") from None
+    L, S = query.shape[-2], key.shape[-2]
+    if attn_mask is not None:
+        attn_mask = _check_mask(attn_mask, "attn_mask", fn, query, (*lead, L, S))
+    scale = _default_scale(query) if scale is None else float(scale)
+    if not _attention_kernel(query) or dropout_p > 0.0:
+        # torch's own kernel: other devices and dtypes, and dropout (same semantics, its RNG).
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+    if attn_mask is not None and attn_mask.requires_grad:
+        from . import reference as R  # the fused backward does not differentiate the mask
+        return R.scaled_dot_product_attention_ref(query, key, value, attn_mask, 0.0, is_causal, scale)
+    # The op works on [B, H, L, E]: fewer leading dims are unsqueezed, more are flattened into B.
+    nlead = len(lead)
+    q, k, v = (t.expand(*lead, *t.shape[-2:]) for t in (query, key, value))
+    if nlead > 2:
+        q, k, v = (t.reshape(-1, lead[-1], *t.shape[-2:]) for t in (q, k, v))
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(*lead, L, S).reshape(-1, lead[-1], L, S)
+    elif nlead < 2:
+        q, k, v = (t.view((1,) * (2 - nlead) + tuple(t.shape)) for t in (q, k, v))
+    out, _ = _ops.sdpa_forward(q, k, v, attn_mask, is_causal, scale)
+    return out.view(*lead, L, value.shape[-1])
+
+
+def _default_scale(query):
+    E = query.shape[-1]
+    return 1.0 / math.sqrt(E) if E > 0 else 1.0
+
+
+def _attention_kernel(t):
+    """Whether fastrnn's fused attention kernels run this tensor (CPU float32/float64, outside
+    autocast); otherwise the functions fall back (see each docstring)."""
+    return t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and not torch.is_autocast_enabled("cpu")
+
+
+def _attention_mask_3d(mask, B, T, S, query, fn):
+    """An additive/Luong mask [B, S] or [B, T, S] as a [B, T, S] view (bool or query's dtype)."""
+    _check_tensor(mask, "mask", fn)
+    if mask.dim() not in (2, 3) or mask.shape[0] != B or mask.shape[-1] != S or (mask.dim() == 3 and mask.shape[1] != T):
+        raise RuntimeError(f"{fn}: mask must have shape [batch, src_len] = {[B, S]} or [batch, tgt_len, src_len] = "
+                           f"{[B, T, S]}, got {list(mask.shape)}")
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(1)  # one source mask for every target step
+    return _check_mask(mask, "mask", fn, query, (B, T, S))
+
+
+def _check_attention_inputs(fn, query, keys, values):
+    for t, n in ((query, "query"), (keys, "keys"), (values, "values")):
+        _check_tensor(t, n, fn)
+        if t.dim() != 3:
+            raise ValueError(f"{fn}: {n} must be 3-D [batch, len, features], got shape {list(t.shape)}")
+    _check_same(keys, query, "keys", "query", fn)
+    _check_same(values, query, "values", "query", fn)
+    if keys.shape[0] != query.shape[0] or values.shape[0] != query.shape[0]:
+        raise RuntimeError(f"{fn}: query, keys and values must have the same batch size, got {query.shape[0]}, "
+                           f"{keys.shape[0]} and {values.shape[0]}")
+    if values.shape[1] != keys.shape[1]:
+        raise RuntimeError(f"{fn}: values.size(1) must equal keys.size(1) = {keys.shape[1]} (the source length), "
+                           f"got values of shape {list(values.shape)}")
+
+
+def additive_attention(query, keys, values, w_q, w_k, v, bias=None, mask=None, scale=False):
+    """Additive (Bahdanau) attention: e_ij = v . tanh(W_q q_i + W_k k_j + bias) (/ sqrt(D) when scale),
+    weights = softmax_j(e_ij + mask_ij), context_i = sum_j weights_ij values_j.
+
+    query [B, T, Dq], keys [B, S, Dk], values [B, S, Dv]; w_q [D, Dq], w_k [D, Dk], v [D], bias [D] or None;
+    mask: bool [B, S] or [B, T, S] (True = attend), or float (added). Rows with every key masked get
+    zero weights and a zero context.
+    Returns (context [B, T, Dv], weights [B, T, S]).
+
+    The fused CPU kernel (float32/float64) never materialises the [B, T, S, D] tanh tensor: the
+    backward recomputes tanh tile by tile, so memory is O(B*T*S).
+    """
+    fn = "fastrnn.additive_attention"
+    _check_attention_inputs(fn, query, keys, values)
+    for t, n, d in ((w_q, "w_q", 2), (w_k, "w_k", 2), (v, "v", 1), (bias, "bias", 1)):
+        if t is None and n == "bias":
+            continue
+        _check_tensor(t, n, fn)
+        _check_same(t, query, n, "query", fn)
+        if t.dim() != d:
+            raise ValueError(f"{fn}: {n} must be {d}-D, got shape {list(t.shape)}")
+    D = w_q.shape[0]
+    if w_q.shape[1] != query.shape[-1]:
+        raise RuntimeError(f"{fn}: w_q must have shape [hidden, query_dim] = [{D}, {query.shape[-1]}], "
+                           f"got {list(w_q.shape)}")
+    if tuple(w_k.shape) != (D, keys.shape[-1]):
+        raise RuntimeError(f"{fn}: w_k must have shape [hidden, key_dim] = [{D}, {keys.shape[-1]}], "
+                           f"got {list(w_k.shape)}")
+    for t, n in ((v, "v"), (bias, "bias")):
+        if t is not None and t.shape[0] != D:
+            raise RuntimeError(f"{fn}: {n} must have shape [hidden] = [{D}], got {list(t.shape)}")
+    B, T, S = query.shape[0], query.shape[1], keys.shape[1]
+    if mask is not None:
+        mask = _attention_mask_3d(mask, B, T, S, query, fn)
+    qp = F.linear(query, w_q, bias)
+    kp = F.linear(keys, w_k)
+    scale_factor = 1.0 / math.sqrt(D) if scale and D > 0 else 1.0
+    if not _attention_kernel(query) or (mask is not None and mask.requires_grad):
+        from . import reference as R  # other devices/dtypes, or a mask to differentiate
+        return R.additive_attention_core_ref(qp, kp, values, v, mask, scale_factor)
+    return _ops.additive_attention_forward(qp, kp, values, v, mask, scale_factor)
+
+
+def luong_attention(query, keys, values, weight=None, mask=None):
+    """Luong attention: e_ij = q_i^T W k_j ("general": weight W [Dq, Dk]) or q_i^T k_j ("dot":
+    weight None), weights = softmax_j(e_ij + mask_ij), context_i = sum_j weights_ij values_j.
+    Shapes and masks as additive_attention. Returns (context [B, T, Dv], weights [B, T, S]).
+    Two batched GEMMs around a softmax: nothing larger than the [B, T, S] weights is formed."""
+    fn = "fastrnn.luong_attention"
+    _check_attention_inputs(fn, query, keys, values)
+    if weight is None:
+        if keys.shape[-1] != query.shape[-1]:
+            raise RuntimeError(f"{fn}: 'dot' attention needs keys.size(-1) == query.size(-1), got "
+                               f"{keys.shape[-1]} and {query.shape[-1]}")
+    else:
+        _check_tensor(weight, "weight", fn)
+        _check_same(weight, query, "weight", "query", fn)
+        if tuple(weight.shape) != (query.shape[-1], keys.shape[-1]):
+            raise RuntimeError(f"{fn}: weight must have shape [query_dim, key_dim] = "
+                               f"{[query.shape[-1], keys.shape[-1]]}, got {list(weight.shape)}")
+    B, T, S = query.shape[0], query.shape[1], keys.shape[1]
+    if mask is not None:
+        mask = _attention_mask_3d(mask, B, T, S, query, fn)
+    from . import reference as R
+    return R.luong_attention_ref(query, keys, values, weight, mask)

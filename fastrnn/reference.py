@@ -5,6 +5,8 @@ and nothing clever. Shapes: x [B, I]; h [B, P]; c [B, H]; W x means x @ W.T.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -137,3 +139,82 @@ def rnn_ref(input, hx, params, num_layers=1, bidirectional=False, batch_first=Fa
         return rnn_layer_ref(x, st[0], *p, batch_sizes=bsz, reverse=rev, nonlinearity=nonlinearity)
     out, (h,) = _stack_ref(layer, input, [hx], params, num_layers, bidirectional, batch_first, batch_sizes)
     return out, h
+
+
+# ------------------------------------------------------------------------------------ attention
+def masked_softmax_ref(scores, mask=None):
+    """softmax over the last dimension of scores + mask.
+
+    mask: bool (True = attend) or float (added), broadcastable to scores. A row whose every
+    entry is masked (all -inf) gets all-zero weights, as torch's scaled_dot_product_attention
+    gives it on CPU, instead of the NaNs a bare softmax produces.
+    """
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    # The dead rows' scores are replaced (not just their output), so no NaN reaches backward.
+    weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1)
+    return weights.masked_fill(dead, 0.0)
+
+
+def causal_mask_ref(L, S, device=None):
+    """torch's is_causal mask: query i attends to keys j <= i (top-left aligned), [L, S] bool."""
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril()
+
+
+def scaled_dot_product_attention_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """softmax(Q K^T * scale + mask) V with torch.nn.functional.scaled_dot_product_attention's
+    arguments. query [..., L, E], key [..., S, E], value [..., S, Ev] -> [..., L, Ev].
+    scale defaults to 1/sqrt(E). dropout (on the weights) always applies when dropout_p > 0."""
+    L, S, E = query.size(-2), key.size(-2), query.size(-1)
+    scale = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask_ref(L, S, query.device), float("-inf"))
+    weights = masked_softmax_ref(scores, attn_mask)
+    if dropout_p > 0.0:
+        weights = torch.nn.functional.dropout(weights, dropout_p)
+    return weights @ value
+
+
+def additive_attention_ref(query, keys, values, w_q, w_k, v, bias=None, mask=None, scale=False):
+    """Bahdanau attention as the plain formula: e_ij = v . tanh(W_q q_i + W_k k_j + b)
+    (divided by sqrt(D) when scale), weights = masked softmax over j, context_i = sum_j w_ij values_j.
+
+    query [B, T, Dq], keys [B, S, Dk], values [B, S, Dv], w_q [D, Dq], w_k [D, Dk], v [D], bias [D];
+    mask bool (True = attend) or float (added), [B, S] or [B, T, S].
+    Materialises the [B, T, S, D] tanh tensor: this is what the fused op avoids.
+    Returns (context [B, T, Dv], weights [B, T, S]).
+    """
+    qp = query @ w_q.T
+    if bias is not None:
+        qp = qp + bias
+    scale_factor = 1.0 / math.sqrt(w_q.shape[0]) if scale else 1.0
+    return additive_attention_core_ref(qp, keys @ w_k.T, values, v, mask, scale_factor)
+
+
+def additive_attention_core_ref(query_proj, key_proj, values, v, mask=None, scale=1.0):
+    """The part of additive attention after the projections (what the fused op computes):
+    e_ij = scale * v . tanh(query_proj_i + key_proj_j), masked softmax, weighted sum of values.
+    query_proj [B, T, D], key_proj [B, S, D]; mask broadcastable to [B, T, S] ([B, S] masks one
+    source position for every target step). Returns (context [B, T, Dv], weights [B, T, S])."""
+    energies = (torch.tanh(query_proj.unsqueeze(2) + key_proj.unsqueeze(1)) @ v) * scale
+    if mask is not None and mask.dim() == 2:
+        mask = mask.unsqueeze(1)
+    weights = masked_softmax_ref(energies, mask)
+    return weights @ values, weights
+
+
+def luong_attention_ref(query, keys, values, weight=None, mask=None):
+    """Luong attention: e_ij = q_i^T W k_j ("general", weight W [Dq, Dk]) or q_i^T k_j ("dot",
+    weight None); masked softmax over j; context_i = sum_j w_ij values_j.
+    query [B, T, Dq], keys [B, S, Dk], values [B, S, Dv]. Returns (context [B, T, Dv], weights [B, T, S])."""
+    kp = keys if weight is None else keys @ weight.T
+    energies = query @ kp.transpose(1, 2)
+    if mask is not None and mask.dim() == 2:
+        mask = mask.unsqueeze(1)
+    weights = masked_softmax_ref(energies, mask)
+    return weights @ values, weights
