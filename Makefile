@@ -30,7 +30,7 @@ test: $(BUILD_STAMP)
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
-# Examples on real data shipped inside packages (examples/README.md); each writes a PNG to
+# Examples on real data shipped inside packages (README, "Examples"); each writes a PNG to
 # examples/results/ and times the same model on torch.nn layers. EXAMPLE_ARGS=--quick for a smoke run.
 EXAMPLE_ARGS ?=
 example-forecast: $(BUILD_STAMP)

@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sample-chars", type=int, default=400)
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.timed_steps, args.sample_chars = 5, 2, 40
+        args.steps, args.timed_steps, args.sample_chars, args.batch_size, args.seq_len = 5, 2, 40, 8, 32
     torch.manual_seed(args.seed)
 
     text = load_text()

@@ -65,14 +65,17 @@ def moving_clips(images: np.ndarray, seed: int, frames: int = 10, size: int = 24
 def main(argv=None) -> dict:
     p = _common.parser(__doc__.split("\n")[0], steps=600)
     p.add_argument("--video", action="store_true", help="moving-digit clips and FrameCNNLSTM")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (rows), 32 (--video)")
     args = p.parse_args(argv)
+    args.batch_size = args.batch_size or (32 if args.video else 64)
     if args.quick:
         args.steps, args.timed_steps = 5, 2
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
     x_tr, x_te, y_tr, y_te = load(args.seed)
+    if args.quick:  # a slice of the data: the pipeline end to end, in seconds
+        x_tr, x_te, y_tr, y_te = x_tr[:256], x_te[:64], y_tr[:256], y_te[:64]
     if args.video:
         x_tr, x_te = moving_clips(x_tr, args.seed), moving_clips(x_te, args.seed + 1)
         model = FrameCNNLSTM(1, 10, channels=(16, 32), hidden_size=128, dropout=0.1)

@@ -87,13 +87,15 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.timed_steps = 6, 2
+        args.steps, args.timed_steps, args.batch_size = 5, 2, 16
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     cfg = DATASETS[args.dataset]
     series = load_series(args.dataset)
     split = int(len(series) * 0.8)
     data = Windows(series, cfg["window"], cfg["horizon"], split)
+    if args.quick:
+        data.test_t = data.test_t[:32]
     print(f"{args.dataset}: {len(series)} observations, {len(data.train_t)} training windows, "
           f"{len(data.test_t)} held-out forecasts (window {cfg['window']}, horizon {cfg['horizon']})")
 
