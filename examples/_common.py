@@ -93,6 +93,48 @@ def save_loss_plot(path: str, curves: dict, title: str, xlabel: str = "training 
     return path
 
 
+class History:
+    """Per-step training losses, and the held-out metrics at the steps they were measured."""
+
+    def __init__(self):
+        self.losses, self.eval_steps, self.evals = [], [], {}
+
+    def curves(self, held_out: str = "loss") -> dict:
+        return {"train (running mean)": (range(1, len(self.losses) + 1), smooth(self.losses)),
+                "held-out": (self.eval_steps, self.evals[held_out])}
+
+
+def train(model, opt, sched, steps: int, batch, loss_fn, evaluate, n_evals: int = 20, progress: bool = True,
+          clip: float | None = None, unit: float = 1.0) -> History:
+    """The examples' training loop, with a progress bar on stderr.
+
+    batch(step) -> (inputs tuple, target); loss_fn(model(*inputs), target) -> loss;
+    evaluate() -> dict of held-out metrics ("loss" first), run about n_evals times and after the
+    last step; clip: gradient-norm clipping; unit: factor from the loss to the reported loss.
+    """
+    hist = History()
+    every = max(steps // n_evals, 5)
+    bar = Progress(steps, "train", enabled=progress)
+    for step in range(steps):
+        inputs, target = batch(step)
+        loss = loss_fn(model(*inputs), target)
+        opt.zero_grad()
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        hist.losses.append(loss.item() * unit)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            hist.eval_steps.append(step + 1)
+            for k, v in evaluate().items():
+                hist.evals.setdefault(k, []).append(v)
+        shown = {k: v[-1] for k, v in hist.evals.items()} if hist.evals else {}
+        bar.update(loss=hist.losses[-1], **{("val" if k == "loss" else k): v for k, v in shown.items()})
+    bar.close()
+    return hist
+
+
 def smooth(values, k: int = 20):
     """Running mean over the last k values (for a readable per-step loss curve)."""
     out, acc = [], 0.0

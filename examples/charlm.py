@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     def batch(gen: torch.Generator):
         starts = torch.randint(0, len(train) - T - 1, (B,), generator=gen)
         chunk = train[starts[:, None] + torch.arange(T + 1)[None, :]]
-        return chunk[:, :-1], chunk[:, 1:]
+        return (chunk[:, :-1],), chunk[:, 1:]
 
     model = CharLM(len(itos))
     make_opt = lambda m: torch.optim.Adam(m.parameters(), lr=3e-3)  # noqa: E731
@@ -108,40 +108,21 @@ def main(argv=None) -> dict:
         return loss / math.log(2)
 
     gen = torch.Generator().manual_seed(args.seed)
-    losses, val_steps, val_bpc = [], [], []
-    eval_every = max(args.steps // 10, 5)
-    bar = _common.Progress(args.steps, "train", enabled=not args.no_progress)
-    for step in range(args.steps):
-        x, y = batch(gen)
-        loss = ce(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item() / math.log(2))
-        if (step + 1) % eval_every == 0 or step + 1 == args.steps:
-            val_steps.append(step + 1)
-            val_bpc.append(held_out_bpc())
-        bar.update(bpc=losses[-1], val=val_bpc[-1] if val_bpc else math.nan)
-    bar.close()
-
-    bpc = val_bpc[-1]
+    hist = _common.train(model, opt, sched, args.steps, lambda step: batch(gen), ce, lambda: {"loss": held_out_bpc()},
+                         n_evals=10, progress=not args.no_progress, clip=1.0, unit=1 / math.log(2))
+    bpc = hist.evals["loss"][-1]
     print(f"held-out bits per character: {bpc:.3f} (uniform over the alphabet: {math.log2(len(itos)):.2f})")
     print("sample (temperature 0.8):\n" + "-" * 60)
     print(sample(model, stoi, itos, "def ", args.sample_chars, 0.8, args.seed))
     print("-" * 60)
 
-    tgen = lambda i: batch(torch.Generator().manual_seed(10_000 + i))  # noqa: E731
-    t = _common.time_against_torch(model, lambda i: ((tgen(i)[0],), tgen(i)[1]), lambda m, inp, y: ce(m(*inp), y),
-                                   make_opt, args.timed_steps)
+    t = _common.time_against_torch(model, lambda i: batch(torch.Generator().manual_seed(10_000 + i)),
+                                   lambda m, inp, y: ce(m(*inp), y), make_opt, args.timed_steps)
     _common.report_timing(t, f"2-layer LSTM 256, batch {B} x {T} characters")
 
     path = _common.save_loss_plot(
         os.path.join(args.out, "charlm.png"),
-        {"train (running mean)": (range(1, len(losses) + 1), _common.smooth(losses)),
-         "held-out": (val_steps, val_bpc)},
-        "Character LM on stdlib sources", ylabel="bits per character")
+        hist.curves(), "Character LM on stdlib sources", ylabel="bits per character")
     print(f"wrote {path}")
     return {"bpc": bpc, **t}
 

@@ -15,7 +15,6 @@ The metric is the held-out accuracy.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -99,36 +98,23 @@ def main(argv=None) -> dict:
         model.eval()
         logits = torch.cat([model(x) for x in x_te.split(256)])
         model.train()
-        return ce(logits, y_te).item(), (logits.argmax(-1) == y_te).float().mean().item()
+        return {"loss": ce(logits, y_te).item(), "acc": (logits.argmax(-1) == y_te).float().mean().item()}
 
-    losses, val_steps, val_losses, val_acc = [], [], [], []
-    eval_every = max(args.steps // 20, 5)
-    bar = _common.Progress(args.steps, "train", enabled=not args.no_progress)
-    for step in range(args.steps):
-        idx = torch.from_numpy(rng.choice(len(x_tr), args.batch_size, replace=False))
-        loss = ce(model(x_tr[idx]), y_tr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if (step + 1) % eval_every == 0 or step + 1 == args.steps:
-            vl, va = evaluate()
-            val_steps.append(step + 1)
-            val_losses.append(vl)
-            val_acc.append(va)
-        bar.update(loss=losses[-1], acc=val_acc[-1] if val_acc else math.nan)
-    bar.close()
-    acc = val_acc[-1]
+    def batch(gen: np.random.Generator):
+        idx = torch.from_numpy(gen.choice(len(x_tr), args.batch_size, replace=False))
+        return (x_tr[idx],), y_tr[idx]
+
+    hist = _common.train(model, opt, sched, args.steps, lambda step: batch(rng), ce, evaluate,
+                         progress=not args.no_progress)
+    acc = hist.evals["acc"][-1]
     print(f"held-out accuracy: {acc:.4f} ({round(acc * len(y_te))}/{len(y_te)})")
 
-    tidx = lambda i: torch.from_numpy(np.random.default_rng(i).choice(len(x_tr), args.batch_size, replace=False))  # noqa
-    t = _common.time_against_torch(model, lambda i: ((x_tr[tidx(i)],), y_tr[tidx(i)]),
+    t = _common.time_against_torch(model, lambda i: batch(np.random.default_rng(10_000 + i)),
                                    lambda m, inp, y: ce(m(*inp), y), make_opt, args.timed_steps)
     _common.report_timing(t, what)
 
     def accuracy_panel(ax):
-        ax.plot(val_steps, val_acc, color="C2", marker=".")
+        ax.plot(hist.eval_steps, hist.evals["acc"], color="C2", marker=".")
         ax.set_xlabel("training step")
         ax.set_ylabel("held-out accuracy")
         ax.set_title(f"held-out accuracy (final {acc:.3f})")
@@ -136,9 +122,7 @@ def main(argv=None) -> dict:
 
     path = _common.save_loss_plot(
         os.path.join(args.out, f"{name}.png"),
-        {"train (running mean)": (range(1, len(losses) + 1), _common.smooth(losses)),
-         "held-out": (val_steps, val_losses)},
-        f"{type(model).__name__} on {name.replace('_', ' ')} (cross-entropy)", extra=accuracy_panel, logy=True)
+        hist.curves(), f"{type(model).__name__} on {name.replace('_', ' ')} (cross-entropy)", extra=accuracy_panel, logy=True)
     print(f"wrote {path}")
     return {"accuracy": acc, **t}
 

@@ -14,7 +14,6 @@ data's units, next to two classical baselines (persistence, and seasonal naive w
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -115,30 +114,19 @@ def main(argv=None) -> dict:
         rmse = torch.sqrt(((data.to_units(pred, last_test) - data.to_units(y_test, last_test)) ** 2).mean()).item()
         return mse(pred, y_test).item(), rmse, pred
 
-    losses, val_steps, val_losses = [], [], []
-    eval_every = max(args.steps // 20, 5)
-    bar = _common.Progress(args.steps, "train", enabled=not args.no_progress)
-    for step in range(args.steps):
-        x, y, _ = data.batch(rng.choice(data.train_t, args.batch_size))
-        loss = mse(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if (step + 1) % eval_every == 0 or step + 1 == args.steps:
-            val_steps.append(step + 1)
-            val_losses.append(evaluate()[0])
-        bar.update(loss=losses[-1], val=val_losses[-1] if val_losses else math.nan)
-    bar.close()
+    def batch(gen: np.random.Generator):
+        x, y, _ = data.batch(gen.choice(data.train_t, args.batch_size))
+        return (x,), y
+
+    hist = _common.train(model, opt, sched, args.steps, lambda step: batch(rng), mse,
+                         lambda: {"loss": evaluate()[0]}, progress=not args.no_progress)
 
     _, rmse, pred = evaluate()
     base = baselines(series, data.test_t, cfg["horizon"], cfg["season"])
     print(f"held-out RMSE over horizons 1..{cfg['horizon']}: {rmse:.3f} {cfg['units']}  (baselines: "
           + ", ".join(f"{k} {v:.3f}" for k, v in base.items()) + ")")
 
-    timed = lambda i: data.batch(np.random.default_rng(i).choice(data.train_t, args.batch_size))[:2]  # noqa: E731
-    t = _common.time_against_torch(model, lambda i: ((timed(i)[0],), timed(i)[1]),
+    t = _common.time_against_torch(model, lambda i: batch(np.random.default_rng(10_000 + i)),
                                    lambda m, inp, y: mse(m(*inp), y), make_opt, args.timed_steps)
     _common.report_timing(t, f"CNNRNN, batch {args.batch_size} x {cfg['window']} steps")
 
@@ -160,9 +148,7 @@ def main(argv=None) -> dict:
 
     path = _common.save_loss_plot(
         os.path.join(args.out, f"forecast_{args.dataset}.png"),
-        {"train (running mean)": (range(1, len(losses) + 1), _common.smooth(losses)),
-         "held-out": (val_steps, val_losses)},
-        f"CNNRNN on {args.dataset} (MSE, normalised)", extra=forecast_panel, logy=True)
+        hist.curves(), f"CNNRNN on {args.dataset} (MSE, normalised)", extra=forecast_panel, logy=True)
     print(f"wrote {path}")
     return {"rmse": rmse, **base, **t}
 
