@@ -158,8 +158,8 @@ def time_against_torch(model: torch.nn.Module, batches, loss_fn, make_optimizer,
     """
     fast = copy.deepcopy(model).train()
     ref = fastrnn.to_torch(copy.deepcopy(model)).train()
-    n_fast = sum(isinstance(m, fastrnn.LSTM) for m in fast.modules())
-    n_ref = sum(type(m) is torch.nn.LSTM for m in ref.modules())
+    n_fast = sum(isinstance(m, (fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN)) for m in fast.modules())
+    n_ref = sum(type(m) in (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN) for m in ref.modules())
     assert n_fast > 0 and n_ref == n_fast, "the model must have fastrnn layers to compare"
     runs = {"fastrnn": (fast, make_optimizer(fast)), "torch.nn": (ref, make_optimizer(ref))}
     times = {k: [] for k in runs}

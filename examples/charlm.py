@@ -2,7 +2,7 @@
 
 Data: a fixed list of modules read from the running Python's standard library (nothing
 downloaded; the same files on every run). The last 10% of the text is held out. The model
-(Embedding -> 2-layer fastrnn.LSTM -> Linear) is trained on random 128-character windows; the
+(Embedding -> 2-layer fastrnn.LSTM, or GRU with --cell gru, -> Linear) is trained on random 128-character windows; the
 metric is bits per character on the held-out text. At the end it samples Python-looking text.
 
     make example-charlm              # or: python examples/charlm.py [--steps N]
@@ -38,14 +38,16 @@ def load_text() -> str:
 class CharLM(nn.Module):
     """tokens [B, T] -> logits [B, T, V] (and the LSTM state, to carry on sampling)."""
 
-    def __init__(self, vocab: int, embed: int = 64, hidden: int = 256, layers: int = 2, dropout: float = 0.1):
+    def __init__(self, vocab: int, embed: int = 64, hidden: int = 256, layers: int = 2, dropout: float = 0.1,
+                 cell: str = "lstm"):
         super().__init__()
         self.embedding = nn.Embedding(vocab, embed)
-        self.lstm = fastrnn.LSTM(embed, hidden, layers, batch_first=True, dropout=dropout)
+        layer = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[cell]
+        self.rnn = layer(embed, hidden, layers, batch_first=True, dropout=dropout)
         self.head = nn.Linear(hidden, vocab)
 
     def forward(self, tokens, state=None, return_state=False):
-        out, state = self.lstm(self.embedding(tokens), state)
+        out, state = self.rnn(self.embedding(tokens), state)
         logits = self.head(out)
         return (logits, state) if return_state else logits
 
@@ -71,6 +73,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--sample-chars", type=int, default=400)
+    p.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="the recurrent layer (default lstm)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.timed_steps, args.sample_chars, args.batch_size, args.seq_len = 5, 2, 40, 8, 32
@@ -94,7 +97,7 @@ def main(argv=None) -> dict:
         chunk = train[starts[:, None] + torch.arange(T + 1)[None, :]]
         return (chunk[:, :-1],), chunk[:, 1:]
 
-    model = CharLM(len(itos))
+    model = CharLM(len(itos), cell=args.cell)
     make_opt = lambda m: torch.optim.Adam(m.parameters(), lr=3e-3)  # noqa: E731
     opt = make_opt(model)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.steps, pct_start=0.1)
@@ -118,10 +121,10 @@ def main(argv=None) -> dict:
 
     t = _common.time_against_torch(model, lambda i: batch(torch.Generator().manual_seed(10_000 + i)),
                                    lambda m, inp, y: ce(m(*inp), y), make_opt, args.timed_steps)
-    _common.report_timing(t, f"2-layer LSTM 256, batch {B} x {T} characters")
+    _common.report_timing(t, f"2-layer {args.cell.upper()} 256, batch {B} x {T} characters")
 
     path = _common.save_loss_plot(
-        os.path.join(args.out, "charlm.png"),
+        os.path.join(args.out, "charlm.png" if args.cell == "lstm" else f"charlm_{args.cell}.png"),
         hist.curves(), "Character LM on stdlib sources", ylabel="bits per character")
     print(f"wrote {path}")
     return {"bpc": bpc, **t}

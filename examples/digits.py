@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
         x_tr, x_te, y_tr, y_te = x_tr[:256], x_te[:64], y_tr[:256], y_te[:64]
     if args.video:
         x_tr, x_te = moving_clips(x_tr, args.seed), moving_clips(x_te, args.seed + 1)
-        model = FrameCNNLSTM(1, 10, channels=(16, 32), hidden_size=128, dropout=0.1)
+        model = FrameCNNLSTM(1, 10, channels=(16, 32), hidden_size=128, dropout=0.1, global_pool="max")
         what = f"FrameCNNLSTM, batch {args.batch_size} clips of {x_tr.shape[1]} frames {x_tr.shape[-1]}x{x_tr.shape[-1]}"
         name = "digits_video"
     else:

@@ -81,7 +81,7 @@ def baselines(series: np.ndarray, origins: np.ndarray, horizon: int, season: int
 
 
 def main(argv=None) -> dict:
-    p = _common.parser(__doc__.split("\n")[0], steps=700)
+    p = _common.parser(__doc__.split("\n")[0], steps=400)
     p.add_argument("--dataset", choices=list(DATASETS), default="co2")
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
         return (x,), y
 
     hist = _common.train(model, opt, sched, args.steps, lambda step: batch(rng), mse,
-                         lambda: {"loss": evaluate()[0]}, progress=not args.no_progress)
+                         lambda: {"loss": evaluate()[0]}, n_evals=10, progress=not args.no_progress)
 
     _, rmse, pred = evaluate()
     base = baselines(series, data.test_t, cfg["horizon"], cfg["season"])

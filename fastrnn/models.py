@@ -126,8 +126,9 @@ class FrameCNNLSTM(nn.Module):
         in_channels: C of each frame.
         num_outputs: classes (logits) or regression targets.
         channels: output channels of each Conv2d block (3x3, BatchNorm2d, ReLU, 2x2 max-pool);
-            the last block is followed by global average pooling, so any H, W >= 2**len(channels)
-            works.
+            the last block is followed by global pooling, so any H, W >= 2**len(channels) works.
+        global_pool: 'avg' or 'max' over each frame's positions ('max' suits a small object on a
+            large frame).
         hidden_size, num_layers, bidirectional, dropout: of the LSTM (dropout also before the head).
         pool: 'last' or 'mean' over the frames.
 
@@ -135,13 +136,17 @@ class FrameCNNLSTM(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_outputs: int, channels=(16, 32), hidden_size: int = 128,
-                 num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0, pool: str = "last"):
+                 num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0, pool: str = "last",
+                 global_pool: str = "avg"):
         super().__init__()
         blocks, c_in = [], in_channels
         for c_out in channels:
             blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
             c_in = c_out
-        blocks += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        pools = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
+        if global_pool not in pools:
+            raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
+        blocks += [pools[global_pool](1), nn.Flatten()]
         self.cnn = nn.Sequential(*blocks)
         self.lstm = LSTM(c_in, hidden_size, num_layers, batch_first=True, bidirectional=bidirectional,
                          dropout=dropout if num_layers > 1 else 0.0)

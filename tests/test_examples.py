@@ -39,10 +39,11 @@ def test_digits_quick(tmp_path, video):
     _check_run(r, tmp_path / ("digits_video.png" if video else "digits.png"))
 
 
-def test_charlm_quick(tmp_path, capsys):
-    r = charlm.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_charlm_quick(tmp_path, capsys, cell):
+    r = charlm.main(["--quick", "--no-progress", "--out", str(tmp_path), "--cell", cell])
     assert 0 < r["bpc"] < 8
-    _check_run(r, tmp_path / "charlm.png")
+    _check_run(r, tmp_path / ("charlm.png" if cell == "lstm" else "charlm_gru.png"))
     out = capsys.readouterr().out
     assert "sample (temperature 0.8):\n" + "-" * 60 + "\ndef " in out
 

@@ -24,7 +24,7 @@ CASES = {
     "frame_cnn_lstm": (lambda: M.FrameCNNLSTM(1, 10, channels=(4, 8), hidden_size=12),
                        lambda: (torch.randn(2, 5, 1, 12, 12),), (2, 10)),
     "frame_cnn_lstm_bi_mean": (lambda: M.FrameCNNLSTM(3, 4, channels=(4,), hidden_size=12, bidirectional=True,
-                                                      pool="mean"),
+                                                      pool="mean", global_pool="max"),
                                lambda: (torch.randn(2, 3, 3, 8, 10),), (2, 4)),
     "lstm_attention": (lambda: M.LSTMAttentionClassifier(3, 4, hidden_size=12, attention_size=8),
                        lambda: (torch.randn(4, 10, 3), torch.tensor([10, 3, 7, 1])), (4, 4)),
@@ -96,6 +96,17 @@ def test_padding_is_ignored():
         for i, n in enumerate(lengths):
             alone = model(x[i:i + 1, :n], lengths[i:i + 1])
             assert_close(batch[i:i + 1], alone, msg=type(model).__name__)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="odd"):
+        M.CNNRNN(3, 2, kernel_size=4)
+    with pytest.raises(ValueError, match="global_pool"):
+        M.FrameCNNLSTM(1, 2, global_pool="median")
+    with pytest.raises(ValueError, match="pool"):
+        M.CNNRNN(3, 2, pool="first")(torch.randn(1, 4, 3))
+    with pytest.raises(ValueError, match="pool"):
+        M.LSTMTransformer(3, 2, pool="first")
 
 
 def test_attention_weights_are_a_distribution_over_valid_steps():
