@@ -2,8 +2,9 @@
 
 Data: a fixed list of modules read from the running Python's standard library (nothing
 downloaded; the same files on every run). The last 10% of the text is held out. The model
-(Embedding -> 2-layer fastrnn.LSTM, or GRU with --cell gru, -> Linear) is trained on random 128-character windows; the
-metric is bits per character on the held-out text. At the end it samples Python-looking text.
+(Embedding -> 2-layer fastrnn.LSTM, or GRU with --cell gru, -> Linear) is trained on random
+100-character windows; the metric is bits per character on the held-out text. At the end it
+samples Python-looking text.
 
     make example-charlm              # or: python examples/charlm.py [--steps N]
 """
@@ -38,7 +39,7 @@ def load_text() -> str:
 class CharLM(nn.Module):
     """tokens [B, T] -> logits [B, T, V] (and the LSTM state, to carry on sampling)."""
 
-    def __init__(self, vocab: int, embed: int = 64, hidden: int = 256, layers: int = 2, dropout: float = 0.1,
+    def __init__(self, vocab: int, embed: int = 64, hidden: int = 192, layers: int = 2, dropout: float = 0.1,
                  cell: str = "lstm"):
         super().__init__()
         self.embedding = nn.Embedding(vocab, embed)
@@ -69,9 +70,9 @@ def sample(model: CharLM, stoi: dict, itos: list, prompt: str, n: int, temperatu
 
 
 def main(argv=None) -> dict:
-    p = _common.parser(__doc__.split("\n")[0], steps=500)
+    p = _common.parser(__doc__.split("\n")[0], steps=400)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=100)
     p.add_argument("--sample-chars", type=int, default=400)
     p.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="the recurrent layer (default lstm)")
     args = p.parse_args(argv)
@@ -121,7 +122,7 @@ def main(argv=None) -> dict:
 
     t = _common.time_against_torch(model, lambda i: batch(torch.Generator().manual_seed(10_000 + i)),
                                    lambda m, inp, y: ce(m(*inp), y), make_opt, args.timed_steps)
-    _common.report_timing(t, f"2-layer {args.cell.upper()} 256, batch {B} x {T} characters")
+    _common.report_timing(t, f"2-layer {args.cell.upper()} 192, batch {B} x {T} characters")
 
     path = _common.save_loss_plot(
         os.path.join(args.out, "charlm.png" if args.cell == "lstm" else f"charlm_{args.cell}.png"),
