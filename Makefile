@@ -29,6 +29,7 @@ test: $(BUILD_STAMP)
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_attention.py
 
 # Examples on real data shipped inside packages (README, "Examples"); each writes a PNG to
 # examples/results/ and times the same model on torch.nn layers. EXAMPLE_ARGS=--quick for a smoke run.

@@ -16,3 +16,13 @@ def test_bench_quick_runs(tmp_path):
     assert {row["cell"] for row in rows} == {"LSTM", "GRU", "RNN"}
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert (tmp_path / "RESULTS.md").read_text().count("small-batch") >= 6
+
+
+def test_bench_attention_quick_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads((tmp_path / "attention_results.json").read_text())["rows"]
+    assert {row["case"] for row in rows} == {"sdpa", "sdpa-causal", "mha", "additive"}
+    assert all(row["fastrnn_ms"] > 0 and row["baseline_ms"] > 0 for row in rows)
+    assert "| additive" in (tmp_path / "ATTENTION_RESULTS.md").read_text()

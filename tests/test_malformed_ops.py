@@ -21,7 +21,9 @@ import torch
 
 import fastrnn  # noqa: F401  (registers torch.ops.fastrnn.*)
 
-OPS = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "rnn_forward", "rnn_backward"]
+RECURRENT_OPS = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "rnn_forward", "rnn_backward"]
+ATTENTION_OPS = ["sdpa_forward", "sdpa_backward", "additive_attention_forward", "additive_attention_backward"]
+OPS = RECURRENT_OPS + ATTENTION_OPS
 ALLOWED = ("RuntimeError", "ValueError", "TypeError", "NotImplementedError")  # the last is a RuntimeError
 
 T, B, I, H, P = 4, 3, 5, 6, 4
@@ -40,7 +42,9 @@ def _randn(gen, *shape):
 
 def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object]":
     """A valid argument list for `op`, in schema order. variant: dense, proj (LSTM projection),
-    packed."""
+    packed; for the attention ops dense (no mask) or masked."""
+    if op in ATTENTION_OPS:
+        return attention_args(op, variant, batch)
     cell, kind = op.split("_")
     G = GATES[cell]
     proj, packed = variant == "proj", variant == "packed"
@@ -78,6 +82,48 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
     out, hy = ops.rnn_forward(*fwd.values())
     return OrderedDict(grad_output=_randn(gen, *out.shape), grad_hy=_randn(gen, *hy.shape), input=x, w_ih=w_ih,
                        w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, relu=False, output=out)
+
+
+AH, AL, AS, AE, AEV, AD = 2, 5, 6, 4, 3, 7  # heads, query len, key len, query/key dim, value dim, additive hidden
+
+
+def attention_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object]":
+    gen = torch.Generator().manual_seed(4321)
+    ops = torch.ops.fastrnn
+    masked = variant == "masked"
+    if op.startswith("sdpa"):
+        q, k, v = _randn(gen, batch, AH, AL, AE), _randn(gen, batch, AH, AS, AE), _randn(gen, batch, AH, AS, AEV)
+        mask = (torch.rand(batch, AH, AL, AS, generator=gen) < 0.7) if masked else None
+        if mask is not None:
+            mask[..., 0] = True
+        fwd = OrderedDict(query=q, key=k, value=v, attn_mask=mask, is_causal=False, scale=0.5)
+        if op == "sdpa_forward":
+            return fwd
+        out, lse = ops.sdpa_forward(*fwd.values())
+        return OrderedDict(grad_output=_randn(gen, *out.shape), query=q, key=k, value=v, attn_mask=mask, output=out,
+                           lse=lse, is_causal=False, scale=0.5)
+    qp, kp, vals, vv = _randn(gen, batch, AL, AD), _randn(gen, batch, AS, AD), _randn(gen, batch, AS, AEV), _randn(gen, AD)
+    mask = (torch.rand(batch, AL, AS, generator=gen) < 0.7) if masked else None
+    if mask is not None:
+        mask[..., 0] = True
+    fwd = OrderedDict(query_proj=qp, key_proj=kp, values=vals, v=vv, mask=mask, scale=0.5)
+    if op == "additive_attention_forward":
+        return fwd
+    ctx, w = ops.additive_attention_forward(*fwd.values())
+    return OrderedDict(grad_context=_randn(gen, *ctx.shape), grad_weights=_randn(gen, *w.shape), query_proj=qp,
+                       key_proj=kp, values=vals, v=vv, weights=w, scale=0.5)
+
+
+# Malformations that are valid calls for the attention ops (the value width is free in a forward;
+# a mask needs only to broadcast; an omitted mask means none).
+ATTENTION_OK = {
+    ("sdpa_forward", "value", "size_last+1"), ("sdpa_forward", "value", "zero_last_dim"),
+    ("additive_attention_forward", "values", "size_last+1"), ("additive_attention_forward", "values", "zero_last_dim"),
+    ("sdpa_forward", "attn_mask", "rank_down"), ("sdpa_backward", "attn_mask", "rank_down"),
+    ("additive_attention_forward", "mask", "rank_down"),
+    ("sdpa_forward", "attn_mask", "None"), ("sdpa_backward", "attn_mask", "None"),
+    ("additive_attention_forward", "mask", "None"),
+}
 
 
 def schema_names(op: str) -> list[str]:
@@ -153,6 +199,8 @@ def _set(arg, value):
 
 
 def _variants(op):
+    if op in ATTENTION_OPS:
+        return ["dense", "masked"]
     cell = op.split("_")[0]
     return ["dense", "proj", "packed"] if cell == "lstm" else ["dense", "packed"]
 
@@ -160,8 +208,8 @@ def _variants(op):
 def build_cases() -> list[Case]:
     cases = []
     for op in OPS:
-        cell, kind = op.split("_")
-        optional = schema_optional(op)
+        cell, kind = op.rsplit("_", 1)
+        attention = op in ATTENTION_OPS
         for variant in _variants(op):
             args = base_args(op, variant)
             packed = variant == "packed"
@@ -182,14 +230,16 @@ def build_cases() -> list[Case]:
                     if kind == "forward" and not packed and arg == "input" and what == "size_first+1":
                         cases.append(Case(op, variant, arg, "one_more_step", "ok", _set(arg, mut)))
                         continue  # a longer sequence is a valid call
-                    cases.append(Case(op, variant, arg, what, "error", _set(arg, mut)))
+                    expect = "ok" if (op, arg, what) in ATTENTION_OK else "error"
+                    cases.append(Case(op, variant, arg, what, expect, _set(arg, mut)))
                 for what, mut in LAYOUT_MUTATIONS.items():
                     if arg == "batch_sizes" and what == "expanded":
                         continue  # changes the sum of batch_sizes: a malformed call, covered below
                     if mut(value) is None:
                         continue
                     cases.append(Case(op, variant, arg, what, "same", _set(arg, mut)))
-                cases.append(Case(op, variant, arg, "None", "error", _set(arg, None)))
+                expect = "ok" if (op, arg, "None") in ATTENTION_OK else "error"
+                cases.append(Case(op, variant, arg, "None", expect, _set(arg, None)))
                 cases.append(Case(op, variant, arg, "python_list", "error", _set(arg, lambda t: t.tolist())))
             # a required-by-this-config optional argument missing is covered above ("None"); here:
             # (None for a bool is not in the table: torch's op binding converts it to False, as it
@@ -204,7 +254,13 @@ def build_cases() -> list[Case]:
             cases.append(Case(op, variant, "all", "meta", "ok",
                               lambda a: OrderedDict((k, v.to("meta") if isinstance(v, torch.Tensor) else v)
                                                     for k, v in a.items())))
-            if not packed:
+            if attention:
+                cases.append(Case(op, variant, "batch", "zero", "ok",
+                                  lambda a, op=op, variant=variant: base_args(op, variant, batch=0)))
+                if op.startswith("sdpa"):
+                    cases.append(Case(op, variant, "is_causal", "with_attn_mask" if variant == "masked" else "true",
+                                      "error" if variant == "masked" else "ok", _set("is_causal", True)))
+            elif not packed:
                 cases.append(Case(op, variant, "batch_sizes", "given_for_dense_input", "error",
                                   _set("batch_sizes", torch.tensor([B] * T))))
                 cases.append(Case(op, variant, "batch", "zero", "ok",
@@ -224,7 +280,7 @@ def build_cases() -> list[Case]:
                                   _set("batch_sizes", torch.tensor([BATCH_SIZES]))))
                 cases.append(Case(op, variant, "input", "dense_3d_with_batch_sizes", "error",
                                   _set("input", lambda t: t.reshape(3, 3, I))))
-            if kind == "backward" and cell != "rnn":
+            if kind == "backward" and cell in ("lstm", "gru"):
                 ws = ["gates", "cells", "proj_input"] if cell == "lstm" else ["gates", "hn"]
                 if variant != "proj":
                     ws = ws[:2]
@@ -233,7 +289,7 @@ def build_cases() -> list[Case]:
                         t.shape[1], t.shape[0]) if t.dim() == 2 else t.reshape(-1))))
                     cases.append(Case(op, variant, w, "from_train_false", "error",
                                       _set(w, lambda t: torch.empty(0, dtype=t.dtype))))
-            if kind == "backward":
+            if kind == "backward" and "output" in args:
                 cases.append(Case(op, variant, "output", "from_shorter_sequence", "error",
                                   _set("output", lambda t: t[:-1])))
     ids = [c.id for c in cases]
@@ -254,6 +310,12 @@ def _expected_shapes_ok(op, args, res):
     """For calls expected to work: output shapes follow the inputs (checked against a CPU run of the
     same call where the inputs are not meta)."""
     out = _flat(res)
+    if op in ATTENTION_OPS:
+        first = args["query"] if op.startswith("sdpa") else args["query_proj"]
+        if op.endswith("_backward"):
+            return all(isinstance(t, torch.Tensor) for t in out) and tuple(out[0].shape) == tuple(first.shape)
+        value = args["value"] if op.startswith("sdpa") else args["values"]
+        return tuple(out[0].shape) == (*first.shape[:-1], value.shape[-1])
     if op.endswith("_backward"):
         return all(isinstance(t, torch.Tensor) for t in out) and tuple(out[0].shape) == tuple(
             args["input"].shape)

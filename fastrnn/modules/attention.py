@@ -18,6 +18,13 @@ from .. import functional as FR
 __all__ = ["MultiheadAttention", "AdditiveAttention", "LuongAttention"]
 
 
+def _check_key_padding_mask(key_padding_mask, src_len, bsz):
+    # torch's own check builds its message in a closure over the tensor, which fullgraph compile rejects.
+    if tuple(key_padding_mask.shape) != (bsz, src_len):
+        raise RuntimeError(f"key_padding_mask should have shape ({bsz}, {src_len}), got "
+                           f"{tuple(key_padding_mask.shape)}")
+
+
 def _mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v, add_zero_attn,
                  dropout_p, out_proj_weight, out_proj_bias, training, key_padding_mask, need_weights, attn_mask,
                  q_proj_weight=None, k_proj_weight=None, v_proj_weight=None, average_attn_weights=True,
@@ -94,7 +101,7 @@ def _mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, bia
 
     if need_weights:
         if key_padding_mask is not None:
-            F._check_key_padding_mask(key_padding_mask, src_len, bsz)
+            _check_key_padding_mask(key_padding_mask, src_len, bsz)
             kpm = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(
                 bsz * num_heads, 1, src_len)
             attn_mask = kpm if attn_mask is None else attn_mask + kpm
@@ -120,7 +127,7 @@ def _mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, bia
     if attn_mask is not None:
         mask4 = attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 else attn_mask.view(bsz, num_heads, -1, src_len)
     if key_padding_mask is not None:
-        F._check_key_padding_mask(key_padding_mask, src_len, bsz)
+        _check_key_padding_mask(key_padding_mask, src_len, bsz)
         kpm = key_padding_mask.view(bsz, 1, 1, src_len)
         mask4 = kpm if mask4 is None else mask4 + kpm
     q = q.view(bsz, num_heads, tgt_len, head_dim)
@@ -220,7 +227,15 @@ class MultiheadAttention(nn.Module):
         attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
                                       target_type=query.dtype, check_other=False)
         if self.batch_first and is_batched:
-            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+            # Keep self-attention's identity (query is key is value): the in-projection is then one GEMM.
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
         out, weights = _mha_forward(
             query, key, value, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k, self.bias_v,
             self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias, training=self.training,

@@ -28,23 +28,43 @@ FASTRNN_INLINE T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// Reductions run in kLanes partial results so the loops vectorise: a plain `sum += x` loop is
+// a serial dependency GCC may not reorder (no -ffast-math here).
+constexpr int kLanes = 16;
+
 // The largest of s[0, n) (-inf for n = 0).
 template <typename T>
 FASTRNN_INLINE T row_max(const T* FASTRNN_RESTRICT s, int64_t n) {
-  T m = neg_inf<T>();
-  for (int64_t c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
+  T part[kLanes];
+  for (int w = 0; w < kLanes; ++w) part[w] = neg_inf<T>();
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int w = 0; w < kLanes; ++w) part[w] = s[c + w] > part[w] ? s[c + w] : part[w];
+  for (; c < n; ++c) part[0] = s[c] > part[0] ? s[c] : part[0];
+  T m = part[0];
+  for (int w = 1; w < kLanes; ++w) m = part[w] > m ? part[w] : m;
   return m;
 }
 
 // s[c] = exp(s[c] - m) in place; returns the sum. m must be finite.
 template <typename T>
 FASTRNN_INLINE T exp_shift_sum(T* FASTRNN_RESTRICT s, int64_t n, T m) {
-  T sum = T(0);
-  for (int64_t c = 0; c < n; ++c) {
+  T part[kLanes];
+  for (int w = 0; w < kLanes; ++w) part[w] = T(0);
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int w = 0; w < kLanes; ++w) {
+      T e = exp_flush(s[c + w] - m);
+      s[c + w] = e;
+      part[w] += e;
+    }
+  for (; c < n; ++c) {
     T e = exp_flush(s[c] - m);
     s[c] = e;
-    sum += e;
+    part[0] += e;
   }
+  T sum = T(0);
+  for (int w = 0; w < kLanes; ++w) sum += part[w];
   return sum;
 }
 
@@ -77,13 +97,26 @@ FASTRNN_INLINE void softmax_row(T* FASTRNN_RESTRICT s, int64_t n) {
   for (int64_t c = 0; c < n; ++c) s[c] *= inv;
 }
 
+// sum_c a[c] * b[c], in kLanes partial sums.
+template <typename T>
+FASTRNN_INLINE T dot(const T* FASTRNN_RESTRICT a, const T* FASTRNN_RESTRICT b, int64_t n) {
+  T part[kLanes];
+  for (int w = 0; w < kLanes; ++w) part[w] = T(0);
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int w = 0; w < kLanes; ++w) part[w] += a[c + w] * b[c + w];
+  for (; c < n; ++c) part[0] += a[c] * b[c];
+  T sum = T(0);
+  for (int w = 0; w < kLanes; ++w) sum += part[w];
+  return sum;
+}
+
 // ---------------------------------------------------------------------------------------
 // Additive energies of R query rows against one key:
 //   e[r] = sum_d v[d] * tanh(q[r][d] + k[d])
 //   q[r] [D] (the query projection plus bias), k [D] (the key projection), v [D].
-// Partial sums run in W lanes so the loop over d vectorises without reassociating a reduction.
+// Partial sums run in kLanes lanes, as in the reductions above.
 // ---------------------------------------------------------------------------------------
-constexpr int kLanes = 16;
 
 template <typename T, int R>
 FASTRNN_INLINE void additive_energies(const T* const* q, const T* FASTRNN_RESTRICT k, const T* FASTRNN_RESTRICT v,

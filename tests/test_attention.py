@@ -1,0 +1,531 @@
+"""Fused attention ops vs the plain-PyTorch references and vs torch's own attention:
+scaled dot-product, MultiheadAttention, additive (Bahdanau) and Luong."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastrnn
+from fastrnn import _C
+from fastrnn import functional as FR
+from fastrnn import reference as R
+from conftest import assert_close
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def rnd(*shape, dtype=torch.float64, grad=True):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def grads(outs, inputs, cots):
+    return torch.autograd.grad(outs, [t for t in inputs if t is not None and t.requires_grad], cots)
+
+
+def make_mask(kind, B, H, L, S, dtype):
+    """Masks of every supported form; each leaves some rows fully masked where torch defines it."""
+    g = torch.Generator().manual_seed(7)
+    if kind == "none" or kind == "causal":
+        return None
+    if kind == "bool":
+        m = torch.rand(L, S, generator=g) < 0.7
+        m[1] = False  # a fully masked query row
+        return m
+    if kind == "bool_padding":  # [B, 1, 1, S], a key padding mask broadcast over heads and queries
+        m = torch.rand(B, 1, 1, S, generator=g) < 0.6
+        m[:, :, :, 0] = True
+        return m
+    if kind == "float":
+        m = torch.randn(B, H, L, S, generator=g, dtype=dtype)
+        m[:, :, 2] = float("-inf")
+        return m
+    raise AssertionError(kind)
+
+
+# ----------------------------------------------------------------------- scaled dot-product
+SDPA_SHAPES = [(2, 3, 5, 7, 4, 6), (1, 2, 70, 600, 16, 8), (2, 1, 200, 40, 8, 8)]
+MASKS = ["none", "bool", "bool_padding", "float", "causal"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", SDPA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sdpa_matches_reference_and_torch(shape, mask_kind, dtype):
+    B, H, L, S, E, Ev = shape
+    q, k, v = rnd(B, H, L, E, dtype=dtype), rnd(B, H, S, E, dtype=dtype), rnd(B, H, S, Ev, dtype=dtype)
+    mask, causal = make_mask(mask_kind, B, H, L, S, dtype), mask_kind == "causal"
+    out = FR.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    ref = R.scaled_dot_product_attention_ref(q, k, v, attn_mask=mask, is_causal=causal)
+    builtin = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    assert_close(out, ref)
+    assert_close(out, builtin)
+    cot = torch.randn_like(out)
+    for gf, gr, gt in zip(grads(out, (q, k, v), cot), grads(ref, (q, k, v), cot), grads(builtin, (q, k, v), cot)):
+        assert_close(gf, gr)
+        assert_close(gf, gt)
+        assert torch.isfinite(gf).all()
+
+
+def test_sdpa_fully_masked_rows_are_zero_like_torch():
+    q, k, v = rnd(1, 2, 4, 8), rnd(1, 2, 6, 8), rnd(1, 2, 6, 8)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[2] = False
+    out = FR.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.equal(q.grad[:, :, 2], torch.zeros_like(q.grad[:, :, 2]))
+    # every key masked for every query: zero output, zero gradients
+    q.grad = k.grad = v.grad = None
+    out = FR.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(4, 6, dtype=torch.bool))
+    assert not out.any()
+    out.sum().backward()
+    assert not q.grad.any() and not k.grad.any()
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3), (2, 2, 3)], ids=["2d", "3d", "4d", "5d"])
+def test_sdpa_leading_dims_and_broadcast(lead):
+    L, S, E = 5, 6, 4
+    q, k, v = rnd(*lead, L, E), rnd(*lead, S, E), rnd(*lead, S, E)
+    mask = torch.rand(*lead, L, S) < 0.8
+    out = FR.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    assert out.shape == (*lead, L, E)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3))
+    if len(lead) >= 2:  # key/value shared across the first batch dimension (broadcast)
+        k1, v1 = rnd(1, *lead[1:], S, E), rnd(1, *lead[1:], S, E)
+        out = FR.scaled_dot_product_attention(q, k1, v1)
+        ref = R.scaled_dot_product_attention_ref(q, k1, v1)
+        assert_close(out, ref)
+        cot = torch.randn_like(out)
+        for a, b in zip(grads(out, (q, k1, v1), cot), grads(ref, (q, k1, v1), cot)):
+            assert_close(a, b)
+
+
+def test_sdpa_non_contiguous_inputs():
+    """MultiheadAttention hands over [B, H, L, d] views of [L, B, E] projections."""
+    base = rnd(7, 2, 3 * 8, grad=False)
+    q, k, v = (t.view(7, 2, 2, 4).permute(1, 2, 0, 3) for t in base.split(8, dim=-1))
+    assert not q.is_contiguous()
+    assert_close(FR.scaled_dot_product_attention(q, k, v), R.scaled_dot_product_attention_ref(q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["auto", "generic"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sdpa_gemm_paths_and_threads(backend, threads):
+    """The at::mm fallback (torch builds without MKL) and the backward's per-chunk partial dK/dV
+    (fewer heads than threads) give the reference's result."""
+    old_b, old_t = _C.get_gemm_backend(), torch.get_num_threads()
+    _C.set_gemm_backend(backend)
+    torch.set_num_threads(threads)
+    try:
+        q, k, v = rnd(1, 1, 300, 8), rnd(1, 1, 50, 8), rnd(1, 1, 50, 8)
+        out = FR.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ref = R.scaled_dot_product_attention_ref(q, k, v, is_causal=True)
+        assert_close(out, ref)
+        cot = torch.randn_like(out)
+        for a, b in zip(grads(out, (q, k, v), cot), grads(ref, (q, k, v), cot)):
+            assert_close(a, b)
+    finally:
+        _C.set_gemm_backend(old_b)
+        torch.set_num_threads(old_t)
+
+
+def test_sdpa_saves_no_score_matrix():
+    """Backward keeps O(L) per row (output and log-sum-exp), never the [L, S] probabilities."""
+    B, H, L, S, E = 2, 2, 64, 96, 8
+    q, k, v = rnd(B, H, L, E, dtype=torch.float32), rnd(B, H, S, E, dtype=torch.float32), rnd(B, H, S, E,
+                                                                                             dtype=torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        FR.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert saved and max(saved) < B * H * L * S
+
+
+def test_sdpa_dropout_uses_torch():
+    q, k, v = rnd(2, 2, 5, 4), rnd(2, 2, 6, 4), rnd(2, 2, 6, 4)
+    torch.manual_seed(3)
+    a = FR.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(3)
+    b = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert_close(a, b)
+    assert not torch.allclose(a, FR.scaled_dot_product_attention(q, k, v))
+
+
+def test_sdpa_gradcheck_and_double_backward():
+    q, k, v = rnd(1, 2, 3, 4), rnd(1, 2, 5, 4), rnd(1, 2, 5, 3)
+    mask = torch.rand(3, 5) < 0.7
+    mask[:, 0] = True
+    fn = lambda q, k, v: FR.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_sdpa_float_mask_requiring_grad_is_differentiated():
+    q, k, v = rnd(1, 1, 3, 4), rnd(1, 1, 5, 4), rnd(1, 1, 5, 4)
+    mask = rnd(3, 5)
+    out = FR.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = R.scaled_dot_product_attention_ref(q, k, v, attn_mask=mask)
+    for a, b in zip(grads(out, (mask,), torch.ones_like(out)), grads(ref, (mask,), torch.ones_like(ref))):
+        assert_close(a, b)
+
+
+def test_sdpa_opcheck():
+    q, k, v = rnd(2, 2, 5, 4), rnd(2, 2, 7, 4), rnd(2, 2, 7, 3)
+    mask = torch.rand(2, 1, 5, 7) < 0.7
+    torch.library.opcheck(torch.ops.fastrnn.sdpa_forward, (q, k, v, mask, False, 0.5))
+    torch.library.opcheck(torch.ops.fastrnn.sdpa_forward, (q, k, v, None, True, 0.5))
+    out, lse = torch.ops.fastrnn.sdpa_forward(q, k, v, mask, False, 0.5)
+    torch.library.opcheck(torch.ops.fastrnn.sdpa_backward,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out.detach(),
+                           lse.detach(), False, 0.5))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda q: FR.scaled_dot_product_attention(q, q[..., :3], q), "key"),
+    (lambda q: FR.scaled_dot_product_attention(q, q, q[:, :, :4]), "value"),
+    (lambda q: FR.scaled_dot_product_attention(q, q.float(), q), "dtype"),
+    (lambda q: FR.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 4, dtype=torch.int64)), "attn_mask"),
+    (lambda q: FR.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 5, dtype=torch.bool)), "attn_mask"),
+    (lambda q: FR.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool),
+                                               is_causal=True), "attn_mask"),
+    (lambda q: FR.scaled_dot_product_attention(q, q, q, dropout_p=1.5), "dropout_p"),
+    (lambda q: FR.scaled_dot_product_attention(q[0, 0, 0], q, q), "query"),
+    (lambda q: torch.ops.fastrnn.sdpa_forward(q[0], q, q, None, False, 1.0), "query"),
+    (lambda q: torch.ops.fastrnn.sdpa_forward(q, q, q.to("meta"), None, False, 1.0), "value"),
+])
+def test_sdpa_bad_input_names_argument(call, match):
+    q = rnd(2, 3, 5, 4, grad=False)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        call(q)
+
+
+def test_sdpa_empty_batch():
+    q = rnd(0, 2, 5, 4)
+    out = FR.scaled_dot_product_attention(q, q, q)
+    assert out.shape == (0, 2, 5, 4)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+# ----------------------------------------------------------------------- MultiheadAttention
+MHA_CONFIGS = {
+    "default": dict(),
+    "kdim_vdim": dict(kdim=5, vdim=7),
+    "no_bias": dict(bias=False),
+    "bias_kv_zero_attn": dict(add_bias_kv=True, add_zero_attn=True),
+    "batch_first": dict(batch_first=True),
+}
+
+
+def mha_pair(cfg, dtype=torch.float64):
+    torch.manual_seed(11)
+    ours = fastrnn.MultiheadAttention(8, 2, dtype=dtype, **cfg)
+    torch.manual_seed(11)
+    theirs = nn.MultiheadAttention(8, 2, dtype=dtype, **cfg)
+    return ours, theirs
+
+
+def mha_inputs(cfg, L=4, S=6, B=3, dtype=torch.float64):
+    q = rnd(L, B, 8, dtype=dtype)
+    k = rnd(S, B, cfg.get("kdim", 8), dtype=dtype)
+    v = rnd(S, B, cfg.get("vdim", 8), dtype=dtype)
+    if cfg.get("batch_first"):
+        q, k, v = (t.detach().transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v))
+    return q, k, v
+
+
+@pytest.mark.parametrize("cfg_name", list(MHA_CONFIGS))
+def test_mha_same_parameters_and_state_dict(cfg_name):
+    ours, theirs = mha_pair(MHA_CONFIGS[cfg_name])
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # same initialisation under the same seed
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    ours.load_state_dict(b, strict=True)
+    theirs.load_state_dict(a, strict=True)
+
+
+@pytest.mark.parametrize("need_weights, average", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("masks", ["none", "kpm_bool", "kpm_float", "attn2d_bool", "attn3d_float", "both",
+                                   "causal"])
+@pytest.mark.parametrize("cfg_name", list(MHA_CONFIGS))
+def test_mha_matches_torch(cfg_name, masks, need_weights, average):
+    cfg = MHA_CONFIGS[cfg_name]
+    ours, theirs = mha_pair(cfg)
+    q, k, v = mha_inputs(cfg)
+    L, S, B = 4, 6, 3
+    g = torch.Generator().manual_seed(5)
+    kw = dict(need_weights=need_weights, average_attn_weights=average)
+    if masks in ("kpm_bool", "both"):
+        kpm = torch.rand(B, S, generator=g) < 0.3
+        kpm[:, 0] = False
+        kw["key_padding_mask"] = kpm
+    if masks == "kpm_float":
+        kw["key_padding_mask"] = torch.where(torch.rand(B, S, generator=g) < 0.3, float("-inf"), 0.0).double()
+        kw["key_padding_mask"][:, 0] = 0.0
+    if masks in ("attn2d_bool", "both"):
+        am = torch.rand(L, S, generator=g) < 0.3
+        am[:, 0] = False
+        kw["attn_mask"] = am
+    if masks == "attn3d_float":
+        kw["attn_mask"] = torch.randn(B * 2, L, S, generator=g, dtype=torch.float64)
+    if masks == "causal":
+        kw["attn_mask"] = torch.triu(torch.full((L, S), float("-inf"), dtype=torch.float64), 1)
+        kw["is_causal"] = True
+    if cfg.get("add_bias_kv") or cfg.get("add_zero_attn"):
+        kw.pop("is_causal", None)
+    out, w = ours(q, k, v, **kw)
+    out_t, w_t = theirs(q, k, v, **kw)
+    assert_close(out, out_t)
+    if need_weights:
+        assert_close(w, w_t)
+    else:
+        assert w is None and w_t is None
+    cot = torch.randn_like(out)
+    ga = torch.autograd.grad(out, [q, k, v, *ours.parameters()], cot)
+    gb = torch.autograd.grad(out_t, [q, k, v, *theirs.parameters()], cot)
+    for a, b in zip(ga, gb):
+        assert_close(a, b)
+
+
+def test_mha_unbatched_and_float32():
+    ours, theirs = mha_pair({}, dtype=torch.float32)
+    q = rnd(5, 8, dtype=torch.float32)
+    for nw in (True, False):
+        a, b = ours(q, q, q, need_weights=nw), theirs(q, q, q, need_weights=nw)
+        assert_close(a[0], b[0])
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():  # torch takes its native fast path here
+        x = rnd(2, 5, 8, dtype=torch.float32, grad=False)
+        ours.batch_first = theirs.batch_first = True
+        assert_close(ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0])
+
+
+def test_mha_dropout_in_training_only():
+    ours = fastrnn.MultiheadAttention(8, 2, dropout=0.5)
+    q = rnd(4, 3, 8, dtype=torch.float32)
+    ours.eval()
+    a, b = ours(q, q, q, need_weights=False)[0], ours(q, q, q, need_weights=False)[0]
+    assert torch.equal(a, b)
+    ours.train()
+    assert not torch.allclose(ours(q, q, q, need_weights=False)[0], a)
+
+
+def test_mha_bad_hyperparameters():
+    with pytest.raises(ValueError, match="embed_dim"):
+        fastrnn.MultiheadAttention(0, 2)
+    with pytest.raises(AssertionError, match="divisible"):
+        fastrnn.MultiheadAttention(10, 3)
+
+
+# ----------------------------------------------------------------------- additive (Bahdanau)
+def additive_case(B=3, T=5, S=7, Dq=5, Dk=6, D=37, Dv=4, dtype=torch.float64, bias=True):
+    return dict(query=rnd(B, T, Dq, dtype=dtype), keys=rnd(B, S, Dk, dtype=dtype), values=rnd(B, S, Dv, dtype=dtype),
+                w_q=rnd(D, Dq, dtype=dtype), w_k=rnd(D, Dk, dtype=dtype), v=rnd(D, dtype=dtype),
+                bias=rnd(D, dtype=dtype) if bias else None)
+
+
+def additive_mask(kind, B, T, S, dtype):
+    g = torch.Generator().manual_seed(3)
+    if kind == "none":
+        return None
+    if kind == "bool_bs":
+        m = torch.rand(B, S, generator=g) < 0.6
+        m[0] = False  # batch 0: every source position masked
+        return m
+    if kind == "bool_bts":
+        m = torch.rand(B, T, S, generator=g) < 0.6
+        m[1, T - 1] = False
+        return m
+    if kind == "float":
+        m = torch.randn(B, T, S, generator=g, dtype=dtype)
+        m[2, T - 1] = float("-inf")
+        return m
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["none", "bool_bs", "bool_bts", "float"])
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("T, D", [(5, 37), (1, 16), (9, 64)])
+def test_additive_matches_reference(T, D, scale, mask_kind, dtype):
+    c = additive_case(T=T, D=D, dtype=dtype)
+    mask = additive_mask(mask_kind, 3, T, 7, dtype)
+    ctx, w = FR.additive_attention(**c, mask=mask, scale=scale)
+    ctx_r, w_r = R.additive_attention_ref(**c, mask=mask, scale=scale)
+    assert_close(ctx, ctx_r)
+    assert_close(w, w_r)
+    cots = (torch.randn_like(ctx), torch.randn_like(w))
+    leaves = list(c.values())
+    for a, b in zip(grads((ctx, w), leaves, cots), grads((ctx_r, w_r), leaves, cots)):
+        assert_close(a, b)
+        assert torch.isfinite(a).all()
+    if mask_kind == "bool_bs":  # fully masked rows: zero weights, zero context
+        assert not w[0].any() and not ctx[0].any()
+
+
+def test_additive_no_bias_and_module():
+    c = additive_case(bias=False)
+    ctx, w = FR.additive_attention(**c)
+    ctx_r, w_r = R.additive_attention_ref(**c)
+    assert_close(ctx, ctx_r)
+    m = fastrnn.AdditiveAttention(5, 6, 11, bias=True, scale=True).double()
+    assert [n for n, _ in m.named_parameters()] == ["w_q", "w_k", "v", "bias"]
+    q, keys, vals = rnd(3, 4, 5), rnd(3, 7, 6), rnd(3, 7, 2)
+    mask = torch.rand(3, 7) < 0.7
+    ctx, w = m(q, keys, vals, mask=mask)
+    ctx_r, w_r = R.additive_attention_ref(q, keys, vals, m.w_q, m.w_k, m.v, m.bias, mask, scale=True)
+    assert_close(ctx, ctx_r)
+    assert_close(w, w_r)
+    # one decoder step (2-D query), values default to keys
+    ctx1, w1 = m(q[:, 0], keys, mask=mask)
+    ctx1_r, w1_r = R.additive_attention_ref(q[:, :1], keys, keys, m.w_q, m.w_k, m.v, m.bias, mask, scale=True)
+    assert ctx1.shape == (3, 6) and w1.shape == (3, 7)
+    assert_close(ctx1, ctx1_r[:, 0])
+    assert_close(w1, w1_r[:, 0])
+
+
+def test_additive_never_materialises_the_tanh_tensor():
+    """Nothing saved for backward is [B, T, S, D]-sized: memory stays O(B*T*S)."""
+    B, T, S, D = 2, 16, 24, 32
+    c = additive_case(B=B, T=T, S=S, D=D, Dq=8, Dk=8, dtype=torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        ctx, w = FR.additive_attention(**c)
+    (ctx.sum() + w.sum()).backward()
+    assert saved and max(saved) <= max(B * T * S, B * max(T, S) * D)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        R.additive_attention_ref(**c)
+    assert max(saved) >= B * T * S * D  # the plain formula does
+
+
+def test_additive_gradcheck_and_double_backward():
+    c = additive_case(B=2, T=3, S=4, Dq=3, Dk=2, D=5, Dv=2)
+    mask = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    names = list(c)
+    fn = lambda *a: FR.additive_attention(**dict(zip(names, a)), mask=mask, scale=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(c.values()), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, tuple(c.values()), fast_mode=True)
+
+
+def test_additive_opcheck():
+    qp, kp, vals, v = rnd(2, 3, 5), rnd(2, 4, 5), rnd(2, 4, 3), rnd(5)
+    mask = torch.rand(2, 1, 4) < 0.7
+    torch.library.opcheck(torch.ops.fastrnn.additive_attention_forward, (qp, kp, vals, v, mask, 0.5))
+    ctx, w = torch.ops.fastrnn.additive_attention_forward(qp, kp, vals, v, mask, 0.5)
+    torch.library.opcheck(torch.ops.fastrnn.additive_attention_backward,
+                          (torch.randn_like(ctx), torch.randn_like(w), qp.detach(), kp.detach(), vals.detach(),
+                           v.detach(), w.detach(), 0.5))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_additive_threads_and_small_batch(threads):
+    """One batch row and two threads: the backward splits the query rows with partial d(keys)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        c = additive_case(B=1, T=13, S=9, D=20)
+        ctx, w = FR.additive_attention(**c)
+        ctx_r, w_r = R.additive_attention_ref(**c)
+        leaves = list(c.values())
+        cots = (torch.randn_like(ctx), torch.randn_like(w))
+        for a, b in zip(grads((ctx, w), leaves, cots), grads((ctx_r, w_r), leaves, cots)):
+            assert_close(a, b)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(query=lambda t: t[0]), "query"),
+    (dict(keys=lambda t: t[:2]), "batch"),
+    (dict(values=lambda t: t[:, :3]), "values"),
+    (dict(w_q=lambda t: t[:, :2]), "w_q"),
+    (dict(w_k=lambda t: t[:3]), "w_k"),
+    (dict(v=lambda t: t[:3]), "v"),
+    (dict(bias=lambda t: t.float()), "bias"),
+    (dict(keys=lambda t: t.float()), "dtype"),
+    (dict(mask=lambda _: torch.ones(3, 4, dtype=torch.bool)), "mask"),
+    (dict(mask=lambda _: torch.ones(3, 7, dtype=torch.int32)), "mask"),
+])
+def test_additive_bad_input_names_argument(change, match):
+    c = {k: (t.detach() if t is not None else None) for k, t in additive_case().items()}
+    c["mask"] = None
+    for k, f in change.items():
+        c[k] = f(c[k])
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        FR.additive_attention(**c)
+
+
+def test_additive_module_bad_hyperparameters():
+    with pytest.raises(ValueError, match="hidden_dim"):
+        fastrnn.AdditiveAttention(4, 4, 0)
+
+
+# ----------------------------------------------------------------------- Luong
+@pytest.mark.parametrize("method", ["general", "dot"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool_bs", "float"])
+def test_luong_matches_formula(method, mask_kind):
+    m = fastrnn.LuongAttention(6, 6 if method == "dot" else 5, method=method).double()
+    q, keys, vals = rnd(3, 4, 6), rnd(3, 7, 6 if method == "dot" else 5), rnd(3, 7, 2)
+    mask = additive_mask(mask_kind, 3, 4, 7, torch.float64)
+    ctx, w = m(q, keys, vals, mask=mask)
+    kp = keys if method == "dot" else keys @ m.weight.T
+    scores = q @ kp.transpose(1, 2)
+    if mask is not None:
+        mm = mask.unsqueeze(1) if mask.dim() == 2 else mask
+        scores = scores.masked_fill(~mm, float("-inf")) if mm.dtype == torch.bool else scores + mm
+    expect = torch.softmax(scores, -1).nan_to_num(0.0)
+    assert_close(w, expect)
+    assert_close(ctx, expect @ vals)
+    ctx.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    ctx1, w1 = m(q[:, 0], keys)
+    assert ctx1.shape == (3, keys.shape[-1]) and w1.shape == (3, 7)
+    assert_close(ctx1, m(q[:, :1], keys)[0][:, 0])
+
+
+def test_luong_bad_arguments():
+    with pytest.raises(ValueError, match="method"):
+        fastrnn.LuongAttention(4, method="concat")
+    with pytest.raises(ValueError, match="key_dim"):
+        fastrnn.LuongAttention(4, 5, method="dot")
+    with pytest.raises(RuntimeError, match="weight"):
+        FR.luong_attention(rnd(2, 3, 4), rnd(2, 5, 6), rnd(2, 5, 6), weight=rnd(4, 5))
+
+
+# ----------------------------------------------------------------------- torch.compile
+class AttnModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = fastrnn.MultiheadAttention(8, 2, batch_first=True)
+        self.add = fastrnn.AdditiveAttention(8, 8, 16, scale=True)
+        self.luong = fastrnn.LuongAttention(8)
+
+    def forward(self, x, kpm):
+        h, _ = self.mha(x, x, x, key_padding_mask=kpm, need_weights=False)
+        c1, _ = self.add(h, x, mask=~kpm)
+        c2, _ = self.luong(h[:, -1], x, mask=~kpm)
+        q = h.view(h.shape[0], h.shape[1], 2, 4).transpose(1, 2)
+        s = FR.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return c1.sum(1) + c2 + s.sum((1, 2)).repeat(1, 2)
+
+
+def test_compile_fullgraph_attention():
+    torch._dynamo.reset()
+    model = AttnModel()
+    x = torch.randn(3, 6, 8)
+    kpm = torch.zeros(3, 6, dtype=torch.bool)
+    kpm[1, 4:] = True
+    eager = model(x, kpm)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, kpm)
+    out.sum().backward()
+    assert_close(out, eager)
+    for g, e in zip([p.grad for p in model.parameters()], eager_grads):
+        assert_close(g, e)
