@@ -187,4 +187,5 @@ def report_timing(t: dict, what: str) -> None:
     print(f"timing ({what}, {t['steps']} interleaved training steps each, median, "
           f"{torch.get_num_threads()} threads): fastrnn {t['fastrnn_s'] * 1e3:.1f} ms/step, "
           f"torch.nn {t['torch_s'] * 1e3:.1f} ms/step -> speedup {t['speedup']:.2f}x "
-          f"(same weights: first-step loss {t['loss_fastrnn']:.6f} vs {t['loss_torch']:.6f})")
+          f"(same weights: first-step loss {t['loss_fastrnn']:.6f} vs {t['loss_torch']:.6f}); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
