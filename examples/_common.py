@@ -18,7 +18,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def parser(description: str, steps: int, timed_steps: int = 10) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--steps", type=int, default=steps, help=f"training steps (default {steps})")
+    p.add_argument("--steps", type=int, default=steps, help="training steps" + (f" (default {steps})" if steps else ""))
     p.add_argument("--quick", action="store_true", help="a few steps of everything, for CI")
     p.add_argument("--timed-steps", type=int, default=timed_steps,
                    help=f"training steps timed on each of fastrnn and torch.nn (default {timed_steps})")

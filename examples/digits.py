@@ -62,11 +62,12 @@ def moving_clips(images: np.ndarray, seed: int, frames: int = 10, size: int = 24
 
 
 def main(argv=None) -> dict:
-    p = _common.parser(__doc__.split("\n")[0], steps=600)
+    p = _common.parser(__doc__.split("\n")[0], steps=None)
     p.add_argument("--video", action="store_true", help="moving-digit clips and FrameCNNLSTM")
     p.add_argument("--batch-size", type=int, default=None, help="default 64 (rows), 32 (--video)")
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or (32 if args.video else 64)
+    args.steps = args.steps or (450 if args.video else 600)
     if args.quick:
         args.steps, args.timed_steps = 5, 2
     torch.manual_seed(args.seed)
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
         return (x_tr[idx],), y_tr[idx]
 
     hist = _common.train(model, opt, sched, args.steps, lambda step: batch(rng), ce, evaluate,
-                         progress=not args.no_progress)
+                         n_evals=10 if args.video else 20, progress=not args.no_progress)
     acc = hist.evals["acc"][-1]
     print(f"held-out accuracy: {acc:.4f} ({round(acc * len(y_te))}/{len(y_te)})")
 
