@@ -8,7 +8,7 @@ BUILD_STAMP := $(VENV)/.build-stamp
 NATIVE_SRC := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: test bench build clean test-asan
+.PHONY: test bench build clean test-asan example-forecast example-digits example-digits-video example-charlm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,21 @@ test: $(BUILD_STAMP)
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_attention.py
+
+# Examples on real data shipped inside packages (README, "Examples"); each writes a PNG to
+# examples/results/ and times the same model on torch.nn layers. EXAMPLE_ARGS=--quick for a smoke run.
+EXAMPLE_ARGS ?=
+example-forecast: $(BUILD_STAMP)
+	$(PY) examples/forecast.py $(EXAMPLE_ARGS)
+
+example-digits: $(BUILD_STAMP)
+	$(PY) examples/digits.py $(EXAMPLE_ARGS)
+
+example-digits-video: $(BUILD_STAMP)
+	$(PY) examples/digits.py --video $(EXAMPLE_ARGS)
+
+example-charlm: $(BUILD_STAMP)
+	$(PY) examples/charlm.py $(EXAMPLE_ARGS)
 
 clean:
 	rm -rf build $(BUILD_STAMP)

@@ -9,6 +9,7 @@ from .modules.rnn import LSTM, GRU, RNN
 from .modules.cells import LSTMCell, GRUCell, RNNCell
 from .modules.attention import MultiheadAttention, AdditiveAttention, LuongAttention
 from .convert import convert, to_torch
+from . import models
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,4 @@ def build_info():
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MultiheadAttention", "AdditiveAttention",
            "LuongAttention", "convert", "to_torch", "functional", "reference",
-           "build_info"]
+           "build_info", "models"]
