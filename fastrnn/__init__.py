@@ -7,6 +7,8 @@ from . import _autograd  # noqa: F401  (backward formulas)
 from . import functional, reference
 from .modules.rnn import LSTM, GRU, RNN
 from .modules.cells import LSTMCell, GRUCell, RNNCell
+from .modules.variants import (LayerNormLSTM, LayerNormGRU, PeepholeLSTM, LayerNormLSTMCell, LayerNormGRUCell,
+                               PeepholeLSTMCell)
 from .convert import convert, to_torch
 
 __version__ = "0.1.0"
@@ -22,5 +24,6 @@ def build_info():
     return info
 
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "to_torch", "functional", "reference",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU", "PeepholeLSTM",
+           "LayerNormLSTMCell", "LayerNormGRUCell", "PeepholeLSTMCell", "convert", "to_torch", "functional", "reference",
            "build_info"]
