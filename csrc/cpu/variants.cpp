@@ -642,7 +642,7 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
   at::Tensor empty = at::empty({0}, opts);
   g.grad_b_ih = da.sum(0);
   g.grad_b_hh = a.lstm ? g.grad_b_ih.clone() : db.sum(0);
-  for (auto& t : g.grad_ln) t = empty;
+  for (auto& t : g.grad_ln) t = empty.clone();  // distinct tensors: outputs must not alias
   if (ln) {
     g.grad_ln[0] = (da * norm.narrow(1, 0, GH)).sum(0);
     g.grad_ln[1] = g.grad_b_ih.clone();
@@ -656,7 +656,7 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
                        stats.data_ptr<T>(), a.stats_w()};
     at::parallel_for(0, N, row_grain(GH), [&](int64_t r0, int64_t r1) { ln_rows(lr, r0, r1); });
   }
-  g.grad_peep = peep ? dpeep.sum(0).view({3, H}) : empty;
+  g.grad_peep = peep ? dpeep.sum(0).view({3, H}) : empty.clone();
   g.grad_w_ih = weight_grad<T>(da, a.x);
   g.grad_input = fast_linear(da, a.w_ih.t().contiguous()).reshape(lead_with(a, a.I));
   g.grad_hx = dh;

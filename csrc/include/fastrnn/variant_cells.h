@@ -5,7 +5,8 @@
 // "xg" [GH] is W_ih x of the row and "hg" [GH] is W_hh h (no biases in either).
 // Zoneout: `keep` [S*H] (S = 2 for the LSTM: h then c; 1 for the GRU) holds d, 1 where the unit
 // keeps its previous value; without a mask the constant `kp` (eval: the zoneout probability p,
-// or 0 when zoneout is off) plays d's part: state' = d*state + (1-d)*candidate.
+// or 0 when zoneout is off) plays d's part: state' = d*state + (1-d)*candidate (in that form, so a
+// kept unit is bit-identical to its previous value).
 #pragma once
 
 #include <cmath>
@@ -198,8 +199,8 @@ FASTRNN_INLINE void vlstm_forward_row(const VariantParams<T>& p, const T* FASTRN
     T hn = ht, cnew = cc;
     if (zone) {
       const T kh = keep ? keep[j] : kp, kc = keep ? keep[H + j] : kp;
-      hn = ht + kh * (h[j] - ht);
-      cnew = cc + kc * (c[j] - cc);
+      hn = kh * h[j] + (T(1) - kh) * ht;  // exact for d in {0, 1}: a kept unit is bit-identical
+      cnew = kc * c[j] + (T(1) - kc) * cc;
     }
     h[j] = hn;
     c[j] = cnew;
@@ -287,7 +288,7 @@ FASTRNN_INLINE void vgru_forward_row(const VariantParams<T>& p, const T* FASTRNN
     T hnew = ht;
     if (zone) {
       const T k = keep ? keep[j] : kp;
-      hnew = ht + k * (hp - ht);
+      hnew = k * hp + (T(1) - k) * ht;
     }
     h[j] = hnew;
     if (Save) {
