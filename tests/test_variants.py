@@ -497,3 +497,26 @@ def test_compile_fullgraph_layer_norm_lstm():
     assert_close(out, eager)
     for p, e in zip(model.parameters(), eager_grads):
         assert_close(p.grad, e)
+
+
+@pytest.mark.parametrize("team", [True, False], ids=["team", "per-step"])
+@pytest.mark.parametrize("cell,features", [("lstm", "ln_peep_zoneout"), ("gru", "ln_zoneout")])
+def test_persistent_team_and_per_step_loops_agree(cell, features, team, monkeypatch):
+    """Small products run on W_hh packed in panels, split over a persistent team of threads (one
+    parallel region for the whole loop) or, with FASTRNN_NO_TEAM, one call per step."""
+    if not team:
+        monkeypatch.setenv("FASTRNN_NO_TEAM", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, st, kw, bsz = make_case(cell, features, T=6, B=7, I=5, H=40, packed=True)
+        for reverse in (False, True):
+            outs = run(cell, "fused", x, st, kw, bsz, reverse)
+            refs = run(cell, "ref", x, st, kw, bsz, reverse)
+            for o, r in zip(outs, refs):
+                assert_close(o, r)
+            ps = leaves(x, st, kw)
+            for gf, gr in zip(torch.autograd.grad(outs[0].sum(), ps), torch.autograd.grad(refs[0].sum(), ps)):
+                assert_close(gf, gr)
+    finally:
+        torch.set_num_threads(n)

@@ -16,17 +16,23 @@
 // prefix of the state buffers. DropConnect is not here: it is an elementwise mask on W_hh
 // applied (and differentiated) by autograd in Python before the op is called.
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <thread>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/gemm.h"
 #include "cpu/workspace.h"
+#include "fastrnn/panel_gemm.h"
 #include "fastrnn/variant_cells.h"
 
 namespace fastrnn {
@@ -234,9 +240,8 @@ struct VFwdRows {
   const T* hg;  // [B, GH]
   T* h;         // [B, H]
   T* c;         // [B, H] (LSTM)
-  const T* mask;
+  const T* mask;  // zoneout d per row: the mask, or one constant row (mask_ld = 0)
   int64_t mask_ld;
-  T kp;
   T* scratch;  // [B, scratch_ld]
   int64_t scratch_ld;
   T* gates;  // [N, GH]
@@ -252,17 +257,17 @@ FASTRNN_INLINE void vfwd_rows_t(const VFwdRows<T>& s, int64_t b0, int64_t b1) {
   const int64_t H = s.H, GH = s.GH;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t row = s.off + b;
-    const T* keep = s.mask ? s.mask + row * s.mask_ld : nullptr;
+    const T* keep = s.mask + row * s.mask_ld;
     T* nr = (Save && LN) ? s.norm + row * s.norm_ld : nullptr;
     T* st = (Save && LN) ? s.stats + row * s.stats_ld : nullptr;
     T* gates = Save ? s.gates + row * GH : nullptr;
     T* cells = Save ? s.cells + row * H : nullptr;
     if (s.lstm)
-      vlstm_forward_row<Save, LN, Peep, T>(s.p, s.xg + row * GH, s.hg + b * GH, s.h + b * H, s.c + b * H, keep, s.kp,
+      vlstm_forward_row<Save, LN, Peep, T>(s.p, s.xg + row * GH, s.hg + b * GH, s.h + b * H, s.c + b * H, keep,
                                            s.scratch + b * s.scratch_ld, gates, cells, nr, nr ? nr + GH : nullptr,
                                            nr ? nr + 2 * GH : nullptr, st);
     else
-      vgru_forward_row<Save, LN, T>(s.p, s.xg + row * GH, s.hg + b * GH, s.h + b * H, keep, s.kp,
+      vgru_forward_row<Save, LN, T>(s.p, s.xg + row * GH, s.hg + b * GH, s.h + b * H, keep,
                                     s.scratch + b * s.scratch_ld, gates, cells, nr, nr ? nr + GH : nullptr, st);
   }
 }
@@ -306,9 +311,8 @@ struct VBwdRows {
   int64_t norm_ld;
   const T* stats;
   int64_t stats_ld;
-  const T* mask;
+  const T* mask;  // as VFwdRows
   int64_t mask_ld;
-  T kp;
   T* dh;     // [B, H]
   T* dc;     // [B, H]
   T* da;     // [N, GH] LSTM dL/dpre, GRU dL/d(input-side pre)
@@ -325,19 +329,18 @@ FASTRNN_INLINE void vbwd_rows_t(const VBwdRows<T>& s, int64_t b0, int64_t b1) {
   const int64_t H = s.H, GH = s.GH;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t row = s.off + b, prev = s.sched->prev_row(s.t, b);
-    const T* keep = s.mask ? s.mask + row * s.mask_ld : nullptr;
+    const T* keep = s.mask + row * s.mask_ld;
     const T* nr = LN ? s.norm + row * s.norm_ld : nullptr;
     const T* st = LN ? s.stats + row * s.stats_ld : nullptr;
     if (s.lstm) {
       const T* cprev = prev >= 0 ? s.cells + prev * H : s.cx + b * H;
       vlstm_backward_row<LN, Peep, T>(s.p, s.gates + row * GH, cprev, nr ? nr + GH : nullptr,
-                                      nr ? nr + 2 * GH : nullptr, st, keep, s.kp, s.dh + b * H, s.dc + b * H,
+                                      nr ? nr + 2 * GH : nullptr, st, keep, s.dh + b * H, s.dc + b * H,
                                       s.da + row * GH, LN ? s.dhg + row * GH : nullptr, LN ? s.dyc + row * H : nullptr,
                                       Peep ? s.dpeep + row * 3 * H : nullptr, s.scratch + b * s.scratch_ld);
     } else {
       const T* hprev = prev >= 0 ? s.out + prev * H : s.hx + b * H;
-      vgru_backward_row<LN, T>(s.p, s.gates + row * GH, s.cells + row * H, hprev, nr ? nr + GH : nullptr, st, keep,
-                               s.kp, s.dh + b * H, s.da + row * GH, s.db + row * GH,
+      vgru_backward_row<LN, T>(s.p, s.gates + row * GH, s.cells + row * H, hprev, nr ? nr + GH : nullptr, st, keep, s.dh + b * H, s.da + row * GH, s.db + row * GH,
                                LN ? s.dhg + row * GH : nullptr);
     }
   }
@@ -378,6 +381,43 @@ FASTRNN_INLINE void ln_rows_impl(const LnRows<T>& s, int64_t r0, int64_t r1) {
                                  s.d + r * s.n);
 }
 
+// C[m, N] (=, or += when accumulate) A[m, K] @ B[K, N] for B packed in column panels of NR = kPV
+// vectors (panel p holds columns [p*NR, (p+1)*NR), row k contiguous, zero past N). For the
+// per-step recurrent products of small batches, where a BLAS call costs more in dispatch and
+// threading than the product itself.
+constexpr int kPV = 4;
+
+template <typename T>
+struct PanelArgs {
+  const T* a;
+  int64_t lda, m, K, N;
+  const T* bp;
+  T* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+template <typename T>
+FASTRNN_INLINE void panel_rows_impl(const PanelArgs<T>& g, int64_t p0, int64_t p1) {
+  constexpr int NR = kPV * panel::Vec<T>::L;
+  alignas(64) T tile[panel::kMR * NR];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c0 = p * NR, nc = std::min<int64_t>(NR, g.N - c0);
+    for (int64_t i0 = 0; i0 < g.m; i0 += panel::kMR) {
+      const int64_t mr = std::min<int64_t>(panel::kMR, g.m - i0);
+      panel::product_rows<T, kPV>(g.a + i0 * g.lda, g.lda, mr, g.K, g.bp + p * g.K * NR, tile, NR);
+      for (int64_t i = 0; i < mr; ++i) {
+        T* crow = g.c + (i0 + i) * g.ldc + c0;
+        const T* trow = tile + i * NR;
+        if (g.accumulate)
+          for (int64_t q = 0; q < nc; ++q) crow[q] += trow[q];
+        else
+          std::memcpy(crow, trow, sizeof(T) * nc);
+      }
+    }
+  }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTRNN_NO_CLONES)
 #define FASTRNN_VARIANT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -402,8 +442,106 @@ FASTRNN_INLINE void ln_rows_impl(const LnRows<T>& s, int64_t r0, int64_t r1) {
 FASTRNN_VARIANT_KERNEL(vforward_rows, VFwdRows, vforward_rows_impl)
 FASTRNN_VARIANT_KERNEL(vbackward_rows, VBwdRows, vbackward_rows_impl)
 FASTRNN_VARIANT_KERNEL(ln_rows, LnRows, ln_rows_impl)
+FASTRNN_VARIANT_KERNEL(panel_rows, PanelArgs, panel_rows_impl)
+
+// The per-step recurrent product of one call: panels for small products (packed once per call,
+// run on the calling thread, whose cache keeps them across steps), gemm.h's WeightGemm (oneDNN /
+// packed MKL / BLAS, as the backend override says) otherwise.
+template <typename T>
+class StepGemm {
+ public:
+  // B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true).
+  StepGemm(const T* w, bool trans_b, int64_t N, int64_t K, int64_t max_m, int64_t steps, const at::TensorOptions& opts)
+      : N_(N), K_(K) {
+    const int o = gemm_backend_override().load();
+    const double macs = double(max_m) * double(N) * double(K);
+    if (o == 4 || (o == 0 && steps > 1 && macs <= kPanelMaxMacs)) {
+      constexpr int64_t NR = kPV * panel::Vec<T>::L;
+      const int64_t n_panels = (N + NR - 1) / NR;
+      packed_ = at::zeros({n_panels, K, NR}, opts);
+      T* dst = packed_.data_ptr<T>();
+      // Loops in the order that reads W contiguously.
+      at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t nc = std::min<int64_t>(NR, N - p * NR);
+          T* d = dst + p * K * NR;
+          if (trans_b) {
+            for (int64_t q = 0; q < nc; ++q) {
+              const T* src = w + (p * NR + q) * K;
+              for (int64_t k = 0; k < K; ++k) d[k * NR + q] = src[k];
+            }
+          } else {
+            for (int64_t k = 0; k < K; ++k) std::memcpy(d + k * NR, w + k * N + p * NR, sizeof(T) * nc);
+          }
+        }
+      });
+      n_panels_ = n_panels;
+    } else {
+      blas_ = std::make_unique<WeightGemm<T>>(w, trans_b, N, K, max_m, steps > 1 ? max_m : 0);
+    }
+  }
+  bool panelled() const { return !blas_; }
+  int64_t panels() const { return n_panels_; }
+  // Panels [p0, p1) only, on the calling thread (a persistent team's share).
+  void run_panels(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate, int64_t p0,
+                  int64_t p1) const {
+    if (m == 0 || p0 >= p1) return;
+    panel_rows(PanelArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, p0, p1);
+  }
+  // C[m, N] = A[m, K] B (+ C when accumulate)
+  void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate) const {
+    if (m == 0) return;
+    if (blas_) {
+      blas_->run(a, m, lda, c, ldc, accumulate ? T(1) : T(0));
+      return;
+    }
+    panel_rows(PanelArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, 0, n_panels_);
+  }
+
+ private:
+  // Below this many multiply-adds a step the panels (split over a persistent team) beat a BLAS
+  // call: recurrent.cpp's crossover for its fused forward (kFusedMaxMacs, gemm.h).
+  static constexpr double kPanelMaxMacs = kFusedMaxMacs;
+  int64_t N_, K_, n_panels_ = 0;
+  at::Tensor packed_;
+  std::unique_ptr<WeightGemm<T>> blas_;
+};
 
 inline int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
+
+// A persistent team for the time loop (as recurrent.cpp's): with ATen's OpenMP backend every chunk
+// of a parallel_for runs on its own thread at once, so the chunks can meet at a barrier between
+// the GEMM and the row pass of a step; a fork/join per step costs as much as a small step.
+inline bool use_team(int64_t slices, int64_t steps) {
+#if AT_PARALLEL_OPENMP
+  return slices > 1 && steps > 1 && !at::in_parallel_region() && !std::getenv("FASTRNN_NO_TEAM");
+#else
+  return false;
+#endif
+}
+
+class Barrier {
+ public:
+  // Adds this thread's finished slices and waits until `target` slices in all have finished.
+  void arrive_and_wait(int64_t slices, int64_t target) {
+    done_.fetch_add(slices, std::memory_order_acq_rel);
+    for (uint64_t spin = 0; done_.load(std::memory_order_acquire) < target; ++spin) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if (spin > 4096) std::this_thread::yield();  // a descheduled peer needs the core
+    }
+  }
+
+ private:
+  std::atomic<int64_t> done_{0};
+};
+
+// Zoneout's d for the row functions: the mask [N, S*H], or one row of the constant zoneout_p
+// (0 without zoneout) read with row stride 0.
+at::Tensor keep_rows(const VArgs& a) {
+  return a.mask.defined() ? a.mask : at::full({a.S * a.H}, a.kp, a.x.options());
+}
 
 template <typename T>
 VariantParams<T> params_of(const VArgs& a, const at::Tensor& bias_x, const at::Tensor& bias_h) {
@@ -434,7 +572,7 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
   const int64_t H = a.H, GH = a.GH, B = s.B, N = s.N;
   const auto opts = a.x.options();
   // LSTM biases fold into one vector; the GRU keeps b_hh on the hidden side (r multiplies it).
-  at::Tensor bias_x, bias_h;
+  at::Tensor bias_x, bias_h = at::zeros({GH}, opts);
   if (a.b_ih.defined()) {
     if (a.lstm) {
       bias_x = a.b_ih + a.b_hh;
@@ -442,8 +580,11 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
       bias_x = a.b_ih;
       bias_h = a.b_hh;
     }
+  } else {
+    bias_x = bias_h;
   }
   const VariantParams<T> p = params_of<T>(a, bias_x, bias_h);
+  const at::Tensor keep = keep_rows(a);
   at::Tensor xg = fast_linear(a.x, a.w_ih).contiguous();  // [N, GH]
 
   o.hy = a.hx.clone();
@@ -460,8 +601,7 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
   at::Tensor hg = at::empty({B, GH}, opts);
   const int64_t scratch_ld = a.lstm ? 5 * H : 6 * H;
   at::Tensor scratch = at::empty({B, scratch_ld}, opts);
-  const int64_t pack_m = s.T > 1 ? B : 0;
-  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/true, GH, H, B, pack_m);
+  const StepGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/true, GH, H, B, s.T, opts);
 
   T* h = o.hy.data_ptr<T>();
   T* out = o.output.data_ptr<T>();
@@ -478,9 +618,8 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
                          hgp,
                          h,
                          a.lstm ? o.cy.data_ptr<T>() : nullptr,
-                         ptr_or_null<T>(a.mask),
-                         a.S * H,
-                         T(a.kp),
+                         keep.data_ptr<T>(),
+                         a.mask.defined() ? a.S * H : 0,
                          scratch.data_ptr<T>(),
                          scratch_ld,
                          ptr_or_null<T>(o.gates),
@@ -490,13 +629,34 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
                          ptr_or_null<T>(o.stats),
                          a.stats_w()};
   const int64_t grain = row_grain(GH + H);
-  for (int64_t step = 0; step < s.T; ++step) {
-    const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
-    rec.run(h, bs, H, hgp, GH, T(0));
-    VFwdRows<T> rows = base;
-    rows.off = off;
-    at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { vforward_rows(rows, b0, b1); });
-    if (bs > 0) std::memcpy(out + off * H, h, sizeof(T) * bs * H);
+  const int64_t slices = rec.panelled() ? std::min<int64_t>(at::get_num_threads(), rec.panels()) : 1;
+  if (rec.panelled() && use_team(slices, s.T)) {
+    // Per step: each thread its panels of hg = h W_hh^T, barrier, each thread its rows, barrier.
+    Barrier barrier;
+    const int64_t np = rec.panels();
+    at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+      int64_t target = 0;
+      for (int64_t step = 0; step < s.T; ++step) {
+        const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+        rec.run_panels(h, bs, H, hgp, GH, false, np * s0 / slices, np * s1 / slices);
+        barrier.arrive_and_wait(s1 - s0, target += slices);
+        VFwdRows<T> rows = base;
+        rows.off = off;
+        const int64_t r0 = bs * s0 / slices, r1 = bs * s1 / slices;
+        vforward_rows(rows, r0, r1);
+        if (r1 > r0) std::memcpy(out + (off + r0) * H, h + r0 * H, sizeof(T) * (r1 - r0) * H);
+        barrier.arrive_and_wait(s1 - s0, target += slices);
+      }
+    });
+  } else {
+    for (int64_t step = 0; step < s.T; ++step) {
+      const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+      rec.run(h, bs, H, hgp, GH, false);
+      VFwdRows<T> rows = base;
+      rows.off = off;
+      at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { vforward_rows(rows, b0, b1); });
+      if (bs > 0) std::memcpy(out + off * H, h, sizeof(T) * bs * H);
+    }
   }
   at::Tensor empty = at::empty({0}, opts);
   for (at::Tensor* t : {&o.cy, &o.gates, &o.cells, &o.norm, &o.stats})
@@ -565,6 +725,7 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
   at::Tensor gates = gates_.contiguous(), cells = cells_.contiguous();
   at::Tensor norm = ln ? norm_.contiguous() : at::Tensor(), stats = ln ? stats_.contiguous() : at::Tensor();
   const VariantParams<T> p = params_of<T>(a, at::Tensor(), at::Tensor());
+  const at::Tensor keep = keep_rows(a);
 
   at::Tensor dh = grad_hy.contiguous().clone();
   at::Tensor dc = a.lstm ? grad_cy.contiguous().clone() : at::Tensor();
@@ -576,8 +737,7 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
   const int64_t scratch_ld = H;
   at::Tensor scratch = at::empty({B, scratch_ld}, opts);
 
-  const int64_t pack_m = s.T > 1 ? B : 0;
-  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, H, GH, B, pack_m);  // dh += dhg W_hh
+  const StepGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, H, GH, B, s.T, opts);  // dh += dhg W_hh
 
   const T* go = grad_out.data_ptr<T>();
   T* dhp = dh.data_ptr<T>();
@@ -600,9 +760,8 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
                          a.norm_w(),
                          ptr_or_null<T>(stats),
                          a.stats_w(),
-                         ptr_or_null<T>(a.mask),
-                         a.S * H,
-                         T(a.kp),
+                         keep.data_ptr<T>(),
+                         a.mask.defined() ? a.S * H : 0,
                          dhp,
                          a.lstm ? dc.data_ptr<T>() : nullptr,
                          da.data_ptr<T>(),
@@ -613,16 +772,37 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
                          scratch.data_ptr<T>(),
                          scratch_ld};
   const int64_t grain = row_grain(GH + H);
-  for (int64_t step = s.T - 1; step >= 0; --step) {
-    const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
-    const T* gor = go + off * H;
-    for (int64_t i = 0; i < bs * H; ++i) dhp[i] += gor[i];
-    VBwdRows<T> rows = base;
-    rows.off = off;
-    rows.t = t;
-    at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { vbackward_rows(rows, b0, b1); });
-    // The row pass left the zoneout part (d * dh) in dh; the recurrent product adds to it.
-    rec.run(dhgp + off * GH, bs, GH, dhp, H, T(1));
+  const int64_t slices = rec.panelled() ? std::min<int64_t>(at::get_num_threads(), rec.panels()) : 1;
+  // The row pass leaves the zoneout part (d * dh) in dh; the recurrent product adds to it.
+  if (rec.panelled() && use_team(slices, s.T)) {
+    Barrier barrier;
+    const int64_t np = rec.panels();
+    at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+      int64_t target = 0;
+      for (int64_t step = s.T - 1; step >= 0; --step) {
+        const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+        const int64_t r0 = bs * s0 / slices, r1 = bs * s1 / slices;
+        for (int64_t i = r0 * H; i < r1 * H; ++i) dhp[i] += go[off * H + i];
+        VBwdRows<T> rows = base;
+        rows.off = off;
+        rows.t = t;
+        vbackward_rows(rows, r0, r1);
+        barrier.arrive_and_wait(s1 - s0, target += slices);
+        rec.run_panels(dhgp + off * GH, bs, GH, dhp, H, true, np * s0 / slices, np * s1 / slices);
+        barrier.arrive_and_wait(s1 - s0, target += slices);
+      }
+    });
+  } else {
+    for (int64_t step = s.T - 1; step >= 0; --step) {
+      const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+      const T* gor = go + off * H;
+      for (int64_t i = 0; i < bs * H; ++i) dhp[i] += gor[i];
+      VBwdRows<T> rows = base;
+      rows.off = off;
+      rows.t = t;
+      at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { vbackward_rows(rows, b0, b1); });
+      rec.run(dhgp + off * GH, bs, GH, dhp, H, true);
+    }
   }
 
   // The state each step started from, as one matrix, so dW_hh is a single GEMM.

@@ -4,9 +4,10 @@
 // H = hidden size, G = gates (4 LSTM: i, f, g, o; 3 GRU: r, z, n), GH = G*H.
 // "xg" [GH] is W_ih x of the row and "hg" [GH] is W_hh h (no biases in either).
 // Zoneout: `keep` [S*H] (S = 2 for the LSTM: h then c; 1 for the GRU) holds d, 1 where the unit
-// keeps its previous value; without a mask the constant `kp` (eval: the zoneout probability p,
-// or 0 when zoneout is off) plays d's part: state' = d*state + (1-d)*candidate (in that form, so a
-// kept unit is bit-identical to its previous value).
+// keeps its previous value (a training mask), or the constant p (eval), or 0 (no zoneout):
+// state' = d*state + (1-d)*candidate, in that form so that a kept unit is bit-identical to its
+// previous value and d = 0 gives the candidate exactly. Always given: no branch in the loops.
+// Biases (bias_x, bias_h) are always given too (zeros when the layer has none).
 #pragma once
 
 #include <cmath>
@@ -122,8 +123,8 @@ FASTRNN_INLINE void gate_inputs(const VariantParams<T>& p, int64_t GH, const T* 
         xhat[k] = a;
         hhat[k] = b;
       }
-      const T vx = a * p.lnx_w[k] + p.lnx_b[k] + (p.bias_x ? p.bias_x[k] : T(0));
-      const T vh = b * p.lnh_w[k] + p.lnh_b[k] + (p.bias_h ? p.bias_h[k] : T(0));
+      const T vx = a * p.lnx_w[k] + p.lnx_b[k] + p.bias_x[k];
+      const T vh = b * p.lnh_w[k] + p.lnh_b[k] + p.bias_h[k];
       if (Split) {
         pre[k] = vx;
         preh[k] = vh;
@@ -137,8 +138,8 @@ FASTRNN_INLINE void gate_inputs(const VariantParams<T>& p, int64_t GH, const T* 
     }
   } else {
     for (int64_t k = 0; k < GH; ++k) {
-      const T vx = xg[k] + (p.bias_x ? p.bias_x[k] : T(0));
-      const T vh = hg[k] + (p.bias_h ? p.bias_h[k] : T(0));
+      const T vx = xg[k] + p.bias_x[k];
+      const T vh = hg[k] + p.bias_h[k];
       if (Split) {
         pre[k] = vx;
         preh[k] = vh;
@@ -160,7 +161,7 @@ FASTRNN_INLINE void gate_inputs(const VariantParams<T>& p, int64_t GH, const T* 
 template <bool Save, bool LN, bool Peep, typename T>
 FASTRNN_INLINE void vlstm_forward_row(const VariantParams<T>& p, const T* FASTRNN_RESTRICT xg,
                                       const T* FASTRNN_RESTRICT hg, T* FASTRNN_RESTRICT h, T* FASTRNN_RESTRICT c,
-                                      const T* FASTRNN_RESTRICT keep, T kp, T* FASTRNN_RESTRICT scratch,
+                                      const T* FASTRNN_RESTRICT keep, T* FASTRNN_RESTRICT scratch,
                                       T* FASTRNN_RESTRICT gates, T* FASTRNN_RESTRICT cells, T* FASTRNN_RESTRICT xhat,
                                       T* FASTRNN_RESTRICT hhat, T* FASTRNN_RESTRICT chat, T* FASTRNN_RESTRICT stats) {
   const int64_t H = p.H, GH = 4 * H;
@@ -184,7 +185,6 @@ FASTRNN_INLINE void vlstm_forward_row(const VariantParams<T>& p, const T* FASTRN
     vdetail::moments(H, cn, p.eps, mc, rc);
     if (Save) stats[2] = rc;
   }
-  const bool zone = keep != nullptr || kp != T(0);
   for (int64_t j = 0; j < H; ++j) {
     const T cc = cn[j];
     T y = cc;
@@ -196,12 +196,9 @@ FASTRNN_INLINE void vlstm_forward_row(const VariantParams<T>& p, const T* FASTRN
     const T o = math::sigmoid(pre[3 * H + j] + (Peep ? p.peep[2 * H + j] * cc : T(0)));
     const T ht = o * math::tanh(y);
     if (Save) gates[3 * H + j] = o;
-    T hn = ht, cnew = cc;
-    if (zone) {
-      const T kh = keep ? keep[j] : kp, kc = keep ? keep[H + j] : kp;
-      hn = kh * h[j] + (T(1) - kh) * ht;  // exact for d in {0, 1}: a kept unit is bit-identical
-      cnew = kc * c[j] + (T(1) - kc) * cc;
-    }
+    const T kh = keep[j], kc = keep[H + j];
+    const T hn = kh * h[j] + (T(1) - kh) * ht;
+    const T cnew = kc * c[j] + (T(1) - kc) * cc;
     h[j] = hn;
     c[j] = cnew;
     if (Save) cells[j] = cnew;
@@ -220,7 +217,7 @@ template <bool LN, bool Peep, typename T>
 FASTRNN_INLINE void vlstm_backward_row(const VariantParams<T>& p, const T* FASTRNN_RESTRICT gates,
                                        const T* FASTRNN_RESTRICT cprev, const T* FASTRNN_RESTRICT hhat,
                                        const T* FASTRNN_RESTRICT chat, const T* FASTRNN_RESTRICT stats,
-                                       const T* FASTRNN_RESTRICT keep, T kp, T* FASTRNN_RESTRICT dh,
+                                       const T* FASTRNN_RESTRICT keep, T* FASTRNN_RESTRICT dh,
                                        T* FASTRNN_RESTRICT dc, T* FASTRNN_RESTRICT dp, T* FASTRNN_RESTRICT dhg,
                                        T* FASTRNN_RESTRICT dyc, T* FASTRNN_RESTRICT dpeep,
                                        T* FASTRNN_RESTRICT scratch) {
@@ -231,7 +228,7 @@ FASTRNN_INLINE void vlstm_backward_row(const VariantParams<T>& p, const T* FASTR
     const T cc = f * cprev[j] + i * g;
     const T y = LN ? chat[j] * p.lnc_w[j] + p.lnc_b[j] : cc;
     const T ty = math::tanh(y);
-    const T kh = keep ? keep[j] : kp;
+    const T kh = keep[j];
     const T dht = (T(1) - kh) * dh[j];
     dp[3 * H + j] = dht * ty * o * (T(1) - o);
     const T dy = dht * o * (T(1) - ty * ty);
@@ -242,7 +239,7 @@ FASTRNN_INLINE void vlstm_backward_row(const VariantParams<T>& p, const T* FASTR
   for (int64_t j = 0; j < H; ++j) {
     const T i = gates[j], f = gates[H + j], g = gates[2 * H + j];
     const T cp = cprev[j], dct = dc[j];
-    const T kh = keep ? keep[j] : kp, kc = keep ? keep[H + j] : kp;
+    const T kh = keep[j], kc = keep[H + j];
     const T dop = dp[3 * H + j];
     const T dcc = dcn[j] + (T(1) - kc) * dct + (Peep ? dop * p.peep[2 * H + j] : T(0));
     const T di = dcc * g * i * (T(1) - i);
@@ -270,14 +267,13 @@ FASTRNN_INLINE void vlstm_backward_row(const VariantParams<T>& p, const T* FASTR
 template <bool Save, bool LN, typename T>
 FASTRNN_INLINE void vgru_forward_row(const VariantParams<T>& p, const T* FASTRNN_RESTRICT xg,
                                      const T* FASTRNN_RESTRICT hg, T* FASTRNN_RESTRICT h,
-                                     const T* FASTRNN_RESTRICT keep, T kp, T* FASTRNN_RESTRICT scratch,
+                                     const T* FASTRNN_RESTRICT keep, T* FASTRNN_RESTRICT scratch,
                                      T* FASTRNN_RESTRICT gates, T* FASTRNN_RESTRICT hn_out, T* FASTRNN_RESTRICT xhat,
                                      T* FASTRNN_RESTRICT hhat, T* FASTRNN_RESTRICT stats) {
   const int64_t H = p.H, GH = 3 * H;
   T* gi = scratch;
   T* gh = scratch + GH;
   vdetail::gate_inputs<Save, LN, true, T>(p, GH, xg, hg, gi, xhat, hhat, stats);
-  const bool zone = keep != nullptr || kp != T(0);
   for (int64_t j = 0; j < H; ++j) {
     const T r = math::sigmoid(gi[j] + gh[j]);
     const T z = math::sigmoid(gi[H + j] + gh[H + j]);
@@ -285,12 +281,8 @@ FASTRNN_INLINE void vgru_forward_row(const VariantParams<T>& p, const T* FASTRNN
     const T n = math::tanh(gi[2 * H + j] + r * hn);
     const T hp = h[j];
     const T ht = (T(1) - z) * n + z * hp;
-    T hnew = ht;
-    if (zone) {
-      const T k = keep ? keep[j] : kp;
-      hnew = k * hp + (T(1) - k) * ht;
-    }
-    h[j] = hnew;
+    const T k = keep[j];
+    h[j] = k * hp + (T(1) - k) * ht;
     if (Save) {
       gates[j] = r;
       gates[H + j] = z;
@@ -307,12 +299,12 @@ template <bool LN, typename T>
 FASTRNN_INLINE void vgru_backward_row(const VariantParams<T>& p, const T* FASTRNN_RESTRICT gates,
                                       const T* FASTRNN_RESTRICT hn, const T* FASTRNN_RESTRICT hprev,
                                       const T* FASTRNN_RESTRICT hhat, const T* FASTRNN_RESTRICT stats,
-                                      const T* FASTRNN_RESTRICT keep, T kp, T* FASTRNN_RESTRICT dh,
+                                      const T* FASTRNN_RESTRICT keep, T* FASTRNN_RESTRICT dh,
                                       T* FASTRNN_RESTRICT dgi, T* FASTRNN_RESTRICT dgp, T* FASTRNN_RESTRICT dhg) {
   const int64_t H = p.H;
   for (int64_t j = 0; j < H; ++j) {
     const T r = gates[j], z = gates[H + j], n = gates[2 * H + j];
-    const T k = keep ? keep[j] : kp;
+    const T k = keep[j];
     const T d = dh[j];
     const T dht = (T(1) - k) * d;
     const T dn = dht * (T(1) - z) * (T(1) - n * n);
