@@ -362,23 +362,41 @@ FASTRNN_INLINE void vbackward_rows_impl(const VBwdRows<T>& s, int64_t b0, int64_
     vbwd_rows_p<false, T>(s, b0, b1);
 }
 
-// LayerNorm input gradient for rows [r0, r1) of d [N, n] in place (the x side, after the loop).
+// One pass over the rows of d [N, n] after the loop, in chunks of kChunk rows: per chunk the
+// column sums of d and of d * xhat (a bias and a LayerNorm gain gradient) into partial [2, n],
+// then, when w is given, d becomes LayerNorm's input gradient in place (the x side). The chunks
+// are fixed, so the sums do not depend on the thread count.
+constexpr int64_t kChunk = 32;
+
 template <typename T>
-struct LnRows {
-  int64_t n;
+struct ColPass {
+  int64_t N, n;
   T* d;
-  const T* w;
   const T* xhat;
   int64_t xhat_ld;
+  const T* w;  // LayerNorm gain, or null: no transform
   const T* rstd;
   int64_t rstd_ld;
+  T* partial;  // [chunks, 2, n]
 };
 
 template <typename T>
-FASTRNN_INLINE void ln_rows_impl(const LnRows<T>& s, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r)
-    vdetail::layer_norm_backward(s.n, s.d + r * s.n, s.w, s.xhat + r * s.xhat_ld, s.rstd[r * s.rstd_ld],
-                                 s.d + r * s.n);
+FASTRNN_INLINE void col_pass_impl(const ColPass<T>& s, int64_t c0, int64_t c1) {
+  const int64_t n = s.n;
+  for (int64_t c = c0; c < c1; ++c) {
+    T* FASTRNN_RESTRICT sum = s.partial + c * 2 * n;
+    T* FASTRNN_RESTRICT sumx = sum + n;
+    for (int64_t k = 0; k < n; ++k) sum[k] = sumx[k] = T(0);
+    for (int64_t r = c * kChunk; r < std::min(s.N, (c + 1) * kChunk); ++r) {
+      T* FASTRNN_RESTRICT dr = s.d + r * n;
+      const T* FASTRNN_RESTRICT xh = s.xhat + r * s.xhat_ld;
+      for (int64_t k = 0; k < n; ++k) {
+        sum[k] += dr[k];
+        sumx[k] += dr[k] * xh[k];
+      }
+      if (s.w) vdetail::layer_norm_backward(n, dr, s.w, xh, s.rstd[r * s.rstd_ld], dr);
+    }
+  }
 }
 
 // C[m, N] (=, or += when accumulate) A[m, K] @ B[K, N] for B packed in column panels of NR = kPV
@@ -441,7 +459,7 @@ FASTRNN_INLINE void panel_rows_impl(const PanelArgs<T>& g, int64_t p0, int64_t p
 
 FASTRNN_VARIANT_KERNEL(vforward_rows, VFwdRows, vforward_rows_impl)
 FASTRNN_VARIANT_KERNEL(vbackward_rows, VBwdRows, vbackward_rows_impl)
-FASTRNN_VARIANT_KERNEL(ln_rows, LnRows, ln_rows_impl)
+FASTRNN_VARIANT_KERNEL(col_pass, ColPass, col_pass_impl)
 FASTRNN_VARIANT_KERNEL(panel_rows, PanelArgs, panel_rows_impl)
 
 // The per-step recurrent product of one call: panels for small products (packed once per call,
@@ -700,6 +718,19 @@ at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
   return at::mm(dy.t(), x);
 }
 
+// Column sums (of d and of d * xhat) and, with w, the LayerNorm transform of d in place.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> column_pass(at::Tensor& d, const at::Tensor& xhat, int64_t xhat_ld, const T* w,
+                                              const at::Tensor& stats, int64_t rstd_col, int64_t rstd_ld) {
+  const int64_t N = d.size(0), n = d.size(1), chunks = (N + kChunk - 1) / kChunk;
+  at::Tensor partial = at::empty({chunks, 2, n}, d.options());
+  const ColPass<T> cp{N, n, d.data_ptr<T>(), xhat.data_ptr<T>(), xhat_ld, w,
+                      w ? stats.data_ptr<T>() + rstd_col : nullptr, rstd_ld, partial.data_ptr<T>()};
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) { col_pass(cp, c0, c1); });
+  at::Tensor sums = partial.sum(0);
+  return {sums[0].clone(), sums[1].clone()};  // separate storage: op outputs must not alias
+}
+
 struct VBackwardOut {
   at::Tensor grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_ln[6], grad_peep, grad_hx, grad_cx;
 };
@@ -820,21 +851,28 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
   g.grad_w_hh = weight_grad<T>(dhg, hprev);
   // Bias and LayerNorm gain/bias gradients: sums over rows, before da becomes dL/d(W_ih x).
   at::Tensor empty = at::empty({0}, opts);
-  g.grad_b_ih = da.sum(0);
-  g.grad_b_hh = a.lstm ? g.grad_b_ih.clone() : db.sum(0);
   for (auto& t : g.grad_ln) t = empty.clone();  // distinct tensors: outputs must not alias
   if (ln) {
-    g.grad_ln[0] = (da * norm.narrow(1, 0, GH)).sum(0);
-    g.grad_ln[1] = g.grad_b_ih.clone();
-    g.grad_ln[2] = ((a.lstm ? da : db) * norm.narrow(1, GH, GH)).sum(0);
-    g.grad_ln[3] = g.grad_b_hh.clone();
+    // The hidden side first: the LSTM's da is also its hidden-side gradient, and the x-side pass
+    // turns da into dL/d(W_ih x).
+    const int64_t nw = a.norm_w(), sw = a.stats_w();
+    at::Tensor& dside = a.lstm ? da : db;
+    auto hs = column_pass<T>(dside, norm.narrow(1, GH, GH), nw, nullptr, stats, 1, sw);
+    g.grad_b_hh = hs.first;
+    g.grad_ln[2] = hs.second;
+    g.grad_ln[3] = hs.first.clone();
+    auto xs = column_pass<T>(da, norm, nw, a.lnx_w.data_ptr<T>(), stats, 0, sw);
+    g.grad_b_ih = xs.first;
+    g.grad_ln[0] = xs.second;
+    g.grad_ln[1] = xs.first.clone();
     if (a.lstm) {
-      g.grad_ln[4] = (dyc * norm.narrow(1, 2 * GH, H)).sum(0);
-      g.grad_ln[5] = dyc.sum(0);
+      auto cs = column_pass<T>(dyc, norm.narrow(1, 2 * GH, H), nw, nullptr, stats, 2, sw);
+      g.grad_ln[4] = cs.second;
+      g.grad_ln[5] = cs.first;
     }
-    const LnRows<T> lr{GH, da.data_ptr<T>(), a.lnx_w.data_ptr<T>(), norm.data_ptr<T>(), a.norm_w(),
-                       stats.data_ptr<T>(), a.stats_w()};
-    at::parallel_for(0, N, row_grain(GH), [&](int64_t r0, int64_t r1) { ln_rows(lr, r0, r1); });
+  } else {
+    g.grad_b_ih = da.sum(0);
+    g.grad_b_hh = a.lstm ? g.grad_b_ih.clone() : db.sum(0);
   }
   g.grad_peep = peep ? dpeep.sum(0).view({3, H}) : empty.clone();
   g.grad_w_ih = weight_grad<T>(da, a.x);
