@@ -3,8 +3,8 @@
 // is in fastrnn/variant_cells.h. One driver serves both cells; LayerNorm, peepholes and zoneout
 // are template switches of the row functions, chosen once per call.
 //
-// Forward: xg = X W_ih^T for all rows (one large GEMM; LayerNorm of it is per row, so it runs in
-// the step's row pass, where the row is hot anyway); per step hg = h W_hh^T (oneDNN / packed MKL
+// Forward: xg = X W_ih^T, large GEMMs over chunks of ~8 MB of steps computed right before they run
+// (LayerNorm of it is per row, so it runs in the step's row pass, where the row is hot anyway); per step hg = h W_hh^T (oneDNN / packed MKL
 // through gemm.h, no dispatcher for small products), then one fused pass per batch row: both
 // LayerNorms, biases, peepholes, gates, LN of the new cell, zoneout, state update, saving what
 // backward needs (normalised values and 1/std per LayerNorm, gate activations, carried cells).
@@ -236,7 +236,8 @@ struct VFwdRows {
   bool lstm, save, ln, peep;
   VariantParams<T> p;
   int64_t H, GH, off;
-  const T* xg;  // [N, GH]
+  const T* xg;  // input projections of rows [xg_row0, ...), GH wide
+  int64_t xg_row0;
   const T* hg;  // [B, GH]
   T* h;         // [B, H]
   T* c;         // [B, H] (LSTM)
@@ -263,11 +264,11 @@ FASTRNN_INLINE void vfwd_rows_t(const VFwdRows<T>& s, int64_t b0, int64_t b1) {
     T* gates = Save ? s.gates + row * GH : nullptr;
     T* cells = Save ? s.cells + row * H : nullptr;
     if (s.lstm)
-      vlstm_forward_row<Save, LN, Peep, T>(s.p, s.xg + row * GH, s.hg + b * GH, s.h + b * H, s.c + b * H, keep,
+      vlstm_forward_row<Save, LN, Peep, T>(s.p, s.xg + (row - s.xg_row0) * GH, s.hg + b * GH, s.h + b * H, s.c + b * H, keep,
                                            s.scratch + b * s.scratch_ld, gates, cells, nr, nr ? nr + GH : nullptr,
                                            nr ? nr + 2 * GH : nullptr, st);
     else
-      vgru_forward_row<Save, LN, T>(s.p, s.xg + row * GH, s.hg + b * GH, s.h + b * H, keep,
+      vgru_forward_row<Save, LN, T>(s.p, s.xg + (row - s.xg_row0) * GH, s.hg + b * GH, s.h + b * H, keep,
                                     s.scratch + b * s.scratch_ld, gates, cells, nr, nr ? nr + GH : nullptr, st);
   }
 }
@@ -603,7 +604,6 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
   }
   const VariantParams<T> p = params_of<T>(a, bias_x, bias_h);
   const at::Tensor keep = keep_rows(a);
-  at::Tensor xg = fast_linear(a.x, a.w_ih).contiguous();  // [N, GH]
 
   o.hy = a.hx.clone();
   if (a.lstm) o.cy = a.cx.clone();
@@ -632,7 +632,8 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
                          H,
                          GH,
                          0,
-                         xg.data_ptr<T>(),
+                         nullptr,
+                         0,
                          hgp,
                          h,
                          a.lstm ? o.cy.data_ptr<T>() : nullptr,
@@ -648,33 +649,51 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
                          a.stats_w()};
   const int64_t grain = row_grain(GH + H);
   const int64_t slices = rec.panelled() ? std::min<int64_t>(at::get_num_threads(), rec.panels()) : 1;
-  if (rec.panelled() && use_team(slices, s.T)) {
-    // Per step: each thread its panels of hg = h W_hh^T, barrier, each thread its rows, barrier.
-    Barrier barrier;
-    const int64_t np = rec.panels();
-    at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
-      int64_t target = 0;
-      for (int64_t step = 0; step < s.T; ++step) {
+  auto run_steps = [&](const VFwdRows<T>& base, int64_t c0, int64_t c1) {
+    if (rec.panelled() && use_team(slices, c1 - c0)) {
+      // Per step: each thread its panels of hg = h W_hh^T, barrier, each thread its rows, barrier.
+      Barrier barrier;
+      const int64_t np = rec.panels();
+      at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+        int64_t target = 0;
+        for (int64_t step = c0; step < c1; ++step) {
+          const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+          rec.run_panels(h, bs, H, hgp, GH, false, np * s0 / slices, np * s1 / slices);
+          barrier.arrive_and_wait(s1 - s0, target += slices);
+          VFwdRows<T> rows = base;
+          rows.off = off;
+          const int64_t r0 = bs * s0 / slices, r1 = bs * s1 / slices;
+          vforward_rows(rows, r0, r1);
+          if (r1 > r0) std::memcpy(out + (off + r0) * H, h + r0 * H, sizeof(T) * (r1 - r0) * H);
+          barrier.arrive_and_wait(s1 - s0, target += slices);
+        }
+      });
+    } else {
+      for (int64_t step = c0; step < c1; ++step) {
         const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
-        rec.run_panels(h, bs, H, hgp, GH, false, np * s0 / slices, np * s1 / slices);
-        barrier.arrive_and_wait(s1 - s0, target += slices);
+        rec.run(h, bs, H, hgp, GH, false);
         VFwdRows<T> rows = base;
         rows.off = off;
-        const int64_t r0 = bs * s0 / slices, r1 = bs * s1 / slices;
-        vforward_rows(rows, r0, r1);
-        if (r1 > r0) std::memcpy(out + (off + r0) * H, h + r0 * H, sizeof(T) * (r1 - r0) * H);
-        barrier.arrive_and_wait(s1 - s0, target += slices);
+        at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { vforward_rows(rows, b0, b1); });
+        if (bs > 0) std::memcpy(out + off * H, h, sizeof(T) * bs * H);
       }
-    });
-  } else {
-    for (int64_t step = 0; step < s.T; ++step) {
-      const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
-      rec.run(h, bs, H, hgp, GH, false);
-      VFwdRows<T> rows = base;
-      rows.off = off;
-      at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { vforward_rows(rows, b0, b1); });
-      if (bs > 0) std::memcpy(out + off * H, h, sizeof(T) * bs * H);
     }
+  };
+  // The input projection a chunk of steps at a time, just before they run: no [N, G*H] buffer
+  // (tens of MB, page-faulted on every call), and the chunk is still in cache when read
+  // (FASTRNN_CHUNK_STEPS=n forces n steps a chunk, for tests).
+  const int64_t step_bytes = std::max<int64_t>(1, B * GH * int64_t(sizeof(T)));
+  int64_t chunk_steps = std::max<int64_t>(1, (int64_t(8) << 20) / step_bytes);
+  if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) chunk_steps = std::max<int64_t>(1, std::atoll(forced));
+  for (int64_t c0 = 0; c0 < s.T; c0 += chunk_steps) {
+    const int64_t c1 = std::min(s.T, c0 + chunk_steps);
+    const int64_t ta = s.time_at(c0), tb = s.time_at(c1 - 1), lo = std::min(ta, tb), hi = std::max(ta, tb);
+    const int64_t row0 = s.off[lo], nrows = s.off[hi] + s.bs[hi] - row0;
+    const at::Tensor xg = fast_linear(a.x.narrow(0, row0, nrows), a.w_ih).contiguous();
+    VFwdRows<T> chunk_base = base;
+    chunk_base.xg = xg.data_ptr<T>();
+    chunk_base.xg_row0 = row0;
+    run_steps(chunk_base, c0, c1);
   }
   at::Tensor empty = at::empty({0}, opts);
   for (at::Tensor* t : {&o.cy, &o.gates, &o.cells, &o.norm, &o.stats})
