@@ -657,7 +657,8 @@ def main(argv=None) -> int:
                         vbar.set_postfix_str(f"{case} {cell} {mode}")
                         try:
                             variant_rows.append(V.bench_variant(cell, case, shape, mode, args.rounds, args.warmup,
-                                                                0.0 if args.quick else MIN_ROUND_S, CpuWatch))
+                                                                0.0 if args.quick else MIN_ROUND_S, CpuWatch,
+                                                                make_runner))
                         except Exception as e:  # a crash is a result too
                             variant_rows.append({"cell": cell, "case": case, "mode": mode,
                                                  "error": f"{type(e).__name__}: {e}"})

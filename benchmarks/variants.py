@@ -72,23 +72,6 @@ class EagerLoop(nn.Module):
         return torch.stack(outs), (h.unsqueeze(0), c.unsqueeze(0))
 
 
-def _runner(m, x, mode):
-    if mode == "inference":
-        def run():
-            with torch.no_grad():
-                m(x)
-        return run
-    params = list(m.parameters())
-
-    def run_train():
-        x.grad = None
-        for q in params:
-            q.grad = None
-        out, _ = m(x)
-        out.sum().backward()
-    return run_train
-
-
 def _time3(runs, rounds, warmup, min_round_s):
     ts = [float("inf")] * len(runs)
     for _ in range(max(warmup, 1)):
@@ -115,7 +98,8 @@ def _time3(runs, rounds, warmup, min_round_s):
 
 
 def bench_variant(cell: str, case: str, shape, mode: str, rounds: int, warmup: int, min_round_s: float,
-                  watch_cls) -> dict:
+                  watch_cls, make_runner) -> dict:
+    """One row; watch_cls and make_runner are bench.py's CpuWatch and make_runner."""
     T, B, I, H = shape
     torch.manual_seed(1234)
     fast = getattr(fastrnn, cell)(I, H).eval()
@@ -135,7 +119,7 @@ def bench_variant(cell: str, case: str, shape, mode: str, rounds: int, warmup: i
         x = x.clone().requires_grad_(True)
     watch = watch_cls()
     watch.start()
-    t_loop, t_fast, t_plain = _time3([_runner(loop, x, mode), _runner(fast, x, mode), _runner(plain, x, mode)],
+    t_loop, t_fast, t_plain = _time3([make_runner(loop, x, mode), make_runner(fast, x, mode), make_runner(plain, x, mode)],
                                      rounds, warmup, min_round_s)
     others = watch.stop()
     med = [statistics.median(t) * 1e3 for t in (t_loop, t_fast, t_plain)]

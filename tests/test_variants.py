@@ -533,3 +533,18 @@ def test_chunked_input_projection(cell, features, monkeypatch):
         refs = run(cell, "ref", x, st, kw, bsz, reverse)
         for o, r in zip(outs, refs):
             assert_close(o, r)
+
+
+@pytest.mark.parametrize("mutate", ["data", "no_grad_inplace"])
+def test_packed_weight_cache_sees_every_write(mutate):
+    """Small products keep W_hh packed between calls; any write to W_hh must invalidate it."""
+    m = fastrnn.LayerNormLSTM(8, 16).double()
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    m(x)  # packs and caches
+    if mutate == "data":
+        m.weight_hh_l0.data[3, 5] += 0.25  # .data writes do not bump the version counter
+    else:
+        with torch.no_grad():
+            m.weight_hh_l0.mul_(1.5)
+    out, _ = m(x)
+    assert_close(out, layer_ref(m, x)[0])

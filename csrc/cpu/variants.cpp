@@ -27,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "checks.h"
@@ -463,40 +464,102 @@ FASTRNN_VARIANT_KERNEL(vbackward_rows, VBwdRows, vbackward_rows_impl)
 FASTRNN_VARIANT_KERNEL(col_pass, ColPass, col_pass_impl)
 FASTRNN_VARIANT_KERNEL(panel_rows, PanelArgs, panel_rows_impl)
 
+// B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true), packed in
+// panels of NR columns, zero past N.
+template <typename T>
+at::Tensor pack_panels(const at::Tensor& weight, bool trans_b, int64_t N, int64_t K) {
+  constexpr int64_t NR = kPV * panel::Vec<T>::L;
+  const int64_t n_panels = (N + NR - 1) / NR;
+  at::Tensor packed = at::zeros({n_panels, K, NR}, weight.options());
+  const T* w = weight.data_ptr<T>();
+  T* dst = packed.data_ptr<T>();
+  // Loops in the order that reads W contiguously.
+  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t nc = std::min<int64_t>(NR, N - p * NR);
+      T* d = dst + p * K * NR;
+      if (trans_b) {
+        for (int64_t q = 0; q < nc; ++q) {
+          const T* src = w + (p * NR + q) * K;
+          for (int64_t k = 0; k < K; ++k) d[k * NR + q] = src[k];
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) std::memcpy(d + k * NR, w + k * N + p * NR, sizeof(T) * nc);
+      }
+    }
+  });
+  return packed;
+}
+
+// Packing W_hh costs about ten B=1 steps, so packings are kept between calls (a model run over
+// many short sequences packs once), as recurrent.cpp does for its own layout: a hit must be the
+// same live tensor and byte-identical to the copy taken at packing time (version counters miss
+// writes through .data; inference tensors have none). At most 16 entries and
+// FASTRNN_PACK_CACHE_MB (default 256) MB.
+struct PanelCacheEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl> weight;
+  const void* data = nullptr;
+  bool trans_b = false;
+  at::Tensor copy, packed;
+};
+
+template <typename T>
+at::Tensor cached_panels(const at::Tensor& w, bool trans_b, int64_t N, int64_t K) {
+  static std::mutex mu;
+  static std::vector<PanelCacheEntry> cache;
+  constexpr size_t kMaxEntries = 16;
+  const size_t bytes = w.numel() * sizeof(T);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = cache.begin(); it != cache.end();) {
+      if (it->weight.expired()) {
+        it = cache.erase(it);
+        continue;
+      }
+      if (it->weight._unsafe_get_target() == w.unsafeGetTensorImpl() && it->data == w.data_ptr() &&
+          it->trans_b == trans_b && it->copy.scalar_type() == w.scalar_type() && it->copy.numel() == w.numel()) {
+        if (std::memcmp(it->copy.data_ptr(), w.data_ptr(), bytes) == 0) return it->packed;
+        cache.erase(it);
+        break;
+      }
+      ++it;
+    }
+  }
+  at::Tensor packed = pack_panels<T>(w, trans_b, N, K);
+  at::Tensor copy = w.clone();
+  static const size_t max_bytes = [] {
+    const char* mb = std::getenv("FASTRNN_PACK_CACHE_MB");
+    return size_t(mb ? std::strtoull(mb, nullptr, 10) : 256) << 20;
+  }();
+  std::lock_guard<std::mutex> lock(mu);
+  auto entry_bytes = [](const PanelCacheEntry& e) { return e.copy.nbytes() + e.packed.nbytes(); };
+  size_t total = copy.nbytes() + packed.nbytes();
+  for (const auto& e : cache) total += entry_bytes(e);
+  while (!cache.empty() && (cache.size() >= kMaxEntries || total > max_bytes)) {
+    total -= entry_bytes(cache.front());
+    cache.erase(cache.begin());
+  }
+  if (copy.nbytes() + packed.nbytes() <= max_bytes)
+    cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w.data_ptr(), trans_b, copy,
+                     packed});
+  return packed;
+}
+
 // The per-step recurrent product of one call: panels for small products (packed once per call,
 // run on the calling thread, whose cache keeps them across steps), gemm.h's WeightGemm (oneDNN /
 // packed MKL / BLAS, as the backend override says) otherwise.
 template <typename T>
 class StepGemm {
  public:
-  // B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true).
-  StepGemm(const T* w, bool trans_b, int64_t N, int64_t K, int64_t max_m, int64_t steps, const at::TensorOptions& opts)
-      : N_(N), K_(K) {
+  // B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true); w contiguous.
+  StepGemm(const at::Tensor& w, bool trans_b, int64_t N, int64_t K, int64_t max_m, int64_t steps) : N_(N), K_(K) {
     const int o = gemm_backend_override().load();
     const double macs = double(max_m) * double(N) * double(K);
     if (o == 4 || (o == 0 && steps > 1 && macs <= kPanelMaxMacs)) {
-      constexpr int64_t NR = kPV * panel::Vec<T>::L;
-      const int64_t n_panels = (N + NR - 1) / NR;
-      packed_ = at::zeros({n_panels, K, NR}, opts);
-      T* dst = packed_.data_ptr<T>();
-      // Loops in the order that reads W contiguously.
-      at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t nc = std::min<int64_t>(NR, N - p * NR);
-          T* d = dst + p * K * NR;
-          if (trans_b) {
-            for (int64_t q = 0; q < nc; ++q) {
-              const T* src = w + (p * NR + q) * K;
-              for (int64_t k = 0; k < K; ++k) d[k * NR + q] = src[k];
-            }
-          } else {
-            for (int64_t k = 0; k < K; ++k) std::memcpy(d + k * NR, w + k * N + p * NR, sizeof(T) * nc);
-          }
-        }
-      });
-      n_panels_ = n_panels;
+      packed_ = cached_panels<T>(w, trans_b, N, K);
+      n_panels_ = packed_.size(0);
     } else {
-      blas_ = std::make_unique<WeightGemm<T>>(w, trans_b, N, K, max_m, steps > 1 ? max_m : 0);
+      blas_ = std::make_unique<WeightGemm<T>>(w.data_ptr<T>(), trans_b, N, K, max_m, steps > 1 ? max_m : 0);
     }
   }
   bool panelled() const { return !blas_; }
@@ -619,7 +682,7 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
   at::Tensor hg = at::empty({B, GH}, opts);
   const int64_t scratch_ld = a.lstm ? 5 * H : 6 * H;
   at::Tensor scratch = at::empty({B, scratch_ld}, opts);
-  const StepGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/true, GH, H, B, s.T, opts);
+  const StepGemm<T> rec(a.w_hh, /*trans_b=*/true, GH, H, B, s.T);
 
   T* h = o.hy.data_ptr<T>();
   T* out = o.output.data_ptr<T>();
@@ -729,11 +792,16 @@ at::Tensor transposed(const at::Tensor& a) {
 }
 
 // dY^T X summed over all rows (a weight gradient); oneDNN wants both operands K-contiguous.
+// dy_t caches dy's transpose between calls that share dy.
 template <typename T>
-at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::Tensor* dy_t = nullptr) {
   const int64_t N = dy.size(0), A = dy.size(1), Bc = x.size(1);
-  if (N > 0 && use_onednn_for(A, Bc, N, std::is_same_v<T, float>))
-    return onednn_linear(transposed<T>(dy), transposed<T>(x), at::Tensor());
+  if (N > 0 && use_onednn_for(A, Bc, N, std::is_same_v<T, float>)) {
+    at::Tensor local;
+    at::Tensor& dyt = dy_t ? *dy_t : local;
+    if (!dyt.defined()) dyt = transposed<T>(dy);
+    return onednn_linear(dyt, transposed<T>(x), at::Tensor());
+  }
   return at::mm(dy.t(), x);
 }
 
@@ -787,7 +855,7 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
   const int64_t scratch_ld = H;
   at::Tensor scratch = at::empty({B, scratch_ld}, opts);
 
-  const StepGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, H, GH, B, s.T, opts);  // dh += dhg W_hh
+  const StepGemm<T> rec(a.w_hh, /*trans_b=*/false, H, GH, B, s.T);  // dh += dhg W_hh
 
   const T* go = grad_out.data_ptr<T>();
   T* dhp = dh.data_ptr<T>();
@@ -867,7 +935,9 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
         std::memcpy(hpv + (s.off[t] + b) * H, prev >= 0 ? outp + prev * H : hx + b * H, sizeof(T) * H);
       }
   }
-  g.grad_w_hh = weight_grad<T>(dhg, hprev);
+  at::Tensor da_t;  // without LayerNorm the LSTM's dhg is da: one transpose serves both weight gradients
+  const bool shared = a.lstm && !ln;
+  g.grad_w_hh = weight_grad<T>(dhg, hprev, shared ? &da_t : nullptr);
   // Bias and LayerNorm gain/bias gradients: sums over rows, before da becomes dL/d(W_ih x).
   at::Tensor empty = at::empty({0}, opts);
   for (auto& t : g.grad_ln) t = empty.clone();  // distinct tensors: outputs must not alias
@@ -894,7 +964,7 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
     g.grad_b_hh = a.lstm ? g.grad_b_ih.clone() : db.sum(0);
   }
   g.grad_peep = peep ? dpeep.sum(0).view({3, H}) : empty.clone();
-  g.grad_w_ih = weight_grad<T>(da, a.x);
+  g.grad_w_ih = weight_grad<T>(da, a.x, shared ? &da_t : nullptr);
   g.grad_input = fast_linear(da, a.w_ih.t().contiguous()).reshape(lead_with(a, a.I));
   g.grad_hx = dh;
   g.grad_cx = a.lstm ? dc : empty;
