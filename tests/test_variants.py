@@ -111,10 +111,14 @@ def test_no_bias_and_baseline_isa(cell, features, isa):
         assert_close(gf, gr)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_float32_large_gemm_path(cell, gemm_backend):
-    """Sizes where the per-step product takes oneDNN / packed MKL; float32 vs the float64 reference."""
-    features = "ln_peep_zoneout" if cell == "lstm" else "ln_zoneout"
+# With LayerNorm a step is GEMM then row pass; without, small products run the fused panel forward.
+PATHS = [("lstm", "ln_peep_zoneout"), ("lstm", "peep_zoneout"), ("gru", "ln_zoneout"), ("gru", "zoneout_mask")]
+
+
+@pytest.mark.parametrize("cell,features", PATHS)
+def test_float32_every_gemm_path(cell, features, gemm_backend):
+    """Every in-loop GEMM path (panels, oneDNN, packed MKL, BLAS, at::mm); float32 vs the float64
+    reference."""
     x, st, kw, bsz = make_case(cell, features, T=4, B=16, I=64, H=64, dtype=torch.float32)
     outs = run(cell, "fused", x, st, kw, bsz, False)
     d64 = lambda v: (tuple(t.detach().double() for t in v) if isinstance(v, tuple) else  # noqa: E731
@@ -500,7 +504,7 @@ def test_compile_fullgraph_layer_norm_lstm():
 
 
 @pytest.mark.parametrize("team", [True, False], ids=["team", "per-step"])
-@pytest.mark.parametrize("cell,features", [("lstm", "ln_peep_zoneout"), ("gru", "ln_zoneout")])
+@pytest.mark.parametrize("cell,features", PATHS)
 def test_persistent_team_and_per_step_loops_agree(cell, features, team, monkeypatch):
     """Small products run on W_hh packed in panels, split over a persistent team of threads (one
     parallel region for the whole loop) or, with FASTRNN_NO_TEAM, one call per step."""
@@ -522,7 +526,7 @@ def test_persistent_team_and_per_step_loops_agree(cell, features, team, monkeypa
         torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("cell,features", [("lstm", "ln_peep_zoneout"), ("gru", "ln_zoneout")])
+@pytest.mark.parametrize("cell,features", PATHS)
 def test_chunked_input_projection(cell, features, monkeypatch):
     """The input projection runs a few steps at a time: chunk edges (both directions, packed rows
     of shrinking batches) must not change any result."""

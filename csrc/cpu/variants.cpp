@@ -438,6 +438,72 @@ FASTRNN_INLINE void panel_rows_impl(const PanelArgs<T>& g, int64_t p0, int64_t p
   }
 }
 
+// Fused forward without LayerNorm (peephole LSTM, zoneout LSTM/GRU) for small products: W_hh packed
+// into panels of U = one vector of hidden units with all G gates of those units side by side; a
+// thread multiplies h by its panels and applies the units' math right away, no hg round trip and
+// one barrier a step (h is double-buffered: every thread reads all of h_{t-1}).
+template <typename T>
+struct FusedV {
+  bool lstm, save, has_peep;
+  int64_t H, GH, bs, off;
+  const T* wp;  // [n_panels, H, G*U]
+  const T* xg;  // input projections of rows [xg_row0, ...)
+  int64_t xg_row0;
+  const T* bias_x;  // [GH]
+  const T* bias_h;  // [GH] (GRU)
+  const T* peep;    // [3, H] or null
+  const T* hcur;    // [B, H]
+  T* hnext;         // [B, H]
+  T* c;             // [B, H] (LSTM)
+  T* out;           // [N, H]
+  const T* keep;    // zoneout d rows
+  int64_t keep_ld;
+  T* gates;  // [N, GH]
+  T* cells;  // [N, H]
+};
+
+template <typename T, int G, bool Save, bool Peep>
+FASTRNN_INLINE void fused_v_panels(const FusedV<T>& s, int64_t p0, int64_t p1) {
+  constexpr int U = panel::Vec<T>::L;
+  alignas(64) T C[panel::kMR * G * U];
+  const int64_t H = s.H, GH = s.GH;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t j0 = p * U, nu = std::min<int64_t>(U, H - j0);
+    const T* wpan = s.wp + p * H * G * U;
+    for (int64_t i0 = 0; i0 < s.bs; i0 += panel::kMR) {
+      const int64_t m = std::min<int64_t>(panel::kMR, s.bs - i0);
+      panel::product_rows<T, G>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t b = i0 + i, row = s.off + b;
+        const T* xr = s.xg + (row - s.xg_row0) * GH + j0;
+        const T* keep = s.keep + row * s.keep_ld + j0;
+        T* hn = s.hnext + b * H + j0;
+        T* gates = Save ? s.gates + row * GH + j0 : nullptr;
+        T* cells = Save ? s.cells + row * H + j0 : nullptr;
+        if constexpr (G == 4)
+          vlstm_forward_units<Save, Peep, T>(nu, xr, H, s.bias_x + j0, C + i * G * U, U, Peep ? s.peep + j0 : nullptr,
+                                             s.hcur + b * H + j0, hn, s.c + b * H + j0, keep, gates, cells);
+        else
+          vgru_forward_units<Save, T>(nu, xr, H, s.bias_x + j0, s.bias_h + j0, C + i * G * U, U, s.hcur + b * H + j0,
+                                      hn, keep, gates, cells);
+        std::memcpy(s.out + row * H + j0, hn, sizeof(T) * nu);
+      }
+    }
+  }
+}
+
+template <typename T>
+FASTRNN_INLINE void fused_v_impl(const FusedV<T>& s, int64_t p0, int64_t p1) {
+  if (s.lstm) {
+    if (s.save)
+      s.has_peep ? fused_v_panels<T, 4, true, true>(s, p0, p1) : fused_v_panels<T, 4, true, false>(s, p0, p1);
+    else
+      s.has_peep ? fused_v_panels<T, 4, false, true>(s, p0, p1) : fused_v_panels<T, 4, false, false>(s, p0, p1);
+  } else {
+    s.save ? fused_v_panels<T, 3, true, false>(s, p0, p1) : fused_v_panels<T, 3, false, false>(s, p0, p1);
+  }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTRNN_NO_CLONES)
 #define FASTRNN_VARIANT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -463,6 +529,27 @@ FASTRNN_VARIANT_KERNEL(vforward_rows, VFwdRows, vforward_rows_impl)
 FASTRNN_VARIANT_KERNEL(vbackward_rows, VBwdRows, vbackward_rows_impl)
 FASTRNN_VARIANT_KERNEL(col_pass, ColPass, col_pass_impl)
 FASTRNN_VARIANT_KERNEL(panel_rows, PanelArgs, panel_rows_impl)
+FASTRNN_VARIANT_KERNEL(fused_v, FusedV, fused_v_impl)
+
+// W_hh [G*H, H] -> [n_panels][k = H][gate g][unit u], U units a panel, zero past the last unit.
+template <typename T>
+at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t G, int64_t H) {
+  constexpr int64_t U = panel::Vec<T>::L;
+  const int64_t NR = G * U, n_panels = (H + U - 1) / U;
+  at::Tensor wp = at::zeros({n_panels, H, NR}, w_hh.options());
+  const T* w = w_hh.data_ptr<T>();
+  T* dst = wp.data_ptr<T>();
+  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t u = 0; u < U && p * U + u < H; ++u) {
+          const T* src = w + (g * H + p * U + u) * H;
+          T* d = dst + p * H * NR + g * U + u;
+          for (int64_t k = 0; k < H; ++k) d[k * NR] = src[k];
+        }
+  });
+  return wp;
+}
 
 // B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true), packed in
 // panels of NR columns, zero past N.
@@ -499,12 +586,12 @@ at::Tensor pack_panels(const at::Tensor& weight, bool trans_b, int64_t N, int64_
 struct PanelCacheEntry {
   c10::weak_intrusive_ptr<c10::TensorImpl> weight;
   const void* data = nullptr;
-  bool trans_b = false;
+  int kind = 0;  // the packing: 0/1 panels of W / W^T (StepGemm), 2 gate panels (fused forward)
   at::Tensor copy, packed;
 };
 
-template <typename T>
-at::Tensor cached_panels(const at::Tensor& w, bool trans_b, int64_t N, int64_t K) {
+template <typename T, typename Pack>
+at::Tensor cached_panels(const at::Tensor& w, int kind, const Pack& pack) {
   static std::mutex mu;
   static std::vector<PanelCacheEntry> cache;
   constexpr size_t kMaxEntries = 16;
@@ -517,7 +604,7 @@ at::Tensor cached_panels(const at::Tensor& w, bool trans_b, int64_t N, int64_t K
         continue;
       }
       if (it->weight._unsafe_get_target() == w.unsafeGetTensorImpl() && it->data == w.data_ptr() &&
-          it->trans_b == trans_b && it->copy.scalar_type() == w.scalar_type() && it->copy.numel() == w.numel()) {
+          it->kind == kind && it->copy.scalar_type() == w.scalar_type() && it->copy.numel() == w.numel()) {
         if (std::memcmp(it->copy.data_ptr(), w.data_ptr(), bytes) == 0) return it->packed;
         cache.erase(it);
         break;
@@ -525,7 +612,7 @@ at::Tensor cached_panels(const at::Tensor& w, bool trans_b, int64_t N, int64_t K
       ++it;
     }
   }
-  at::Tensor packed = pack_panels<T>(w, trans_b, N, K);
+  at::Tensor packed = pack();
   at::Tensor copy = w.clone();
   static const size_t max_bytes = [] {
     const char* mb = std::getenv("FASTRNN_PACK_CACHE_MB");
@@ -540,7 +627,7 @@ at::Tensor cached_panels(const at::Tensor& w, bool trans_b, int64_t N, int64_t K
     cache.erase(cache.begin());
   }
   if (copy.nbytes() + packed.nbytes() <= max_bytes)
-    cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w.data_ptr(), trans_b, copy,
+    cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w.data_ptr(), kind, copy,
                      packed});
   return packed;
 }
@@ -553,14 +640,17 @@ class StepGemm {
  public:
   // B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true); w contiguous.
   StepGemm(const at::Tensor& w, bool trans_b, int64_t N, int64_t K, int64_t max_m, int64_t steps) : N_(N), K_(K) {
-    const int o = gemm_backend_override().load();
-    const double macs = double(max_m) * double(N) * double(K);
-    if (o == 4 || (o == 0 && steps > 1 && macs <= kPanelMaxMacs)) {
-      packed_ = cached_panels<T>(w, trans_b, N, K);
+    if (use_panels(max_m, N, K, steps)) {
+      packed_ = cached_panels<T>(w, trans_b ? 1 : 0, [&] { return pack_panels<T>(w, trans_b, N, K); });
       n_panels_ = packed_.size(0);
     } else {
       blas_ = std::make_unique<WeightGemm<T>>(w.data_ptr<T>(), trans_b, N, K, max_m, steps > 1 ? max_m : 0);
     }
+  }
+  static bool use_panels(int64_t max_m, int64_t N, int64_t K, int64_t steps) {
+    const int o = gemm_backend_override().load();
+    const double macs = double(max_m) * double(N) * double(K);
+    return o == 4 || (o == 0 && steps > 1 && macs <= kPanelMaxMacs);
   }
   bool panelled() const { return !blas_; }
   int64_t panels() const { return n_panels_; }
@@ -682,7 +772,16 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
   at::Tensor hg = at::empty({B, GH}, opts);
   const int64_t scratch_ld = a.lstm ? 5 * H : 6 * H;
   at::Tensor scratch = at::empty({B, scratch_ld}, opts);
-  const StepGemm<T> rec(a.w_hh, /*trans_b=*/true, GH, H, B, s.T);
+  const bool fused = !a.ln() && StepGemm<T>::use_panels(B, GH, H, s.T);
+  std::unique_ptr<StepGemm<T>> recp;
+  if (!fused) recp = std::make_unique<StepGemm<T>>(a.w_hh, /*trans_b=*/true, GH, H, B, s.T);
+  at::Tensor wp, hbuf;
+  if (fused) {
+    wp = cached_panels<T>(a.w_hh, 2, [&] { return pack_gate_panels<T>(a.w_hh, a.G, H); });
+    hbuf = at::empty({2, B, H}, opts);
+    hbuf.select(0, 0).copy_(a.hx);
+    hbuf.select(0, 1).copy_(a.hx);
+  }
 
   T* h = o.hy.data_ptr<T>();
   T* out = o.output.data_ptr<T>();
@@ -711,8 +810,49 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
                          ptr_or_null<T>(o.stats),
                          a.stats_w()};
   const int64_t grain = row_grain(GH + H);
-  const int64_t slices = rec.panelled() ? std::min<int64_t>(at::get_num_threads(), rec.panels()) : 1;
+  const int64_t slices = (recp && recp->panelled()) ? std::min<int64_t>(at::get_num_threads(), recp->panels()) : 1;
+  const FusedV<T> fbase{a.lstm, train, a.has_peep(), H, GH, 0, 0, fused ? wp.data_ptr<T>() : nullptr, nullptr, 0,
+                        bias_x.data_ptr<T>(), bias_h.data_ptr<T>(), ptr_or_null<T>(a.peep), nullptr, nullptr,
+                        a.lstm ? o.cy.data_ptr<T>() : nullptr, out, keep.data_ptr<T>(),
+                        a.mask.defined() ? a.S * H : 0, ptr_or_null<T>(o.gates), ptr_or_null<T>(o.cells)};
+  const int64_t fpanels = fused ? wp.size(0) : 0;
+  T* hb = fused ? hbuf.data_ptr<T>() : nullptr;
+  auto fused_steps = [&](const VFwdRows<T>& base, int64_t c0, int64_t c1) {
+    auto step_args = [&](int64_t step) {
+      FusedV<T> x = fbase;
+      const int64_t t = s.time_at(step);
+      x.xg = base.xg;
+      x.xg_row0 = base.xg_row0;
+      x.bs = s.bs[t];
+      x.off = s.off[t];
+      x.hcur = hb + (step % 2) * B * H;
+      x.hnext = hb + (1 - step % 2) * B * H;
+      return x;
+    };
+    const int64_t fslices = std::min<int64_t>(at::get_num_threads(), fpanels);
+    if (use_team(fslices, c1 - c0)) {
+      Barrier barrier;
+      at::parallel_for(0, fslices, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t step = c0; step < c1; ++step) {
+          const FusedV<T> x = step_args(step);
+          for (int64_t sl = s0; sl < s1; ++sl) fused_v(x, sl * fpanels / fslices, (sl + 1) * fpanels / fslices);
+          barrier.arrive_and_wait(s1 - s0, (step - c0 + 1) * fslices);
+        }
+      });
+    } else {
+      for (int64_t step = c0; step < c1; ++step) {
+        const FusedV<T> x = step_args(step);
+        const int64_t fgrain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, x.bs * H * a.G * 16));
+        at::parallel_for(0, fpanels, fgrain, [&](int64_t p0, int64_t p1) { fused_v(x, p0, p1); });
+      }
+    }
+  };
   auto run_steps = [&](const VFwdRows<T>& base, int64_t c0, int64_t c1) {
+    if (fused) {
+      fused_steps(base, c0, c1);
+      return;
+    }
+    const StepGemm<T>& rec = *recp;
     if (rec.panelled() && use_team(slices, c1 - c0)) {
       // Per step: each thread its panels of hg = h W_hh^T, barrier, each thread its rows, barrier.
       Barrier barrier;
@@ -757,6 +897,16 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
     chunk_base.xg = xg.data_ptr<T>();
     chunk_base.xg_row0 = row0;
     run_steps(chunk_base, c0, c1);
+  }
+  if (fused) {
+    // h_n of each row is its output at its last processed step (the double buffer holds stale
+    // rows for sequences that ended earlier).
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t last_t = 0;
+      if (!s.reverse)
+        while (last_t + 1 < s.T && s.bs[last_t + 1] > b) ++last_t;
+      std::memcpy(h + b * H, out + (s.off[last_t] + b) * H, sizeof(T) * H);
+    }
   }
   at::Tensor empty = at::empty({0}, opts);
   for (at::Tensor* t : {&o.cy, &o.gates, &o.cells, &o.norm, &o.stats})

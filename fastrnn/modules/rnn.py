@@ -266,6 +266,9 @@ class _RNNBase(nn.Module):
 
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn layer holding the same parameters (shared, not copied)."""
+        if getattr(self, "zoneout", 0.0) or getattr(self, "weight_drop", 0.0):
+            warnings.warn(f"{type(self).__name__}.to_torch(): torch.nn has no zoneout or weight_drop; the torch.nn "
+                          "layer computes without them", stacklevel=2)
         w = getattr(self, self._flat_weights_names[0])
         kwargs = dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
                       dropout=self.dropout, bidirectional=self.bidirectional, device="meta", dtype=w.dtype)

@@ -321,4 +321,67 @@ FASTRNN_INLINE void vgru_backward_row(const VariantParams<T>& p, const T* FASTRN
   if (LN) vdetail::layer_norm_backward(3 * H, dgp, p.lnh_w, hhat, stats[1], dhg);
 }
 
+// ---------------------------------------------------------------------------------------
+// Without LayerNorm every unit's math is independent of the others, so it can run on a slice of
+// units right after the recurrent product of those units (the fused panel forward). n units:
+//   xg: W_ih x of the row, gate k of unit j at xg[k*xs + j]; bias (b_ih + b_hh) the same way
+//   hg: W_hh h, gate k at hg[k*hs + j]      peep: w_ci, w_cf, w_co at peep[k*xs + j] (or null)
+//   hprev [n], hout [n] (h_{t-1}, h_t; distinct memory)   c [n]: c_{t-1} in, c_t out
+//   keep: d for h at keep[j], for c at keep[xs + j]
+//   Save: gates (gate k at gates[k*xs + j]), cells [n] c_t
+// ---------------------------------------------------------------------------------------
+template <bool Save, bool Peep, typename T>
+FASTRNN_INLINE void vlstm_forward_units(int64_t n, const T* FASTRNN_RESTRICT xg, int64_t xs,
+                                        const T* FASTRNN_RESTRICT bias, const T* FASTRNN_RESTRICT hg, int64_t hs,
+                                        const T* FASTRNN_RESTRICT peep, const T* FASTRNN_RESTRICT hprev,
+                                        T* FASTRNN_RESTRICT hout, T* FASTRNN_RESTRICT c,
+                                        const T* FASTRNN_RESTRICT keep, T* FASTRNN_RESTRICT gates,
+                                        T* FASTRNN_RESTRICT cells) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T cp = c[j];
+    const T i = math::sigmoid(xg[j] + bias[j] + hg[j] + (Peep ? peep[j] * cp : T(0)));
+    const T f = math::sigmoid(xg[xs + j] + bias[xs + j] + hg[hs + j] + (Peep ? peep[xs + j] * cp : T(0)));
+    const T g = math::tanh(xg[2 * xs + j] + bias[2 * xs + j] + hg[2 * hs + j]);
+    const T cc = f * cp + i * g;
+    const T o = math::sigmoid(xg[3 * xs + j] + bias[3 * xs + j] + hg[3 * hs + j] + (Peep ? peep[2 * xs + j] * cc : T(0)));
+    const T ht = o * math::tanh(cc);
+    const T kh = keep[j], kc = keep[xs + j];
+    hout[j] = kh * hprev[j] + (T(1) - kh) * ht;
+    const T cnew = kc * cp + (T(1) - kc) * cc;
+    c[j] = cnew;
+    if (Save) {
+      gates[j] = i;
+      gates[xs + j] = f;
+      gates[2 * xs + j] = g;
+      gates[3 * xs + j] = o;
+      cells[j] = cnew;
+    }
+  }
+}
+
+//   GRU: bias_x (b_ih) and bias_h (b_hh) at [k*xs + j]; Save: gates r, z, n and hn [n]
+template <bool Save, typename T>
+FASTRNN_INLINE void vgru_forward_units(int64_t n, const T* FASTRNN_RESTRICT xg, int64_t xs,
+                                       const T* FASTRNN_RESTRICT bias_x, const T* FASTRNN_RESTRICT bias_h,
+                                       const T* FASTRNN_RESTRICT hg, int64_t hs, const T* FASTRNN_RESTRICT hprev,
+                                       T* FASTRNN_RESTRICT hout, const T* FASTRNN_RESTRICT keep,
+                                       T* FASTRNN_RESTRICT gates, T* FASTRNN_RESTRICT hn_out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T r = math::sigmoid(xg[j] + bias_x[j] + hg[j] + bias_h[j]);
+    const T z = math::sigmoid(xg[xs + j] + bias_x[xs + j] + hg[hs + j] + bias_h[xs + j]);
+    const T hn = hg[2 * hs + j] + bias_h[2 * xs + j];
+    const T nn = math::tanh(xg[2 * xs + j] + bias_x[2 * xs + j] + r * hn);
+    const T hp = hprev[j];
+    const T ht = (T(1) - z) * nn + z * hp;
+    const T k = keep[j];
+    hout[j] = k * hp + (T(1) - k) * ht;
+    if (Save) {
+      gates[j] = r;
+      gates[xs + j] = z;
+      gates[2 * xs + j] = nn;
+      hn_out[j] = hn;
+    }
+  }
+}
+
 }  // namespace fastrnn
