@@ -960,7 +960,7 @@ template <typename T>
 std::pair<at::Tensor, at::Tensor> column_pass(at::Tensor& d, const at::Tensor& xhat, int64_t xhat_ld, const T* w,
                                               const at::Tensor& stats, int64_t rstd_col, int64_t rstd_ld) {
   const int64_t N = d.size(0), n = d.size(1), chunks = (N + kChunk - 1) / kChunk;
-  at::Tensor partial = at::empty({chunks, 2, n}, d.options());
+  at::Tensor partial = empty_big({chunks, 2, n}, d.options());
   const ColPass<T> cp{N, n, d.data_ptr<T>(), xhat.data_ptr<T>(), xhat_ld, w,
                       w ? stats.data_ptr<T>() + rstd_col : nullptr, rstd_ld, partial.data_ptr<T>()};
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) { col_pass(cp, c0, c1); });
