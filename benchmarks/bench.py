@@ -35,6 +35,7 @@ import fastrnn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import extras  # noqa: E402
+import variants as V  # noqa: E402  (variant cells: eager loop vs fastrnn variant vs fastrnn.LSTM/GRU)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -552,6 +553,13 @@ def write_plot(rows: list[dict], path: Path, info: dict) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+VARIANT_NOTE = ("Variant cells: eager loop = the same cell as a plain-PyTorch Python loop over time (input projection "
+                "hoisted out of the loop), sharing the variant layer's parameters; plain fastrnn = fastrnn.LSTM (GRU "
+                "for LayerNormGRU) on the same shape; all three interleaved in one process, median of the rounds. "
+                "speedup vs loop = loop / variant; variant / plain = variant / plain fastrnn (lower is better). "
+                "max rel diff: loop vs variant outputs, checked once before timing.")
+
+
 def parse_list(s: str, allowed, what: str, parser) -> list[str]:
     items = [x.strip() for x in s.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed]
@@ -575,6 +583,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default benchmarks/results)")
     p.add_argument("--no-extras", action="store_true",
                    help="skip the streaming (T=1) and training peak-memory measurements")
+    p.add_argument("--no-variants", action="store_true",
+                   help=f"skip the variant-cell rows ({', '.join(V.VARIANT_CELLS)} at "
+                        f"{', '.join(V.VARIANT_CASES)}, when those cases are selected)")
     args = p.parse_args(argv)
 
     cells = parse_list(args.cells, CELLS, "cell", p)
@@ -642,6 +653,27 @@ def main(argv=None) -> int:
         stream_rows = extras.streaming_rows(time_pair, args.rounds, args.warmup,
                                             0.0 if args.quick else MIN_ROUND_S, args.quick)
         mem_rows = extras.peak_memory_rows(args.quick)
+    variant_rows: list[dict] = []
+    vcases = [] if args.no_variants else [c for c in cases if c in V.VARIANT_CASES]
+    if vcases:
+        vbar = make_bar(len(vcases) * len(modes) * len(V.VARIANT_CELLS), "variants")
+        try:
+            for case in vcases:
+                T, B, I, H = CASES[case]
+                shape = (min(T, QUICK_T) if args.quick else T, B, I, H)
+                for mode in modes:
+                    for cell in V.VARIANT_CELLS:
+                        vbar.set_postfix_str(f"{case} {cell} {mode}")
+                        try:
+                            variant_rows.append(V.bench_variant(cell, case, shape, mode, args.rounds, args.warmup,
+                                                                0.0 if args.quick else MIN_ROUND_S, CpuWatch,
+                                                                make_runner))
+                        except Exception as e:  # a crash is a result too
+                            variant_rows.append({"cell": cell, "case": case, "mode": mode,
+                                                 "error": f"{type(e).__name__}: {e}"})
+                        vbar.update(1)
+        finally:
+            vbar.close()
 
     # again at the end: a different sgemm rate means the machine's speed changed during the run
     end_peak = sgemm_peak_gflops(reps=3 if args.quick else 15)
@@ -668,13 +700,19 @@ def main(argv=None) -> int:
                      "a fresh process (benchmarks/extras.py).", ""]
     if extra_md:
         print("\n" + "\n".join(extra_md))
+    vtable = V.markdown(variant_rows) if variant_rows else ""
+    if vtable:
+        print("\n## Variant cells\n")
+        print(vtable)
+        print(f"\n{VARIANT_NOTE}")
 
     result = {
         "started_utc": started, "elapsed_s": elapsed, "command": cmdline,
         "settings": {"rounds": args.rounds, "warmup": args.warmup, "quick": args.quick, "threads": info["threads"],
                      "min_round_s": 0.0 if args.quick else MIN_ROUND_S, "seed": SEED,
                      "check_atol": CHECK_ATOL, "check_rtol": CHECK_RTOL},
-        "machine": info, "sgemm_peak": peak, "rows": rows, "streaming": stream_rows, "peak_memory": mem_rows,
+        "machine": info, "sgemm_peak": peak, "rows": rows, "variant_rows": variant_rows, "streaming": stream_rows,
+        "peak_memory": mem_rows,
     }
     with open(out_dir / "results.json", "w") as f:
         json.dump(result, f, indent=2, default=str)
@@ -694,14 +732,16 @@ def main(argv=None) -> int:
           f"CPU cores on average while the row ran. Don't quote noisy or contended rows: rerun them on a "
           f"quiet machine.", ""]
     md += extra_md
+    if vtable:
+        md += ["## Variant cells", "", vtable, "", VARIANT_NOTE, ""]
     if have_png:
         md += ["![speedup per case and mode](speedup.png)", "", "[speedup.png](speedup.png)", ""]
     (out_dir / "RESULTS.md").write_text("\n".join(md))
     print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'RESULTS.md'}"
           + (f", {out_dir / 'speedup.png'}" if have_png else ""), file=sys.stderr)
 
-    n_err = sum(1 for r in rows if "error" in r)
-    n_bad = sum(1 for r in rows if "error" not in r and not r["check_ok"])
+    n_err = sum(1 for r in rows + variant_rows if "error" in r)
+    n_bad = sum(1 for r in rows + variant_rows if "error" not in r and not r["check_ok"])
     n_noisy = sum(1 for r in rows if r.get("noisy"))
     n_cont = sum(1 for r in rows if r.get("contended"))
     if n_cont:

@@ -51,4 +51,35 @@ TORCH_LIBRARY(fastrnn, m) {
       "additive_attention_backward(Tensor grad_context, Tensor grad_weights, Tensor query_proj, Tensor key_proj, "
       "Tensor values, Tensor v, Tensor weights, float scale) -> (Tensor grad_query_proj, Tensor grad_key_proj, "
       "Tensor grad_values, Tensor grad_v)");
+  // Variant cells (SEMANTICS.md, "Variants"; kernels in csrc/cpu/variants.cpp). LayerNorm is on
+  // when its gains and biases are given (all or none); w_peep [3, H] = (w_ci, w_cf, w_co);
+  // zoneout_mask [*input.shape[:-1], S*H] (S = 2 for the LSTM: h then c) holds d, 1 where a unit
+  // keeps its previous state (training); without a mask, zoneout_p is the constant d (eval).
+  // Workspace: gates, cells (LSTM c_t) / hn (GRU), and with LayerNorm the normalised values
+  // norm [N, 2*G*H (+H)] and their 1/std stats [N, 3 (LSTM) or 2].
+  m.def(
+      "variant_lstm_forward(Tensor input, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? ln_ih_w, "
+      "Tensor? ln_ih_b, Tensor? ln_hh_w, Tensor? ln_hh_b, Tensor? ln_c_w, Tensor? ln_c_b, Tensor? w_peep, Tensor hx, "
+      "Tensor cx, Tensor? zoneout_mask, float zoneout_p, Tensor? batch_sizes, bool reverse, bool train) -> "
+      "(Tensor output, Tensor hy, Tensor cy, Tensor gates, Tensor cells, Tensor norm, Tensor stats)");
+  m.def(
+      "variant_lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor w_ih, "
+      "Tensor w_hh, Tensor? ln_ih_w, Tensor? ln_ih_b, Tensor? ln_hh_w, Tensor? ln_hh_b, Tensor? ln_c_w, "
+      "Tensor? ln_c_b, Tensor? w_peep, Tensor hx, Tensor cx, Tensor? zoneout_mask, float zoneout_p, "
+      "Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor cells, Tensor norm, Tensor stats) -> "
+      "(Tensor grad_input, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, "
+      "Tensor grad_ln_ih_w, Tensor grad_ln_ih_b, Tensor grad_ln_hh_w, Tensor grad_ln_hh_b, Tensor grad_ln_c_w, "
+      "Tensor grad_ln_c_b, Tensor grad_w_peep, Tensor grad_hx, Tensor grad_cx)");
+  m.def(
+      "variant_gru_forward(Tensor input, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? ln_ih_w, "
+      "Tensor? ln_ih_b, Tensor? ln_hh_w, Tensor? ln_hh_b, Tensor hx, Tensor? zoneout_mask, float zoneout_p, "
+      "Tensor? batch_sizes, bool reverse, bool train) -> (Tensor output, Tensor hy, Tensor gates, Tensor hn, "
+      "Tensor norm, Tensor stats)");
+  m.def(
+      "variant_gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor w_ih, Tensor w_hh, "
+      "Tensor? ln_ih_w, Tensor? ln_ih_b, Tensor? ln_hh_w, Tensor? ln_hh_b, Tensor hx, Tensor? zoneout_mask, "
+      "float zoneout_p, Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor hn, Tensor norm, "
+      "Tensor stats) -> (Tensor grad_input, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
+      "Tensor grad_b_hh, Tensor grad_ln_ih_w, Tensor grad_ln_ih_b, Tensor grad_ln_hh_w, Tensor grad_ln_hh_b, "
+      "Tensor grad_hx)");
 }

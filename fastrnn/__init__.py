@@ -8,6 +8,8 @@ from . import functional, reference
 from .modules.rnn import LSTM, GRU, RNN
 from .modules.cells import LSTMCell, GRUCell, RNNCell
 from .modules.attention import MultiheadAttention, AdditiveAttention, LuongAttention
+from .modules.variants import (LayerNormLSTM, LayerNormGRU, PeepholeLSTM, LayerNormLSTMCell, LayerNormGRUCell,
+                               PeepholeLSTMCell)
 from .convert import convert, to_torch
 from . import models
 
@@ -24,6 +26,6 @@ def build_info():
     return info
 
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MultiheadAttention", "AdditiveAttention",
-           "LuongAttention", "convert", "to_torch", "functional", "reference",
-           "build_info", "models"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU", "PeepholeLSTM",
+           "LayerNormLSTMCell", "LayerNormGRUCell", "PeepholeLSTMCell", "MultiheadAttention", "AdditiveAttention",
+           "LuongAttention", "convert", "to_torch", "functional", "reference", "build_info", "models"]

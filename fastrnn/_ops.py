@@ -172,3 +172,72 @@ def _additive_backward_fake(grad_context, grad_weights, query_proj, key_proj, va
     _check_additive("fastrnn.additive_attention_backward", query_proj, key_proj, values, v)
     return (query_proj.new_empty(query_proj.shape), key_proj.new_empty(key_proj.shape),
             values.new_empty(values.shape), v.new_empty(v.shape))
+def _variant_workspace(input, train, G, H, lstm, ln):
+    n = _rows(input)
+    if not train:
+        return tuple(input.new_empty((0,)) for _ in range(4))
+    norm_w = 2 * G * H + (H if lstm else 0)
+    return (input.new_empty((n, G * H)), input.new_empty((n, H)),
+            input.new_empty((n, norm_w)) if ln else input.new_empty((0,)),
+            input.new_empty((n, 3 if lstm else 2)) if ln else input.new_empty((0,)))
+
+
+@torch.library.register_fake(_lib + "variant_lstm_forward")
+def _variant_lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
+                               w_peep, hx, cx, zoneout_mask, zoneout_p, batch_sizes, reverse, train):
+    name = "fastrnn.variant_lstm_forward"
+    _check_common(name, input, w_ih, w_hh, hx, 4)
+    _check_devices(name, input, b_ih=b_ih, b_hh=b_hh, ln_ih_w=ln_ih_w, ln_ih_b=ln_ih_b, ln_hh_w=ln_hh_w,
+                   ln_hh_b=ln_hh_b, ln_c_w=ln_c_w, ln_c_b=ln_c_b, w_peep=w_peep, cx=cx, zoneout_mask=zoneout_mask,
+                   batch_sizes=batch_sizes)
+    torch._check(0.0 <= zoneout_p <= 1.0, lambda: f"{name}: zoneout_p must be a probability in [0, 1]")
+    H = w_ih.shape[0] // 4
+    out = input.new_empty((*input.shape[:-1], H))
+    ws = _variant_workspace(input, train, 4, H, True, ln_ih_w is not None)
+    return (out, hx.new_empty(hx.shape), cx.new_empty(cx.shape), *ws)
+
+
+@torch.library.register_fake(_lib + "variant_lstm_backward")
+def _variant_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b,
+                                ln_c_w, ln_c_b, w_peep, hx, cx, zoneout_mask, zoneout_p, batch_sizes, reverse, output,
+                                gates, cells, norm, stats):
+    _check_devices("fastrnn.variant_lstm_backward", input, grad_output=grad_output, grad_hy=grad_hy,
+                   grad_cy=grad_cy, w_ih=w_ih, w_hh=w_hh, ln_ih_w=ln_ih_w, ln_ih_b=ln_ih_b, ln_hh_w=ln_hh_w,
+                   ln_hh_b=ln_hh_b, ln_c_w=ln_c_w, ln_c_b=ln_c_b, w_peep=w_peep, hx=hx, cx=cx,
+                   zoneout_mask=zoneout_mask, batch_sizes=batch_sizes, output=output, gates=gates, cells=cells,
+                   norm=norm, stats=stats)
+    GH = w_ih.shape[0]
+    H = GH // 4
+    ln = ln_ih_w is not None
+    vec = lambda n: input.new_empty((n,)) if ln else input.new_empty((0,))  # noqa: E731
+    return (input.new_empty(input.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+            input.new_empty((GH,)), input.new_empty((GH,)), vec(GH), vec(GH), vec(GH), vec(GH), vec(H), vec(H),
+            input.new_empty((3, H)) if w_peep is not None else input.new_empty((0,)), hx.new_empty(hx.shape),
+            cx.new_empty(cx.shape))
+
+
+@torch.library.register_fake(_lib + "variant_gru_forward")
+def _variant_gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, hx, zoneout_mask,
+                              zoneout_p, batch_sizes, reverse, train):
+    name = "fastrnn.variant_gru_forward"
+    _check_common(name, input, w_ih, w_hh, hx, 3)
+    _check_devices(name, input, b_ih=b_ih, b_hh=b_hh, ln_ih_w=ln_ih_w, ln_ih_b=ln_ih_b, ln_hh_w=ln_hh_w,
+                   ln_hh_b=ln_hh_b, zoneout_mask=zoneout_mask, batch_sizes=batch_sizes)
+    torch._check(0.0 <= zoneout_p <= 1.0, lambda: f"{name}: zoneout_p must be a probability in [0, 1]")
+    H = w_ih.shape[0] // 3
+    out = input.new_empty((*input.shape[:-1], H))
+    return (out, hx.new_empty(hx.shape), *_variant_workspace(input, train, 3, H, False, ln_ih_w is not None))
+
+
+@torch.library.register_fake(_lib + "variant_gru_backward")
+def _variant_gru_backward_fake(grad_output, grad_hy, input, w_ih, w_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, hx,
+                               zoneout_mask, zoneout_p, batch_sizes, reverse, output, gates, hn, norm, stats):
+    _check_devices("fastrnn.variant_gru_backward", input, grad_output=grad_output, grad_hy=grad_hy, w_ih=w_ih,
+                   w_hh=w_hh, ln_ih_w=ln_ih_w, ln_ih_b=ln_ih_b, ln_hh_w=ln_hh_w, ln_hh_b=ln_hh_b, hx=hx,
+                   zoneout_mask=zoneout_mask, batch_sizes=batch_sizes, output=output, gates=gates, hn=hn, norm=norm,
+                   stats=stats)
+    GH = w_ih.shape[0]
+    ln = ln_ih_w is not None
+    vec = lambda n: input.new_empty((n,)) if ln else input.new_empty((0,))  # noqa: E731
+    return (input.new_empty(input.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+            input.new_empty((GH,)), input.new_empty((GH,)), vec(GH), vec(GH), vec(GH), vec(GH), hx.new_empty(hx.shape))

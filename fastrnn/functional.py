@@ -17,7 +17,8 @@ import torch.nn.functional as F
 _ops = torch.ops.fastrnn
 
 __all__ = ["lstm", "gru", "rnn", "lstm_layer", "gru_layer", "rnn_layer", "scaled_dot_product_attention",
-           "additive_attention", "luong_attention"]
+           "additive_attention", "luong_attention", "variant_lstm_layer", "variant_gru_layer", "variant_lstm",
+           "variant_gru"]
 
 
 def _needs_grad(*tensors):
@@ -375,3 +376,118 @@ def luong_attention(query, keys, values, weight=None, mask=None):
         mask = _attention_mask_3d(mask, B, T, S, query, fn)
     from . import reference as R
     return R.luong_attention_ref(query, keys, values, weight, mask)
+# ---------------------------------------------------------------------------- variant cells
+# LayerNorm LSTM/GRU, peephole LSTM, zoneout and recurrent DropConnect (SEMANTICS.md, "Variants").
+# ln: (ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b[, ln_c_w, ln_c_b]) or None; w_peep [3, H] = (w_ci, w_cf,
+# w_co) or None. zoneout_mask: the mask d (1 = keep the previous value), [*input.shape[:-1], 2H]
+# for the LSTM (h then c) or [..., H] for the GRU; without one, zoneout_p is used as d (eval).
+
+
+def variant_lstm_layer(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None, w_peep=None, zoneout_mask=None,
+                       zoneout_p=0.0, batch_sizes=None, reverse=False):
+    """One variant LSTM layer in one direction, fused. Shapes as lstm_layer (no projection);
+    ln_ih_*/ln_hh_* are [4H], ln_c_* [H]. Returns output [T, B, H] (or [N, H]), h_n, c_n."""
+    ln6 = tuple(ln) if ln is not None else (None,) * 6
+    if len(ln6) != 6:
+        raise ValueError(f"ln: expected 6 tensors (ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b), got {len(ln6)}")
+    if not _has_kernel(input):
+        from . import reference as R
+        return R.variant_lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln, w_peep, zoneout_mask, zoneout_p,
+                                        batch_sizes, reverse)
+    train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_peep, *ln6)
+    out, hy, cy, *_ = _ops.variant_lstm_forward(input, w_ih, w_hh, b_ih, b_hh, *ln6, w_peep, hx, cx, zoneout_mask,
+                                                float(zoneout_p), batch_sizes, reverse, train)
+    return out, hy, cy
+
+
+def variant_gru_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None, zoneout_mask=None, zoneout_p=0.0,
+                      batch_sizes=None, reverse=False):
+    """One variant GRU layer in one direction, fused; ln_* are [3H]. Returns output, h_n."""
+    ln4 = tuple(ln) if ln is not None else (None,) * 4
+    if len(ln4) != 4:
+        raise ValueError(f"ln: expected 4 tensors (ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b), got {len(ln4)}")
+    if not _has_kernel(input):
+        from . import reference as R
+        return R.variant_gru_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, ln, zoneout_mask, zoneout_p, batch_sizes,
+                                       reverse)
+    train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh, *ln4)
+    out, hy, *_ = _ops.variant_gru_forward(input, w_ih, w_hh, b_ih, b_hh, *ln4, hx, zoneout_mask, float(zoneout_p),
+                                           batch_sizes, reverse, train)
+    return out, hy
+
+
+def check_probability(name, p):
+    """Bad hyperparameters raise ValueError naming the argument and the value."""
+    import numbers
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+def zoneout_masks(input, slots, hidden_size, p, training):
+    """(mask, zoneout_p) for one layer and direction: in training a fresh Bernoulli(p) mask d of
+    shape [*input.shape[:-1], slots*H] from torch's RNG (reproducible under torch.manual_seed), in
+    eval no mask and p itself (the expectation)."""
+    if p <= 0.0:
+        return None, 0.0
+    if training:
+        shape = (*input.shape[:-1], slots * hidden_size)
+        return torch.bernoulli(torch.full(shape, p, dtype=input.dtype, device=input.device)), p
+    return None, p
+
+
+def drop_connect(w_hh, p, training):
+    """Recurrent DropConnect (AWD-LSTM's WeightDrop): W_hh * m / (1 - p), m ~ Bernoulli(1 - p), one
+    mask per forward call, drawn with torch's RNG (F.dropout on the weight, so it scales by 1/(1-p)
+    like AWD-LSTM). Gradients reach W_hh through autograd's product. Eval: W_hh unchanged."""
+    if p <= 0.0 or not training:
+        return w_hh
+    return F.dropout(w_hh, p, training=True)
+
+
+def variant_lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                 batch_sizes=None, *, layer_norm=False, peephole=False, zoneout=0.0, weight_drop=0.0):
+    """Stacked variant LSTM (arguments as lstm(), no projection). params per layer and direction:
+    w_ih, w_hh, (b_ih, b_hh if has_biases), (6 LayerNorm tensors if layer_norm), (w_ci, w_cf, w_co
+    if peephole). `train` selects zoneout's and DropConnect's training behaviour (masks drawn
+    here) and inter-layer dropout. Returns (output, h_n, c_n)."""
+    n_ln = 6 if layer_norm else 0
+
+    def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
+        ln = tuple(extra[:n_ln]) if layer_norm else None
+        w_peep = torch.stack(tuple(extra[n_ln:n_ln + 3])) if peephole else None
+        w_hr = extra[0] if (not layer_norm and not peephole and extra) else None  # fastrnn.LSTM's projection
+        w_hh = drop_connect(w_hh, weight_drop, train)
+        mask, p = zoneout_masks(x, 2, w_ih.shape[0] // 4, zoneout, train)
+        if ln is None and w_peep is None and p == 0.0:
+            if not _has_kernel(x):
+                from . import reference as R
+                return R.lstm_layer_ref(x, st[0], st[1], w_ih, w_hh, b_ih, b_hh, w_hr, bsz, rev)
+            return lstm_layer(x, st[0], st[1], w_ih, w_hh, b_ih, b_hh, w_hr, bsz, rev)
+        if w_hr is not None:
+            raise ValueError("zoneout is not supported with proj_size > 0")
+        return variant_lstm_layer(x, st[0], st[1], w_ih, w_hh, b_ih, b_hh, ln, w_peep, mask, p, bsz, rev)
+
+    out, (h, c) = _stack(layer, input, list(hx), params, has_biases, num_layers, dropout, train, bidirectional,
+                         batch_first, batch_sizes)
+    return out, h, c
+
+
+def variant_gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                batch_sizes=None, *, layer_norm=False, zoneout=0.0, weight_drop=0.0):
+    """Stacked variant GRU; params per layer and direction: w_ih, w_hh, (b_ih, b_hh), (4 LayerNorm
+    tensors if layer_norm). Returns (output, h_n)."""
+    def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
+        ln = tuple(extra[:4]) if layer_norm else None
+        w_hh = drop_connect(w_hh, weight_drop, train)
+        mask, p = zoneout_masks(x, 1, w_hh.shape[1], zoneout, train)
+        if ln is None and p == 0.0:
+            if not _has_kernel(x):
+                from . import reference as R
+                return R.gru_layer_ref(x, st[0], w_ih, w_hh, b_ih, b_hh, bsz, rev)
+            return gru_layer(x, st[0], w_ih, w_hh, b_ih, b_hh, bsz, rev)
+        return variant_gru_layer(x, st[0], w_ih, w_hh, b_ih, b_hh, ln, mask, p, bsz, rev)
+
+    out, (h,) = _stack(layer, input, [hx], params, has_biases, num_layers, dropout, train, bidirectional,
+                       batch_first, batch_sizes)
+    return out, h

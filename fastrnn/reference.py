@@ -218,3 +218,98 @@ def luong_attention_ref(query, keys, values, weight=None, mask=None):
         mask = mask.unsqueeze(1)
     weights = masked_softmax_ref(energies, mask)
     return weights @ values, weights
+# ---------------------------------------------------------------------------- variant cells
+# SEMANTICS.md, "Variants". ln = (ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b[, ln_c_w, ln_c_b]) or None;
+# w_peep = [3, H] rows (w_ci, w_cf, w_co) or None. Zoneout: `keep` is the mask d ([B, 2H] for the
+# LSTM: h then c; [B, H] for the GRU), 1 where a unit keeps its previous value; without a mask the
+# constant zoneout_p takes d's place (eval mode), 0 meaning no zoneout.
+LAYER_NORM_EPS = 1e-5
+
+
+def layer_norm_ref(x, weight, bias, eps=LAYER_NORM_EPS):
+    """LayerNorm over the last dimension (biased variance, as torch.nn.LayerNorm)."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def _zone(new, old, d):
+    return d * old + (1 - d) * new
+
+
+def variant_lstm_cell_ref(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, ln=None, w_peep=None, keep=None, zoneout_p=0.0):
+    """One step of the LayerNorm / peephole LSTM with zoneout. Returns (h', c')."""
+    gx, gh = x @ w_ih.T, h @ w_hh.T
+    if ln is not None:
+        gx, gh = layer_norm_ref(gx, ln[0], ln[1]), layer_norm_ref(gh, ln[2], ln[3])
+    gates = gx + gh
+    if b_ih is not None:
+        gates = gates + b_ih + b_hh
+    i, f, g, o = gates.chunk(4, dim=1)
+    if w_peep is not None:
+        i, f = i + w_peep[0] * c, f + w_peep[1] * c
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    if w_peep is not None:
+        o = o + w_peep[2] * c_new
+    c_out = layer_norm_ref(c_new, ln[4], ln[5]) if ln is not None else c_new
+    h_new = torch.sigmoid(o) * torch.tanh(c_out)
+    if keep is not None:
+        dh, dc = keep.chunk(2, dim=1)
+        return _zone(h_new, h, dh), _zone(c_new, c, dc)
+    if zoneout_p:
+        return _zone(h_new, h, zoneout_p), _zone(c_new, c, zoneout_p)
+    return h_new, c_new
+
+
+def variant_gru_cell_ref(x, h, w_ih, w_hh, b_ih=None, b_hh=None, ln=None, keep=None, zoneout_p=0.0):
+    """One step of the LayerNorm GRU with zoneout: LN_x on W_i x and LN_h on W_h h, then the
+    GRU's gate arithmetic. Returns h'."""
+    gi, gh = x @ w_ih.T, h @ w_hh.T
+    if ln is not None:
+        gi, gh = layer_norm_ref(gi, ln[0], ln[1]), layer_norm_ref(gh, ln[2], ln[3])
+    if b_ih is not None:
+        gi, gh = gi + b_ih, gh + b_hh
+    i_r, i_z, i_n = gi.chunk(3, dim=1)
+    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    h_new = (1 - z) * n + z * h
+    if keep is not None:
+        return _zone(h_new, h, keep)
+    if zoneout_p:
+        return _zone(h_new, h, zoneout_p)
+    return h_new
+
+
+def _with_mask(input, mask):
+    # The mask rides along with the input (same leading shape), so _scan splits it per step.
+    return input if mask is None else torch.cat([input, mask.to(input.dtype)], dim=-1)
+
+
+def variant_lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None, w_peep=None,
+                           zoneout_mask=None, zoneout_p=0.0, batch_sizes=None, reverse=False):
+    """One variant LSTM layer, one direction. zoneout_mask: [*input.shape[:-1], 2H] or None.
+    Returns (output, h_n, c_n)."""
+    I = input.shape[-1]
+
+    def step(xm, h, c):
+        x, keep = (xm, None) if zoneout_mask is None else (xm[:, :I], xm[:, I:])
+        return variant_lstm_cell_ref(x, h, c, w_ih, w_hh, b_ih, b_hh, ln, w_peep, keep, zoneout_p)
+
+    out, (h, c) = _scan(step, _with_mask(input, zoneout_mask), (hx, cx), batch_sizes, reverse)
+    return out, h, c
+
+
+def variant_gru_layer_ref(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None, zoneout_mask=None, zoneout_p=0.0,
+                          batch_sizes=None, reverse=False):
+    """One variant GRU layer, one direction. zoneout_mask: [*input.shape[:-1], H] or None.
+    Returns (output, h_n)."""
+    I = input.shape[-1]
+
+    def step(xm, h):
+        x, keep = (xm, None) if zoneout_mask is None else (xm[:, :I], xm[:, I:])
+        return (variant_gru_cell_ref(x, h, w_ih, w_hh, b_ih, b_hh, ln, keep, zoneout_p),)
+
+    out, (h,) = _scan(step, _with_mask(input, zoneout_mask), (hx,), batch_sizes, reverse)
+    return out, h

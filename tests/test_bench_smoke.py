@@ -16,6 +16,11 @@ def test_bench_quick_runs(tmp_path):
     assert {row["cell"] for row in rows} == {"LSTM", "GRU", "RNN"}
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert (tmp_path / "RESULTS.md").read_text().count("small-batch") >= 6
+    # the variant cells against their eager loop and fastrnn.LSTM/GRU
+    vrows = json.loads((tmp_path / "results.json").read_text())["variant_rows"]
+    assert {row["cell"] for row in vrows} == {"LayerNormLSTM", "PeepholeLSTM", "LayerNormGRU"}
+    assert all(row.get("check_ok") for row in vrows), vrows
+    assert "## Variant cells" in r.stdout
 
 
 def test_bench_attention_quick_runs(tmp_path):

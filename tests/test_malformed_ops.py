@@ -22,13 +22,20 @@ import torch
 import fastrnn  # noqa: F401  (registers torch.ops.fastrnn.*)
 
 RECURRENT_OPS = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "rnn_forward", "rnn_backward"]
+VARIANT_OPS = ["variant_lstm_forward", "variant_lstm_backward", "variant_gru_forward", "variant_gru_backward"]
 ATTENTION_OPS = ["sdpa_forward", "sdpa_backward", "additive_attention_forward", "additive_attention_backward"]
-OPS = RECURRENT_OPS + ATTENTION_OPS
+OPS = RECURRENT_OPS + VARIANT_OPS + ATTENTION_OPS
 ALLOWED = ("RuntimeError", "ValueError", "TypeError", "NotImplementedError")  # the last is a RuntimeError
 
 T, B, I, H, P = 4, 3, 5, 6, 4
 BATCH_SIZES = [3, 3, 2, 1]  # sums to 9 packed rows, B = 3
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1, "variant_lstm": 4, "variant_gru": 3}
+
+
+def cell_kind(op: str) -> tuple[str, str]:
+    """("lstm", "forward") for lstm_forward, ("variant_lstm", "backward") for variant_lstm_backward."""
+    cell, kind = op.rsplit("_", 1)
+    return cell, kind
 
 # A CPU call with one meta tensor dispatches to the Meta kernel (Meta outranks CPU), i.e. to the
 # fake kernels of fastrnn/_ops.py: the "meta" rows check that those raise too (they used to
@@ -45,7 +52,9 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
     packed; for the attention ops dense (no mask) or masked."""
     if op in ATTENTION_OPS:
         return attention_args(op, variant, batch)
-    cell, kind = op.split("_")
+    cell, kind = cell_kind(op)
+    if cell.startswith("variant_"):
+        return variant_base_args(op, variant, batch)
     G = GATES[cell]
     proj, packed = variant == "proj", variant == "packed"
     Ph = P if proj else H
@@ -126,6 +135,50 @@ ATTENTION_OK = {
 }
 
 
+def variant_base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object]":
+    """A valid call of a variant op with every feature on: LayerNorm, peepholes (LSTM), a
+    zoneout mask. variant: dense or packed."""
+    cell, kind = cell_kind(op)
+    lstm = cell == "variant_lstm"
+    G = GATES[cell]
+    packed = variant == "packed"
+    gen = torch.Generator().manual_seed(4321)
+    x = _randn(gen, sum(BATCH_SIZES), I) if packed else _randn(gen, T, batch, I)
+    bsz = torch.tensor(BATCH_SIZES, dtype=torch.int64) if packed else None
+    nb = BATCH_SIZES[0] if packed else batch
+    w = OrderedDict(w_ih=_randn(gen, G * H, I), w_hh=_randn(gen, G * H, H), b_ih=_randn(gen, G * H),
+                    b_hh=_randn(gen, G * H))
+    ln = OrderedDict(ln_ih_w=1 + _randn(gen, G * H), ln_ih_b=_randn(gen, G * H), ln_hh_w=1 + _randn(gen, G * H),
+                     ln_hh_b=_randn(gen, G * H))
+    if lstm:
+        ln.update(ln_c_w=1 + _randn(gen, H), ln_c_b=_randn(gen, H))
+    hx, cx = _randn(gen, nb, H), _randn(gen, nb, H)
+    mask = torch.bernoulli(torch.full((*x.shape[:-1], (2 if lstm else 1) * H), 0.3), generator=gen)
+    fwd = OrderedDict(input=x, **w, **ln)
+    if lstm:
+        fwd.update(w_peep=_randn(gen, 3, H), hx=hx, cx=cx)
+    else:
+        fwd.update(hx=hx)
+    fwd.update(zoneout_mask=mask, zoneout_p=0.3, batch_sizes=bsz, reverse=False, train=True)
+    if kind == "forward":
+        return fwd
+    res = getattr(torch.ops.fastrnn, f"{cell}_forward")(*fwd.values())
+    out, hy = res[0], res[1]
+    grads = OrderedDict(grad_output=_randn(gen, *out.shape), grad_hy=_randn(gen, *hy.shape))
+    if lstm:
+        grads["grad_cy"] = _randn(gen, *res[2].shape)
+    bwd = OrderedDict(**grads, input=x, w_ih=w["w_ih"], w_hh=w["w_hh"], **ln)
+    if lstm:
+        bwd.update(w_peep=fwd["w_peep"], hx=hx, cx=cx)
+    else:
+        bwd.update(hx=hx)
+    bwd.update(zoneout_mask=mask, zoneout_p=0.3, batch_sizes=bsz, reverse=False, output=out)
+    ws = res[3:] if lstm else res[2:]
+    names = ["gates", "cells" if lstm else "hn", "norm", "stats"]
+    bwd.update(zip(names, ws))
+    return bwd
+
+
 def schema_names(op: str) -> list[str]:
     return [a.name for a in getattr(torch.ops.fastrnn, op).default._schema.arguments]
 
@@ -201,15 +254,16 @@ def _set(arg, value):
 def _variants(op):
     if op in ATTENTION_OPS:
         return ["dense", "masked"]
-    cell = op.split("_")[0]
+    cell = cell_kind(op)[0]
     return ["dense", "proj", "packed"] if cell == "lstm" else ["dense", "packed"]
 
 
 def build_cases() -> list[Case]:
     cases = []
     for op in OPS:
-        cell, kind = op.rsplit("_", 1)
+        cell, kind = cell_kind(op)
         attention = op in ATTENTION_OPS
+        optional = schema_optional(op)
         for variant in _variants(op):
             args = base_args(op, variant)
             packed = variant == "packed"
@@ -228,8 +282,10 @@ def build_cases() -> list[Case]:
                     if mut(value) is None:
                         continue
                     if kind == "forward" and not packed and arg == "input" and what == "size_first+1":
-                        cases.append(Case(op, variant, arg, "one_more_step", "ok", _set(arg, mut)))
-                        continue  # a longer sequence is a valid call
+                        # a longer sequence is a valid call (not with a zoneout mask of the old length)
+                        expect = "error" if cell.startswith("variant_") else "ok"
+                        cases.append(Case(op, variant, arg, "one_more_step", expect, _set(arg, mut)))
+                        continue
                     expect = "ok" if (op, arg, what) in ATTENTION_OK else "error"
                     cases.append(Case(op, variant, arg, what, expect, _set(arg, mut)))
                 for what, mut in LAYOUT_MUTATIONS.items():
@@ -238,8 +294,10 @@ def build_cases() -> list[Case]:
                     if mut(value) is None:
                         continue
                     cases.append(Case(op, variant, arg, what, "same", _set(arg, mut)))
-                expect = "ok" if (op, arg, "None") in ATTENTION_OK else "error"
-                cases.append(Case(op, variant, arg, "None", expect, _set(arg, None)))
+                # without peepholes or a zoneout mask the variant ops are still valid calls
+                none_ok = ((cell.startswith("variant_") and arg in ("w_peep", "zoneout_mask"))
+                           or (op, arg, "None") in ATTENTION_OK)
+                cases.append(Case(op, variant, arg, "None", "ok" if none_ok else "error", _set(arg, None)))
                 cases.append(Case(op, variant, arg, "python_list", "error", _set(arg, lambda t: t.tolist())))
             # a required-by-this-config optional argument missing is covered above ("None"); here:
             # (None for a bool is not in the table: torch's op binding converts it to False, as it
@@ -280,10 +338,15 @@ def build_cases() -> list[Case]:
                                   _set("batch_sizes", torch.tensor([BATCH_SIZES]))))
                 cases.append(Case(op, variant, "input", "dense_3d_with_batch_sizes", "error",
                                   _set("input", lambda t: t.reshape(3, 3, I))))
-            if kind == "backward" and cell in ("lstm", "gru"):
+            if cell.startswith("variant_"):
+                for what, p in (("above_one", 1.5), ("negative", -0.25), ("nan", float("nan"))):
+                    cases.append(Case(op, variant, "zoneout_p", what, "error", _set("zoneout_p", p)))
+            if kind == "backward" and cell in ("lstm", "gru", "variant_lstm", "variant_gru"):
                 ws = ["gates", "cells", "proj_input"] if cell == "lstm" else ["gates", "hn"]
                 if variant != "proj":
                     ws = ws[:2]
+                if cell.startswith("variant_"):
+                    ws = ["gates", "cells" if cell == "variant_lstm" else "hn", "norm", "stats"]
                 for w in ws:
                     cases.append(Case(op, variant, w, "transposed_shape", "error", _set(w, lambda t: t.reshape(
                         t.shape[1], t.shape[0]) if t.dim() == 2 else t.reshape(-1))))
@@ -319,7 +382,7 @@ def _expected_shapes_ok(op, args, res):
     if op.endswith("_backward"):
         return all(isinstance(t, torch.Tensor) for t in out) and tuple(out[0].shape) == tuple(
             args["input"].shape)
-    H_out = args["w_hr"].shape[0] if args.get("w_hr") is not None else args["w_ih"].shape[0] // GATES[op.split("_")[0]]
+    H_out = args["w_hr"].shape[0] if args.get("w_hr") is not None else args["w_ih"].shape[0] // GATES[cell_kind(op)[0]]
     return tuple(out[0].shape) == (*args["input"].shape[:-1], H_out) and tuple(out[1].shape) == tuple(
         args["hx"].shape)
 

@@ -134,6 +134,10 @@ class _RNNBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        if getattr(self, "zoneout", 0.0):
+            s += ", zoneout={zoneout}"
+        if getattr(self, "weight_drop", 0.0):
+            s += ", weight_drop={weight_drop}"
         return s.format(**self.__dict__)
 
     # ---------------------------------------------------------------- checks (torch.nn's)
@@ -262,6 +266,9 @@ class _RNNBase(nn.Module):
 
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn layer holding the same parameters (shared, not copied)."""
+        if getattr(self, "zoneout", 0.0) or getattr(self, "weight_drop", 0.0):
+            warnings.warn(f"{type(self).__name__}.to_torch(): torch.nn has no zoneout or weight_drop; the torch.nn "
+                          "layer computes without them", stacklevel=2)
         w = getattr(self, self._flat_weights_names[0])
         kwargs = dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
                       dropout=self.dropout, bidirectional=self.bidirectional, device="meta", dtype=w.dtype)
@@ -277,6 +284,22 @@ class _RNNBase(nn.Module):
         m._init_flat_weights()
         m.train(self.training)
         return m
+
+
+def _set_variant_options(module, zoneout, weight_drop):
+    """fastrnn.LSTM/GRU's keyword-only extras (SEMANTICS.md, "Variants"): zoneout and recurrent
+    DropConnect on W_hh, both 0 by default (then the layer is exactly the torch.nn drop-in). They
+    are plain attributes, not parameters: the state_dict is unchanged."""
+    module.zoneout = FR.check_probability("zoneout", zoneout)
+    module.weight_drop = FR.check_probability("weight_drop", weight_drop)
+    if module.zoneout > 0 and getattr(module, "proj_size", 0) > 0:
+        raise ValueError(f"zoneout is not supported with proj_size > 0, got zoneout={zoneout} and "
+                         f"proj_size={module.proj_size}")
+
+
+def _variant_active(module) -> bool:
+    # getattr: layers made by from_torch() skip __init__ and have neither attribute.
+    return getattr(module, "zoneout", 0.0) > 0 or (getattr(module, "weight_drop", 0.0) > 0 and module.training)
 
 
 class LSTM(_RNNBase):
@@ -296,13 +319,19 @@ class LSTM(_RNNBase):
 
     _torch_class = nn.LSTM
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, zoneout: float = 0.0, weight_drop: float = 0.0, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
+        _set_variant_options(self, zoneout, weight_drop)
 
     def forward(self, input, hx=None):
         data, batch_sizes, sidx, uidx, (h0, c0), is_batched = self._prepare(input, hx, 2)
-        out, h, c = FR.lstm(data, (h0, c0), self._flat_weights, self.bias, self.num_layers, self.dropout,
-                            self.training, self.bidirectional, self.batch_first, batch_sizes)
+        if _variant_active(self):
+            out, h, c = FR.variant_lstm(data, (h0, c0), self._flat_weights, self.bias, self.num_layers, self.dropout,
+                                        self.training, self.bidirectional, self.batch_first, batch_sizes,
+                                        zoneout=self.zoneout, weight_drop=self.weight_drop)
+        else:
+            out, h, c = FR.lstm(data, (h0, c0), self._flat_weights, self.bias, self.num_layers, self.dropout,
+                                self.training, self.bidirectional, self.batch_first, batch_sizes)
         output, (h, c) = self._finish(out, [h, c], batch_sizes, sidx, uidx, is_batched)
         return output, (h, c)
 
@@ -318,15 +347,21 @@ class GRU(_RNNBase):
 
     _torch_class = nn.GRU
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, zoneout: float = 0.0, weight_drop: float = 0.0, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
+        _set_variant_options(self, zoneout, weight_drop)
 
     def forward(self, input, hx=None):
         data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
-        out, h = FR.gru(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
-                        self.bidirectional, self.batch_first, batch_sizes)
+        if _variant_active(self):
+            out, h = FR.variant_gru(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout,
+                                    self.training, self.bidirectional, self.batch_first, batch_sizes,
+                                    zoneout=self.zoneout, weight_drop=self.weight_drop)
+        else:
+            out, h = FR.gru(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+                            self.bidirectional, self.batch_first, batch_sizes)
         output, (h,) = self._finish(out, [h], batch_sizes, sidx, uidx, is_batched)
         return output, h
 
