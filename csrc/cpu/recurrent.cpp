@@ -535,6 +535,16 @@ FASTRNN_ISA_KERNEL(fused_step, FusedStep, fused_step_impl)
 FASTRNN_ISA_KERNEL(panel_gemm, PanelGemmArgs, panel_gemm_impl)
 FASTRNN_ISA_KERNEL(one_step, OneStep, one_step_impl)
 
+// Two threads pay for a step only with enough work to split (a barrier costs ~1 us) or a W_hh
+// too large for one core's L2 (each thread then keeps its slice in its own cache). Below both,
+// the time loop runs on the calling thread: faster, and no barrier to stall on when the machine
+// is oversubscribed (a descheduled peer holds up every step).
+constexpr double kTeamMinStepMacs = 256.0 * 1024;
+constexpr double kTeamMinWeightBytes = 512.0 * 1024;
+inline bool threads_pay(double step_macs, double weight_bytes) {
+  return step_macs >= kTeamMinStepMacs || weight_bytes >= kTeamMinWeightBytes;
+}
+
 // B [K, N] row-major, packed once; run() multiplies any A with up to the m it was sized for.
 template <typename T>
 class PanelGemm {
@@ -561,6 +571,10 @@ class PanelGemm {
     if (m == 0) return;
     const PanelGemmArgs<T> g{a, lda, m, K_, N_, n_panels_, packed_.data_ptr<T>(), c, ldc, accumulate};
     constexpr int64_t NR = kBwdV * panel::Vec<T>::L;
+    if (!threads_pay(double(m) * double(K_) * double(N_), double(K_) * double(N_) * double(sizeof(T)))) {
+      panel_gemm(g, 0, n_panels_);
+      return;
+    }
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, m * K_ * NR));
     at::parallel_for(0, n_panels_, grain, [&](int64_t p0, int64_t p1) { panel_gemm(g, p0, p1); });
   }
@@ -731,7 +745,7 @@ class StepBarrier {
 #endif
       // Spin briefly (a step is microseconds), then yield: when the machine is oversubscribed a
       // peer may be descheduled, and spinning would only keep it off the core longer.
-      if (spin > 4096) std::this_thread::yield();
+      if (spin > 256) std::this_thread::yield();
     }
   }
 
@@ -780,13 +794,17 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
     return x;
   };
   const int64_t slices = std::min<int64_t>(at::get_num_threads(), n_panels);
+  const bool split = slices > 1 && threads_pay(double(B) * double(G * H) * double(H),
+                                               double(G * H) * double(H) * double(sizeof(T)));
   const int64_t chunk_steps = projection.steps_per_chunk();
   for (int64_t c0 = 0; c0 < s.T; c0 += chunk_steps) {
     const int64_t c1 = std::min(s.T, c0 + chunk_steps);
     const XgChunk chunk = projection.compute(c0, c1);
     st.xg = chunk.rows.data_ptr<T>();
     st.xg_row0 = chunk.row0;
-    if (use_persistent_team(slices, c1 - c0)) {
+    if (!split) {
+      for (int64_t step = c0; step < c1; ++step) fused_step(step_args(step), 0, n_panels);
+    } else if (use_persistent_team(slices, c1 - c0)) {
       // One parallel region for the chunk's steps: a fork/join per step costs as much as a
       // B=1 step (the team's threads fall asleep between regions), a spin barrier ~1 us.
       StepBarrier barrier;
@@ -1044,7 +1062,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   PhaseTimer timer("backward");
   const int64_t slices = rec_panel ? std::min<int64_t>(at::get_num_threads(), rec_panel->panels()) : 1;
   // Decided once: the per-step loop below must not re-check it (it reads the environment).
-  const bool team = rec_panel && !proj && use_persistent_team(slices, s.T);
+  const bool team = rec_panel && !proj && use_persistent_team(slices, s.T) &&
+                    threads_pay(double(B) * double(GH) * double(P), double(GH) * double(P) * double(sizeof(T)));
 
   // Runs processing steps [c_lo, c_hi) backwards; their rows start at row0.
   auto run_steps = [&](int64_t c_lo, int64_t c_hi, int64_t row0) {

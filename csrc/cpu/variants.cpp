@@ -701,7 +701,7 @@ class Barrier {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
 #endif
-      if (spin > 4096) std::this_thread::yield();  // a descheduled peer needs the core
+      if (spin > 256) std::this_thread::yield();  // a descheduled peer needs the core
     }
   }
 
