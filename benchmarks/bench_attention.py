@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -115,11 +114,24 @@ def peak_memory_child(side, shape):
     fn = R.additive_attention_ref if side == "plain" else FR.additive_attention
     # Warm-up on a tiny problem (loads libraries, starts threads) without raising the peak.
     runner(fn, additive_inputs(2, 4, 4, 8, True), "training")()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Not getrusage's ru_maxrss: Linux keeps it across execve, so a child of a large process (make
+    # bench runs this after the other cases) starts with the parent's peak and measures nothing.
+    # VmHWM, reset through /proc/self/clear_refs, is this process's own.
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     ctx, w = fn(*x)
     ctx.sum().backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _status_kb("VmHWM")
     print(json.dumps({"peak_mb": (after - before) / 1024.0}))
+
+
+def _status_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} missing from /proc/self/status")
 
 
 def measure_peak(side, shape):
