@@ -1116,10 +1116,11 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       const int64_t prev = s.prev_row(t, b);
       prev_of_row[s.off[t] + b] = prev >= 0 ? prev : -1 - b;
     }
-  at::Tensor w_ih_t = a.w_ih.t().contiguous();
+  // grad_input = dG_x W_ih: oneDNN takes the weight as [N, K] (W_ih^T, transposed once); at::mm
+  // takes W_ih as it is.
+  const bool onednn_gi = use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
+  at::Tensor w_ih_t = onednn_gi ? a.w_ih.t().contiguous() : at::Tensor();
   g.grad_input = at::empty({N, a.I}, a.x.options());
-  g.grad_w_hh = at::zeros({GH, P}, a.x.options());
-  g.grad_w_ih = at::zeros({GH, a.I}, a.x.options());
   g.grad_b_ih = at::zeros({GH}, a.x.options());
   at::Tensor grad_b_hn = a.cell == Cell::GRU ? at::zeros({GH}, a.x.options()) : at::Tensor();
   bool first = true;
@@ -1149,10 +1150,18 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       g.grad_w_ih.add_(gw_ih);
     }
     first = false;
-    g.grad_input.narrow(0, row0, rows).copy_(fast_linear(dgx_c, w_ih_t));
+    at::Tensor gi_rows = g.grad_input.narrow(0, row0, rows);
+    if (onednn_gi)
+      gi_rows.copy_(onednn_linear(dgx_c, w_ih_t, at::Tensor()));
+    else
+      at::mm_out(gi_rows, dgx_c, a.w_ih);
     g.grad_b_ih.add_(dgx_c.sum(0));
     if (grad_b_hn.defined()) grad_b_hn.add_(dgh_c.sum(0));
     timer.mark("weight grads, grad_input");
+  }
+  if (first) {  // no rows at all
+    g.grad_w_hh = at::zeros({GH, P}, a.x.options());
+    g.grad_w_ih = at::zeros({GH, a.I}, a.x.options());
   }
   g.grad_input = g.grad_input.reshape(lead_with(a, a.I));
   g.grad_b_hh = a.cell == Cell::GRU ? grad_b_hn : g.grad_b_ih.clone();
