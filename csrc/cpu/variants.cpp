@@ -504,32 +504,11 @@ FASTRNN_INLINE void fused_v_impl(const FusedV<T>& s, int64_t p0, int64_t p1) {
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTRNN_NO_CLONES)
-#define FASTRNN_VARIANT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTRNN_VARIANT_CLONES
-#endif
-
-#define FASTRNN_VARIANT_KERNEL(name, Args, impl)                                                        \
-  FASTRNN_VARIANT_CLONES void name##_isa(const Args<float>& s, int64_t b, int64_t e) { impl(s, b, e); }  \
-  FASTRNN_VARIANT_CLONES void name##_isa(const Args<double>& s, int64_t b, int64_t e) { impl(s, b, e); } \
-  template <typename T>                                                                                 \
-  __attribute__((noinline)) void name##_baseline(const Args<T>& s, int64_t b, int64_t e) {              \
-    impl(s, b, e);                                                                                      \
-  }                                                                                                     \
-  template <typename T>                                                                                 \
-  void name(const Args<T>& s, int64_t b, int64_t e) {                                                   \
-    if (isa_override() == IsaOverride::Baseline)                                                        \
-      name##_baseline(s, b, e);                                                                         \
-    else                                                                                                \
-      name##_isa(s, b, e);                                                                              \
-  }
-
-FASTRNN_VARIANT_KERNEL(vforward_rows, VFwdRows, vforward_rows_impl)
-FASTRNN_VARIANT_KERNEL(vbackward_rows, VBwdRows, vbackward_rows_impl)
-FASTRNN_VARIANT_KERNEL(col_pass, ColPass, col_pass_impl)
-FASTRNN_VARIANT_KERNEL(panel_rows, PanelArgs, panel_rows_impl)
-FASTRNN_VARIANT_KERNEL(fused_v, FusedV, fused_v_impl)
+FASTRNN_ISA_KERNEL(vforward_rows, VFwdRows, vforward_rows_impl)
+FASTRNN_ISA_KERNEL(vbackward_rows, VBwdRows, vbackward_rows_impl)
+FASTRNN_ISA_KERNEL(col_pass, ColPass, col_pass_impl)
+FASTRNN_ISA_KERNEL(panel_rows, PanelArgs, panel_rows_impl)
+FASTRNN_ISA_KERNEL(fused_v, FusedV, fused_v_impl)
 
 // W_hh [G*H, H] -> [n_panels][k = H][gate g][unit u], U units a panel, zero past the last unit.
 template <typename T>
@@ -679,7 +658,6 @@ class StepGemm {
   std::unique_ptr<WeightGemm<T>> blas_;
 };
 
-inline int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
 
 // A persistent team for the time loop (as recurrent.cpp's): with ATen's OpenMP backend every chunk
 // of a parallel_for runs on its own thread at once, so the chunks can meet at a barrier between
@@ -919,41 +897,6 @@ VForwardOut forward(const VArgs& a, bool train) {
   return o;
 }
 
-// ---------------------------------------------------------------------------------------
-// Backward
-// ---------------------------------------------------------------------------------------
-// [R, C] -> [C, R] in 32x32 tiles.
-template <typename T>
-at::Tensor transposed(const at::Tensor& a) {
-  const int64_t R = a.size(0), C = a.size(1);
-  at::Tensor out = empty_big({C, R}, a.options());
-  const T* src = a.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  constexpr int64_t TB = 32;
-  at::parallel_for(0, (R + TB - 1) / TB, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t rb = r0 * TB; rb < std::min(R, r1 * TB); rb += TB)
-      for (int64_t cb = 0; cb < C; cb += TB) {
-        const int64_t re = std::min(R, rb + TB), ce = std::min(C, cb + TB);
-        for (int64_t c = cb; c < ce; ++c)
-          for (int64_t r = rb; r < re; ++r) dst[c * R + r] = src[r * C + c];
-      }
-  });
-  return out;
-}
-
-// dY^T X summed over all rows (a weight gradient); oneDNN wants both operands K-contiguous.
-// dy_t caches dy's transpose between calls that share dy.
-template <typename T>
-at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::Tensor* dy_t = nullptr) {
-  const int64_t N = dy.size(0), A = dy.size(1), Bc = x.size(1);
-  if (N > 0 && use_onednn_for(A, Bc, N, std::is_same_v<T, float>)) {
-    at::Tensor local;
-    at::Tensor& dyt = dy_t ? *dy_t : local;
-    if (!dyt.defined()) dyt = transposed<T>(dy);
-    return onednn_linear(dyt, transposed<T>(x), at::Tensor());
-  }
-  return at::mm(dy.t(), x);
-}
 
 // Column sums (of d and of d * xhat) and, with w, the LayerNorm transform of d in place.
 template <typename T>
