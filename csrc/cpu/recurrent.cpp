@@ -29,6 +29,7 @@
 
 #include "checks.h"
 #include "cpu/gemm.h"
+#include "cpu/team.h"
 #include "cpu/workspace.h"
 #include "fastrnn/cells.h"
 #include "fastrnn/panel_gemm.h"
@@ -511,15 +512,6 @@ FASTRNN_ISA_KERNEL(fused_step, FusedStep, fused_step_impl)
 FASTRNN_ISA_KERNEL(panel_gemm, PanelGemmArgs, panel_gemm_impl)
 FASTRNN_ISA_KERNEL(one_step, OneStep, one_step_impl)
 
-// Two threads pay for a step only with enough work to split (a barrier costs ~1 us) or a W_hh
-// too large for one core's L2 (each thread then keeps its slice in its own cache). Below both,
-// the time loop runs on the calling thread: faster, and no barrier to stall on when the machine
-// is oversubscribed (a descheduled peer holds up every step).
-constexpr double kTeamMinStepMacs = 256.0 * 1024;
-constexpr double kTeamMinWeightBytes = 512.0 * 1024;
-inline bool threads_pay(double step_macs, double weight_bytes) {
-  return step_macs >= kTeamMinStepMacs || weight_bytes >= kTeamMinWeightBytes;
-}
 
 // B [K, N] row-major, packed once; run() multiplies any A with up to the m it was sized for.
 template <typename T>
@@ -695,39 +687,6 @@ at::Tensor packed_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U
   return packed;
 }
 
-// ---------------------------------------------------------------------------------------
-// A persistent team for the time loop. With ATen's OpenMP backend every chunk of a
-// parallel_for runs on its own thread of one team, all at once, so the chunks can meet at a
-// barrier between steps. Work is counted in slices (the chunks' index ranges), so the barrier
-// is right however OpenMP splits the range. Other backends (a task pool gives no such
-// guarantee) and nested calls take a parallel_for per step.
-// ---------------------------------------------------------------------------------------
-inline bool use_persistent_team(int64_t slices, int64_t steps) {
-#if AT_PARALLEL_OPENMP
-  return slices > 1 && steps > 1 && !at::in_parallel_region() && !std::getenv("FASTRNN_NO_TEAM");
-#else
-  return false;
-#endif
-}
-
-class StepBarrier {
- public:
-  // Adds this thread's finished slices and waits until `target` slices in all have finished.
-  void arrive_and_wait(int64_t slices, int64_t target) {
-    done_.fetch_add(slices, std::memory_order_acq_rel);
-    for (uint64_t spin = 0; done_.load(std::memory_order_acquire) < target; ++spin) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-      // Spin briefly (a step is microseconds), then yield: when the machine is oversubscribed a
-      // peer may be descheduled, and spinning would only keep it off the core longer.
-      if (spin > 256) std::this_thread::yield();
-    }
-  }
-
- private:
-  std::atomic<int64_t> done_{0};
-};
 
 template <typename T>
 void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {

@@ -32,6 +32,7 @@
 
 #include "checks.h"
 #include "cpu/gemm.h"
+#include "cpu/team.h"
 #include "cpu/workspace.h"
 #include "fastrnn/panel_gemm.h"
 #include "fastrnn/variant_cells.h"
@@ -659,33 +660,6 @@ class StepGemm {
 };
 
 
-// A persistent team for the time loop (as recurrent.cpp's): with ATen's OpenMP backend every chunk
-// of a parallel_for runs on its own thread at once, so the chunks can meet at a barrier between
-// the GEMM and the row pass of a step; a fork/join per step costs as much as a small step.
-inline bool use_team(int64_t slices, int64_t steps) {
-#if AT_PARALLEL_OPENMP
-  return slices > 1 && steps > 1 && !at::in_parallel_region() && !std::getenv("FASTRNN_NO_TEAM");
-#else
-  return false;
-#endif
-}
-
-class Barrier {
- public:
-  // Adds this thread's finished slices and waits until `target` slices in all have finished.
-  void arrive_and_wait(int64_t slices, int64_t target) {
-    done_.fetch_add(slices, std::memory_order_acq_rel);
-    for (uint64_t spin = 0; done_.load(std::memory_order_acquire) < target; ++spin) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-      if (spin > 256) std::this_thread::yield();  // a descheduled peer needs the core
-    }
-  }
-
- private:
-  std::atomic<int64_t> done_{0};
-};
 
 // Zoneout's d for the row functions: the mask [N, S*H], or one row of the constant zoneout_p
 // (0 without zoneout) read with row stride 0.
@@ -808,8 +782,8 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
       return x;
     };
     const int64_t fslices = std::min<int64_t>(at::get_num_threads(), fpanels);
-    if (use_team(fslices, c1 - c0)) {
-      Barrier barrier;
+    if (use_persistent_team(fslices, c1 - c0)) {
+      StepBarrier barrier;
       at::parallel_for(0, fslices, 1, [&](int64_t s0, int64_t s1) {
         for (int64_t step = c0; step < c1; ++step) {
           const FusedV<T> x = step_args(step);
@@ -831,9 +805,9 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
       return;
     }
     const StepGemm<T>& rec = *recp;
-    if (rec.panelled() && use_team(slices, c1 - c0)) {
+    if (rec.panelled() && use_persistent_team(slices, c1 - c0)) {
       // Per step: each thread its panels of hg = h W_hh^T, barrier, each thread its rows, barrier.
-      Barrier barrier;
+      StepBarrier barrier;
       const int64_t np = rec.panels();
       at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
         int64_t target = 0;
@@ -985,8 +959,8 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
   const int64_t grain = row_grain(GH + H);
   const int64_t slices = rec.panelled() ? std::min<int64_t>(at::get_num_threads(), rec.panels()) : 1;
   // The row pass leaves the zoneout part (d * dh) in dh; the recurrent product adds to it.
-  if (rec.panelled() && use_team(slices, s.T)) {
-    Barrier barrier;
+  if (rec.panelled() && use_persistent_team(slices, s.T)) {
+    StepBarrier barrier;
     const int64_t np = rec.panels();
     at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
       int64_t target = 0;
