@@ -555,7 +555,8 @@ def write_plot(rows: list[dict], path: Path, info: dict) -> bool:
 # --------------------------------------------------------------------------------------------
 VARIANT_NOTE = ("Variant cells: eager loop = the same cell as a plain-PyTorch Python loop over time (input projection "
                 "hoisted out of the loop), sharing the variant layer's parameters; plain fastrnn = fastrnn.LSTM (GRU "
-                "for LayerNormGRU) on the same shape; all three interleaved in one process, median of the rounds. "
+                "for LayerNormGRU) on the same shape; variant and plain interleaved in one process, the loop's rounds timed just before "
+                "them on their own (its autograd churn slowed whichever side followed it), median of the rounds. "
                 "speedup vs loop = loop / variant; variant / plain = variant / plain fastrnn (lower is better). "
                 "max rel diff: loop vs variant outputs, checked once before timing.")
 

@@ -395,8 +395,8 @@ def variant_lstm_layer(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None,
         return R.variant_lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln, w_peep, zoneout_mask, zoneout_p,
                                         batch_sizes, reverse)
     train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_peep, *ln6)
-    out, hy, cy, *_ = _ops.variant_lstm_forward(input, w_ih, w_hh, b_ih, b_hh, *ln6, w_peep, hx, cx, zoneout_mask,
-                                                float(zoneout_p), batch_sizes, reverse, train)
+    out, hy, cy, *_ = _call(_ops.variant_lstm_forward, train, input, w_ih, w_hh, b_ih, b_hh, *ln6, w_peep, hx, cx,
+                            zoneout_mask, float(zoneout_p), batch_sizes, reverse, train)
     return out, hy, cy
 
 
@@ -411,8 +411,8 @@ def variant_gru_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None, zone
         return R.variant_gru_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, ln, zoneout_mask, zoneout_p, batch_sizes,
                                        reverse)
     train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh, *ln4)
-    out, hy, *_ = _ops.variant_gru_forward(input, w_ih, w_hh, b_ih, b_hh, *ln4, hx, zoneout_mask, float(zoneout_p),
-                                           batch_sizes, reverse, train)
+    out, hy, *_ = _call(_ops.variant_gru_forward, train, input, w_ih, w_hh, b_ih, b_hh, *ln4, hx, zoneout_mask,
+                        float(zoneout_p), batch_sizes, reverse, train)
     return out, hy
 
 

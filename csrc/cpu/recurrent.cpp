@@ -30,6 +30,7 @@
 #include "checks.h"
 #include "cpu/gemm.h"
 #include "cpu/team.h"
+#include "cpu/phase_timer.h"
 #include "cpu/workspace.h"
 #include "fastrnn/cells.h"
 #include "fastrnn/panel_gemm.h"
@@ -42,26 +43,6 @@ using OptTensor = c10::optional<at::Tensor>;
 enum class Cell { LSTM, GRU, RNN };
 
 inline int64_t gates_of(Cell c) { return c == Cell::LSTM ? 4 : (c == Cell::GRU ? 3 : 1); }
-
-// FASTRNN_PROFILE=1 prints where a kernel call spends its time, phase by phase (stderr).
-class PhaseTimer {
- public:
-  explicit PhaseTimer(const char* what) : what_(what), on_(std::getenv("FASTRNN_PROFILE") != nullptr) {
-    last_ = std::chrono::steady_clock::now();
-  }
-  void mark(const char* phase) {
-    if (!on_) return;
-    auto now = std::chrono::steady_clock::now();
-    std::fprintf(stderr, "fastrnn %s: %-12s %9.3f ms\n", what_, phase,
-                 std::chrono::duration<double, std::milli>(now - last_).count());
-    last_ = now;
-  }
-
- private:
-  const char* what_;
-  bool on_;
-  std::chrono::steady_clock::time_point last_;
-};
 
 // The time-step schedule over packed rows.
 struct Schedule {

@@ -32,6 +32,7 @@
 
 #include "checks.h"
 #include "cpu/gemm.h"
+#include "cpu/phase_timer.h"
 #include "cpu/team.h"
 #include "cpu/workspace.h"
 #include "fastrnn/panel_gemm.h"
@@ -445,7 +446,7 @@ FASTRNN_INLINE void panel_rows_impl(const PanelArgs<T>& g, int64_t p0, int64_t p
 // one barrier a step (h is double-buffered: every thread reads all of h_{t-1}).
 template <typename T>
 struct FusedV {
-  bool lstm, save, has_peep;
+  bool lstm, save, has_peep, zone;
   int64_t H, GH, bs, off;
   const T* wp;  // [n_panels, H, G*U]
   const T* xg;  // input projections of rows [xg_row0, ...)
@@ -463,7 +464,7 @@ struct FusedV {
   T* cells;  // [N, H]
 };
 
-template <typename T, int G, bool Save, bool Peep>
+template <typename T, int G, bool Save, bool Peep, bool Zone>
 FASTRNN_INLINE void fused_v_panels(const FusedV<T>& s, int64_t p0, int64_t p1) {
   constexpr int U = panel::Vec<T>::L;
   alignas(64) T C[panel::kMR * G * U];
@@ -477,32 +478,46 @@ FASTRNN_INLINE void fused_v_panels(const FusedV<T>& s, int64_t p0, int64_t p1) {
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = i0 + i, row = s.off + b;
         const T* xr = s.xg + (row - s.xg_row0) * GH + j0;
-        const T* keep = s.keep + row * s.keep_ld + j0;
+        const T* keep = Zone ? s.keep + row * s.keep_ld + j0 : nullptr;
         T* hn = s.hnext + b * H + j0;
         T* gates = Save ? s.gates + row * GH + j0 : nullptr;
         T* cells = Save ? s.cells + row * H + j0 : nullptr;
         if constexpr (G == 4)
-          vlstm_forward_units<Save, Peep, T>(nu, xr, H, s.bias_x + j0, C + i * G * U, U, Peep ? s.peep + j0 : nullptr,
-                                             s.hcur + b * H + j0, hn, s.c + b * H + j0, keep, gates, cells);
+          vlstm_forward_units<Save, Peep, Zone, T>(nu, xr, H, s.bias_x + j0, C + i * G * U, U,
+                                                   Peep ? s.peep + j0 : nullptr, s.hcur + b * H + j0, hn,
+                                                   s.c + b * H + j0, keep, gates, cells);
         else
-          vgru_forward_units<Save, T>(nu, xr, H, s.bias_x + j0, s.bias_h + j0, C + i * G * U, U, s.hcur + b * H + j0,
-                                      hn, keep, gates, cells);
+          vgru_forward_units<Save, Zone, T>(nu, xr, H, s.bias_x + j0, s.bias_h + j0, C + i * G * U, U,
+                                            s.hcur + b * H + j0, hn, keep, gates, cells);
         std::memcpy(s.out + row * H + j0, hn, sizeof(T) * nu);
       }
     }
   }
 }
 
+// Template switches: G (LSTM / GRU), Save (training), Peep, Zone (zoneout mask or p > 0).
+template <typename T, int G, bool Save, bool Peep>
+FASTRNN_INLINE void fused_v_zone(const FusedV<T>& s, int64_t p0, int64_t p1) {
+  if (s.zone)
+    fused_v_panels<T, G, Save, Peep, true>(s, p0, p1);
+  else
+    fused_v_panels<T, G, Save, Peep, false>(s, p0, p1);
+}
+
+template <typename T, int G, bool Save>
+FASTRNN_INLINE void fused_v_peep(const FusedV<T>& s, int64_t p0, int64_t p1) {
+  if (s.has_peep)
+    fused_v_zone<T, G, Save, G == 4>(s, p0, p1);
+  else
+    fused_v_zone<T, G, Save, false>(s, p0, p1);
+}
+
 template <typename T>
 FASTRNN_INLINE void fused_v_impl(const FusedV<T>& s, int64_t p0, int64_t p1) {
-  if (s.lstm) {
-    if (s.save)
-      s.has_peep ? fused_v_panels<T, 4, true, true>(s, p0, p1) : fused_v_panels<T, 4, true, false>(s, p0, p1);
-    else
-      s.has_peep ? fused_v_panels<T, 4, false, true>(s, p0, p1) : fused_v_panels<T, 4, false, false>(s, p0, p1);
-  } else {
-    s.save ? fused_v_panels<T, 3, true, false>(s, p0, p1) : fused_v_panels<T, 3, false, false>(s, p0, p1);
-  }
+  if (s.lstm)
+    s.save ? fused_v_peep<T, 4, true>(s, p0, p1) : fused_v_peep<T, 4, false>(s, p0, p1);
+  else
+    s.save ? fused_v_peep<T, 3, true>(s, p0, p1) : fused_v_peep<T, 3, false>(s, p0, p1);
 }
 
 FASTRNN_ISA_KERNEL(vforward_rows, VFwdRows, vforward_rows_impl)
@@ -629,8 +644,8 @@ class StepGemm {
   }
   static bool use_panels(int64_t max_m, int64_t N, int64_t K, int64_t steps) {
     const int o = gemm_backend_override().load();
-    const double macs = double(max_m) * double(N) * double(K);
-    return o == 4 || (o == 0 && steps > 1 && macs <= kPanelMaxMacs);
+    (void)max_m;
+    return o == 4 || (o == 0 && steps > 1 && double(N) * double(K) <= kPanelMaxElems);
   }
   bool panelled() const { return !blas_; }
   int64_t panels() const { return n_panels_; }
@@ -653,7 +668,7 @@ class StepGemm {
  private:
   // Below this many multiply-adds a step the panels (split over a persistent team) beat a BLAS
   // call: recurrent.cpp's crossover for its fused forward (kFusedMaxMacs, gemm.h).
-  static constexpr double kPanelMaxMacs = kFusedMaxMacs;
+  static constexpr double kPanelMaxElems = double(int64_t(16) << 20);
   int64_t N_, K_, n_panels_ = 0;
   at::Tensor packed_;
   std::unique_ptr<WeightGemm<T>> blas_;
@@ -763,7 +778,7 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
                          a.stats_w()};
   const int64_t grain = row_grain(GH + H);
   const int64_t slices = (recp && recp->panelled()) ? std::min<int64_t>(at::get_num_threads(), recp->panels()) : 1;
-  const FusedV<T> fbase{a.lstm, train, a.has_peep(), H, GH, 0, 0, fused ? wp.data_ptr<T>() : nullptr, nullptr, 0,
+  const FusedV<T> fbase{a.lstm, train, a.has_peep(), a.mask.defined() || a.kp != 0.0, H, GH, 0, 0, fused ? wp.data_ptr<T>() : nullptr, nullptr, 0,
                         bias_x.data_ptr<T>(), bias_h.data_ptr<T>(), ptr_or_null<T>(a.peep), nullptr, nullptr,
                         a.lstm ? o.cy.data_ptr<T>() : nullptr, out, keep.data_ptr<T>(),
                         a.mask.defined() ? a.S * H : 0, ptr_or_null<T>(o.gates), ptr_or_null<T>(o.cells)};
@@ -958,6 +973,8 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
                          scratch_ld};
   const int64_t grain = row_grain(GH + H);
   const int64_t slices = rec.panelled() ? std::min<int64_t>(at::get_num_threads(), rec.panels()) : 1;
+  PhaseTimer timer("variant backward");
+  timer.mark("setup");
   // The row pass leaves the zoneout part (d * dh) in dh; the recurrent product adds to it.
   if (rec.panelled() && use_persistent_team(slices, s.T)) {
     StepBarrier barrier;
@@ -990,6 +1007,7 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
     }
   }
 
+  timer.mark("steps");
   // The state each step started from, as one matrix, so dW_hh is a single GEMM.
   at::Tensor hprev = empty_big({N, H}, opts);
   {
@@ -1004,7 +1022,9 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
   }
   at::Tensor da_t;  // without LayerNorm the LSTM's dhg is da: one transpose serves both weight gradients
   const bool shared = a.lstm && !ln;
+  timer.mark("hprev");
   g.grad_w_hh = weight_grad<T>(dhg, hprev, shared ? &da_t : nullptr);
+  timer.mark("grad_w_hh");
   // Bias and LayerNorm gain/bias gradients: sums over rows, before da becomes dL/d(W_ih x).
   at::Tensor empty = at::empty({0}, opts);
   for (auto& t : g.grad_ln) t = empty.clone();  // distinct tensors: outputs must not alias
@@ -1031,8 +1051,11 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
     g.grad_b_hh = a.lstm ? g.grad_b_ih.clone() : db.sum(0);
   }
   g.grad_peep = peep ? dpeep.sum(0).view({3, H}) : empty.clone();
+  timer.mark("sums");
   g.grad_w_ih = weight_grad<T>(da, a.x, shared ? &da_t : nullptr);
+  timer.mark("grad_w_ih");
   g.grad_input = fast_linear(da, a.w_ih.t().contiguous()).reshape(lead_with(a, a.I));
+  timer.mark("grad_input");
   g.grad_hx = dh;
   g.grad_cx = a.lstm ? dc : empty;
 }

@@ -327,10 +327,11 @@ FASTRNN_INLINE void vgru_backward_row(const VariantParams<T>& p, const T* FASTRN
 //   xg: W_ih x of the row, gate k of unit j at xg[k*xs + j]; bias (b_ih + b_hh) the same way
 //   hg: W_hh h, gate k at hg[k*hs + j]      peep: w_ci, w_cf, w_co at peep[k*xs + j] (or null)
 //   hprev [n], hout [n] (h_{t-1}, h_t; distinct memory)   c [n]: c_{t-1} in, c_t out
-//   keep: d for h at keep[j], for c at keep[xs + j]
+//   keep: d for h at keep[j], for c at keep[xs + j]; read only when Zone (without zoneout the
+//         blend with the old state is skipped: h_t and c_t are the cell's own)
 //   Save: gates (gate k at gates[k*xs + j]), cells [n] c_t
 // ---------------------------------------------------------------------------------------
-template <bool Save, bool Peep, typename T>
+template <bool Save, bool Peep, bool Zone, typename T>
 FASTRNN_INLINE void vlstm_forward_units(int64_t n, const T* FASTRNN_RESTRICT xg, int64_t xs,
                                         const T* FASTRNN_RESTRICT bias, const T* FASTRNN_RESTRICT hg, int64_t hs,
                                         const T* FASTRNN_RESTRICT peep, const T* FASTRNN_RESTRICT hprev,
@@ -345,9 +346,14 @@ FASTRNN_INLINE void vlstm_forward_units(int64_t n, const T* FASTRNN_RESTRICT xg,
     const T cc = f * cp + i * g;
     const T o = math::sigmoid(xg[3 * xs + j] + bias[3 * xs + j] + hg[3 * hs + j] + (Peep ? peep[2 * xs + j] * cc : T(0)));
     const T ht = o * math::tanh(cc);
-    const T kh = keep[j], kc = keep[xs + j];
-    hout[j] = kh * hprev[j] + (T(1) - kh) * ht;
-    const T cnew = kc * cp + (T(1) - kc) * cc;
+    T cnew = cc;
+    if (Zone) {
+      const T kh = keep[j], kc = keep[xs + j];
+      hout[j] = kh * hprev[j] + (T(1) - kh) * ht;
+      cnew = kc * cp + (T(1) - kc) * cc;
+    } else {
+      hout[j] = ht;
+    }
     c[j] = cnew;
     if (Save) {
       gates[j] = i;
@@ -360,7 +366,7 @@ FASTRNN_INLINE void vlstm_forward_units(int64_t n, const T* FASTRNN_RESTRICT xg,
 }
 
 //   GRU: bias_x (b_ih) and bias_h (b_hh) at [k*xs + j]; Save: gates r, z, n and hn [n]
-template <bool Save, typename T>
+template <bool Save, bool Zone, typename T>
 FASTRNN_INLINE void vgru_forward_units(int64_t n, const T* FASTRNN_RESTRICT xg, int64_t xs,
                                        const T* FASTRNN_RESTRICT bias_x, const T* FASTRNN_RESTRICT bias_h,
                                        const T* FASTRNN_RESTRICT hg, int64_t hs, const T* FASTRNN_RESTRICT hprev,
@@ -373,8 +379,12 @@ FASTRNN_INLINE void vgru_forward_units(int64_t n, const T* FASTRNN_RESTRICT xg, 
     const T nn = math::tanh(xg[2 * xs + j] + bias_x[2 * xs + j] + r * hn);
     const T hp = hprev[j];
     const T ht = (T(1) - z) * nn + z * hp;
-    const T k = keep[j];
-    hout[j] = k * hp + (T(1) - k) * ht;
+    if (Zone) {
+      const T k = keep[j];
+      hout[j] = k * hp + (T(1) - k) * ht;
+    } else {
+      hout[j] = ht;
+    }
     if (Save) {
       gates[j] = r;
       gates[xs + j] = z;
