@@ -23,14 +23,15 @@
 #include <cstring>
 #include <limits>
 #include <atomic>
-#include <mutex>
 #include <thread>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/gemm.h"
+#include "cpu/pack_cache.h"
 #include "cpu/team.h"
 #include "cpu/phase_timer.h"
+#include "cpu/schedule.h"
 #include "cpu/workspace.h"
 #include "fastrnn/cells.h"
 #include "fastrnn/panel_gemm.h"
@@ -44,21 +45,6 @@ enum class Cell { LSTM, GRU, RNN };
 
 inline int64_t gates_of(Cell c) { return c == Cell::LSTM ? 4 : (c == Cell::GRU ? 3 : 1); }
 
-// The time-step schedule over packed rows.
-struct Schedule {
-  int64_t T = 0, B = 0, N = 0;
-  bool reverse = false;
-  std::vector<int64_t> bs, off;
-
-  int64_t time_at(int64_t s) const { return reverse ? T - 1 - s : s; }
-  // Row (into the [N, *] layout) holding the state that step t of row b starts from, or -1 for
-  // the initial state.
-  int64_t prev_row(int64_t t, int64_t b) const {
-    if (!reverse) return t == 0 ? -1 : off[t - 1] + b;
-    return (t + 1 < T && b < bs[t + 1]) ? off[t + 1] + b : -1;
-  }
-};
-
 struct Args {
   const char* op;
   Cell cell;
@@ -71,7 +57,6 @@ struct Args {
   at::Tensor w_hr;    // [P, H] or undefined (LSTM projection)
   at::Tensor hx;      // [B, P]
   at::Tensor cx;      // [B, H] (LSTM) or undefined
-  std::vector<int64_t> out_lead;  // leading shape of input/output ([T, B] or [N])
   Schedule sched;
   int64_t I = 0, H = 0, P = 0, G = 0;
 };
@@ -124,46 +109,8 @@ Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tenso
   TORCH_CHECK((b_ih.has_value() && b_ih->defined()) == (b_hh.has_value() && b_hh->defined()), op,
               ": b_ih and b_hh must be given together or both be None");
 
-  Schedule& s = a.sched;
-  s.reverse = reverse;
-  if (packed) {
-    const at::Tensor& bsz = *batch_sizes;
-    check_cpu(bsz, op, "batch_sizes");
-    TORCH_CHECK(bsz.scalar_type() == at::kLong, op, ": batch_sizes must be an int64 tensor, got ", bsz.scalar_type());
-    check_dim(bsz, op, "batch_sizes", 1);
-    s.T = bsz.size(0);
-    TORCH_CHECK(s.T > 0, op, ": batch_sizes must have at least one time step (zero-length sequence)");
-    at::Tensor bc = bsz.contiguous();
-    const int64_t* p = bc.data_ptr<int64_t>();
-    s.bs.assign(p, p + s.T);
-    int64_t total = 0;
-    for (int64_t t = 0; t < s.T; ++t) {
-      TORCH_CHECK(s.bs[t] > 0 && (t == 0 || s.bs[t] <= s.bs[t - 1]), op,
-                  ": batch_sizes must be positive and non-increasing (as in a PackedSequence), got ", s.bs[t],
-                  " at step ", t);
-      TORCH_CHECK(s.bs[t] <= input.size(0) - total, op, ": packed input must have sum(batch_sizes) rows, got ",
-                  input.size(0), " rows and batch_sizes summing to more");
-      total += s.bs[t];
-    }
-    s.B = s.bs[0];
-    TORCH_CHECK(total == input.size(0), op, ": packed input must have sum(batch_sizes) = ", total,
-                " rows, got ", input.size(0));
-    a.out_lead = {input.size(0)};
-  } else {
-    s.T = input.size(0);
-    s.B = input.size(1);
-    TORCH_CHECK(s.T > 0, op, ": input must have at least one time step (zero-length sequence), got shape ",
-                shape_str(input.sizes()));
-    s.bs.assign(s.T, s.B);
-    a.out_lead = {s.T, s.B};
-  }
-  s.off.resize(s.T);
-  int64_t acc = 0;
-  for (int64_t t = 0; t < s.T; ++t) {
-    s.off[t] = acc;
-    acc += s.bs[t];
-  }
-  s.N = acc;
+  a.sched = make_schedule(op, input, batch_sizes, reverse);
+  const Schedule& s = a.sched;
   check_shape(hx, op, "hx", {s.B, a.P}, "[batch, proj_size or hidden_size]");
   if (cell == Cell::LSTM) {
     TORCH_CHECK(cx.has_value() && cx->defined(), op, ": cx must be a tensor for the LSTM");
@@ -187,11 +134,7 @@ Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tenso
   return a;
 }
 
-std::vector<int64_t> lead_with(const Args& a, int64_t last) {
-  std::vector<int64_t> s = a.out_lead;
-  s.push_back(last);
-  return s;
-}
+std::vector<int64_t> lead_with(const Args& a, int64_t last) { return a.sched.lead_with(last); }
 
 
 // ---------------------------------------------------------------------------------------
@@ -611,63 +554,11 @@ at::Tensor pack_recurrent_weight(const at::Tensor& w_hh, int64_t G, int64_t H, i
   return wp;
 }
 
-// Packing W_hh costs about as much as ten steps at B=1, so packed weights are kept between
-// calls: a model run over many short sequences (streaming, a decoder loop) packs once. A hit
-// must be the same live tensor *and* byte-identical to the copy taken at packing time: version
-// counters miss writes through .data, and inference tensors have none, so the check is a
-// memcmp (a read of W, ~4x cheaper than repacking it). At most 16 weights and 256 MB
-// (FASTRNN_PACK_CACHE_MB) are kept.
-struct PackCacheEntry {
-  c10::weak_intrusive_ptr<c10::TensorImpl> weight;
-  const void* data = nullptr;
-  int64_t G = 0, U = 0;
-  at::Tensor copy, packed;
-};
-
+// W_hh packed for the fused forward, kept between calls (cpu/pack_cache.h).
 template <typename T>
 at::Tensor packed_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
-  static std::mutex mu;
-  static std::vector<PackCacheEntry> cache;  // a few recently used weights
-  constexpr size_t kMaxEntries = 16;
-  const size_t bytes = w_hh.numel() * sizeof(T);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (auto it = cache.begin(); it != cache.end();) {
-      if (it->weight.expired()) {
-        it = cache.erase(it);
-        continue;
-      }
-      if (it->weight._unsafe_get_target() == w_hh.unsafeGetTensorImpl() && it->data == w_hh.data_ptr() &&
-          it->G == G && it->U == U && it->copy.scalar_type() == w_hh.scalar_type() &&
-          it->copy.numel() == w_hh.numel()) {
-        if (std::memcmp(it->copy.data_ptr(), w_hh.data_ptr(), bytes) == 0) return it->packed;
-        cache.erase(it);
-        break;
-      }
-      ++it;
-    }
-  }
-  at::Tensor packed = pack_recurrent_weight<T>(w_hh, G, H, U);
-  at::Tensor copy = w_hh.clone();
-  std::lock_guard<std::mutex> lock(mu);
-  // Bounded in entries and in bytes (each entry holds a copy and a packing of its weight).
-  static const size_t max_bytes = [] {
-    const char* mb = std::getenv("FASTRNN_PACK_CACHE_MB");
-    return size_t(mb ? std::strtoull(mb, nullptr, 10) : 256) << 20;
-  }();
-  auto entry_bytes = [](const PackCacheEntry& e) { return e.copy.nbytes() + e.packed.nbytes(); };
-  size_t total = copy.nbytes() + packed.nbytes();
-  for (const auto& e : cache) total += entry_bytes(e);
-  while (!cache.empty() && (cache.size() >= kMaxEntries || total > max_bytes)) {
-    total -= entry_bytes(cache.front());
-    cache.erase(cache.begin());
-  }
-  if (copy.nbytes() + packed.nbytes() > max_bytes) return packed;  // too big to keep
-  cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w_hh.getIntrusivePtr()), w_hh.data_ptr(), G, U, copy,
-                   packed});
-  return packed;
+  return cached_packing(w_hh, 1000 + G * 100 + U, [&] { return pack_recurrent_weight<T>(w_hh, G, H, U); });
 }
-
 
 template <typename T>
 void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {

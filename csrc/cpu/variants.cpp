@@ -27,12 +27,13 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/gemm.h"
+#include "cpu/pack_cache.h"
 #include "cpu/phase_timer.h"
+#include "cpu/schedule.h"
 #include "cpu/team.h"
 #include "cpu/workspace.h"
 #include "fastrnn/panel_gemm.h"
@@ -45,27 +46,13 @@ using OptT = c10::optional<at::Tensor>;
 
 inline bool given(const OptT& t) { return t.has_value() && t->defined(); }
 
-// The time-step schedule over packed rows (the same as recurrent.cpp's, kept local to this unit
-// while that file is being reworked).
-struct VSchedule {
-  int64_t T = 0, B = 0, N = 0;
-  bool reverse = false;
-  std::vector<int64_t> bs, off;
-  int64_t time_at(int64_t s) const { return reverse ? T - 1 - s : s; }
-  int64_t prev_row(int64_t t, int64_t b) const {
-    if (!reverse) return t == 0 ? -1 : off[t - 1] + b;
-    return (t + 1 < T && b < bs[t + 1]) ? off[t + 1] + b : -1;
-  }
-};
-
 struct VArgs {
   const char* op;
   bool lstm;
   int64_t G = 0, H = 0, I = 0, GH = 0, S = 1;  // S: zoneout mask slots (2 LSTM: h, c)
   at::Tensor x, w_ih, w_hh, b_ih, b_hh, lnx_w, lnx_b, lnh_w, lnh_b, lnc_w, lnc_b, peep, hx, cx, mask;
   double kp = 0.0;
-  std::vector<int64_t> out_lead;
-  VSchedule sched;
+  Schedule sched;
   bool ln() const { return lnx_w.defined(); }
   bool has_peep() const { return peep.defined(); }
   // Widths of the saved LayerNorm workspace: normalised values [N, norm_w], 1/std [N, stats_w].
@@ -150,51 +137,12 @@ VArgs prepare(const char* op, bool lstm, const VInputs& in) {
                     ": zoneout_p must be a probability in [0, 1], got ", in.zoneout_p);
   a.kp = in.zoneout_p;
 
-  VSchedule& s = a.sched;
-  s.reverse = in.reverse;
-  if (packed) {
-    const at::Tensor& bsz = **in.batch_sizes;
-    check_cpu(bsz, op, "batch_sizes");
-    TORCH_CHECK(bsz.scalar_type() == at::kLong, op, ": batch_sizes must be an int64 tensor, got ", bsz.scalar_type());
-    check_dim(bsz, op, "batch_sizes", 1);
-    s.T = bsz.size(0);
-    TORCH_CHECK(s.T > 0, op, ": batch_sizes must have at least one time step (zero-length sequence)");
-    at::Tensor bc = bsz.contiguous();
-    const int64_t* p = bc.data_ptr<int64_t>();
-    s.bs.assign(p, p + s.T);
-    int64_t total = 0;
-    for (int64_t t = 0; t < s.T; ++t) {
-      TORCH_CHECK(s.bs[t] > 0 && (t == 0 || s.bs[t] <= s.bs[t - 1]), op,
-                  ": batch_sizes must be positive and non-increasing (as in a PackedSequence), got ", s.bs[t],
-                  " at step ", t);
-      TORCH_CHECK(s.bs[t] <= input.size(0) - total, op, ": packed input must have sum(batch_sizes) rows, got ",
-                  input.size(0), " rows and batch_sizes summing to more");
-      total += s.bs[t];
-    }
-    s.B = s.bs[0];
-    TORCH_CHECK(total == input.size(0), op, ": packed input must have sum(batch_sizes) = ", total, " rows, got ",
-                input.size(0));
-    a.out_lead = {input.size(0)};
-  } else {
-    s.T = input.size(0);
-    s.B = input.size(1);
-    TORCH_CHECK(s.T > 0, op, ": input must have at least one time step (zero-length sequence), got shape ",
-                shape_str(input.sizes()));
-    s.bs.assign(s.T, s.B);
-    a.out_lead = {s.T, s.B};
-  }
-  s.off.resize(s.T);
-  int64_t acc = 0;
-  for (int64_t t = 0; t < s.T; ++t) {
-    s.off[t] = acc;
-    acc += s.bs[t];
-  }
-  s.N = acc;
+  a.sched = make_schedule(op, input, *in.batch_sizes, in.reverse);
+  const Schedule& s = a.sched;
   check_shape(*in.hx, op, "hx", {s.B, a.H}, "[batch, hidden_size]");
   if (lstm) check_shape(*in.cx, op, "cx", {s.B, a.H}, "[batch, hidden_size]");
   if (given(*in.mask)) {
-    std::vector<int64_t> ms = a.out_lead;
-    ms.push_back(a.S * a.H);
+    std::vector<int64_t> ms = s.lead_with(a.S * a.H);
     check_opt(*in.mask, a, "zoneout_mask", ms, lstm ? "input.shape[:-1] + [2*hidden_size] (h then c)"
                                                       : "input.shape[:-1] + [hidden_size]");
   }
@@ -219,11 +167,7 @@ VArgs prepare(const char* op, bool lstm, const VInputs& in) {
   return a;
 }
 
-std::vector<int64_t> lead_with(const VArgs& a, int64_t last) {
-  std::vector<int64_t> s = a.out_lead;
-  s.push_back(last);
-  return s;
-}
+std::vector<int64_t> lead_with(const VArgs& a, int64_t last) { return a.sched.lead_with(last); }
 
 template <typename T>
 T* ptr_or_null(const at::Tensor& t) {
@@ -305,7 +249,7 @@ struct VBwdRows {
   bool lstm, ln, peep;
   VariantParams<T> p;
   int64_t H, GH, off, t;
-  const VSchedule* sched;
+  const Schedule* sched;
   const T* gates;  // [N, GH]
   const T* cells;  // [N, H] LSTM c_t / GRU hn
   const T* out;    // [N, H]
@@ -573,60 +517,8 @@ at::Tensor pack_panels(const at::Tensor& weight, bool trans_b, int64_t N, int64_
   return packed;
 }
 
-// Packing W_hh costs about ten B=1 steps, so packings are kept between calls (a model run over
-// many short sequences packs once), as recurrent.cpp does for its own layout: a hit must be the
-// same live tensor and byte-identical to the copy taken at packing time (version counters miss
-// writes through .data; inference tensors have none). At most 16 entries and
-// FASTRNN_PACK_CACHE_MB (default 256) MB.
-struct PanelCacheEntry {
-  c10::weak_intrusive_ptr<c10::TensorImpl> weight;
-  const void* data = nullptr;
-  int kind = 0;  // the packing: 0/1 panels of W / W^T (StepGemm), 2 gate panels (fused forward)
-  at::Tensor copy, packed;
-};
-
-template <typename T, typename Pack>
-at::Tensor cached_panels(const at::Tensor& w, int kind, const Pack& pack) {
-  static std::mutex mu;
-  static std::vector<PanelCacheEntry> cache;
-  constexpr size_t kMaxEntries = 16;
-  const size_t bytes = w.numel() * sizeof(T);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (auto it = cache.begin(); it != cache.end();) {
-      if (it->weight.expired()) {
-        it = cache.erase(it);
-        continue;
-      }
-      if (it->weight._unsafe_get_target() == w.unsafeGetTensorImpl() && it->data == w.data_ptr() &&
-          it->kind == kind && it->copy.scalar_type() == w.scalar_type() && it->copy.numel() == w.numel()) {
-        if (std::memcmp(it->copy.data_ptr(), w.data_ptr(), bytes) == 0) return it->packed;
-        cache.erase(it);
-        break;
-      }
-      ++it;
-    }
-  }
-  at::Tensor packed = pack();
-  at::Tensor copy = w.clone();
-  static const size_t max_bytes = [] {
-    const char* mb = std::getenv("FASTRNN_PACK_CACHE_MB");
-    return size_t(mb ? std::strtoull(mb, nullptr, 10) : 256) << 20;
-  }();
-  std::lock_guard<std::mutex> lock(mu);
-  auto entry_bytes = [](const PanelCacheEntry& e) { return e.copy.nbytes() + e.packed.nbytes(); };
-  size_t total = copy.nbytes() + packed.nbytes();
-  for (const auto& e : cache) total += entry_bytes(e);
-  while (!cache.empty() && (cache.size() >= kMaxEntries || total > max_bytes)) {
-    total -= entry_bytes(cache.front());
-    cache.erase(cache.begin());
-  }
-  if (copy.nbytes() + packed.nbytes() <= max_bytes)
-    cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w.data_ptr(), kind, copy,
-                     packed});
-  return packed;
-}
-
+// Packings are kept between calls (cpu/pack_cache.h), under layout ids 0/1 (panels of W / W^T,
+// StepGemm) and 2 (gate panels, fused forward).
 // The per-step recurrent product of one call: panels for small products (packed once per call,
 // run on the calling thread, whose cache keeps them across steps), gemm.h's WeightGemm (oneDNN /
 // packed MKL / BLAS, as the backend override says) otherwise.
@@ -636,7 +528,7 @@ class StepGemm {
   // B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true); w contiguous.
   StepGemm(const at::Tensor& w, bool trans_b, int64_t N, int64_t K, int64_t max_m, int64_t steps) : N_(N), K_(K) {
     if (use_panels(max_m, N, K, steps)) {
-      packed_ = cached_panels<T>(w, trans_b ? 1 : 0, [&] { return pack_panels<T>(w, trans_b, N, K); });
+      packed_ = cached_packing(w, trans_b ? 1 : 0, [&] { return pack_panels<T>(w, trans_b, N, K); });
       n_panels_ = packed_.size(0);
     } else {
       blas_ = std::make_unique<WeightGemm<T>>(w.data_ptr<T>(), trans_b, N, K, max_m, steps > 1 ? max_m : 0);
@@ -707,7 +599,7 @@ struct VForwardOut {
 
 template <typename T>
 void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
-  const VSchedule& s = a.sched;
+  const Schedule& s = a.sched;
   const int64_t H = a.H, GH = a.GH, B = s.B, N = s.N;
   const auto opts = a.x.options();
   // LSTM biases fold into one vector; the GRU keeps b_hh on the hidden side (r multiplies it).
@@ -744,7 +636,7 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
   if (!fused) recp = std::make_unique<StepGemm<T>>(a.w_hh, /*trans_b=*/true, GH, H, B, s.T);
   at::Tensor wp, hbuf;
   if (fused) {
-    wp = cached_panels<T>(a.w_hh, 2, [&] { return pack_gate_panels<T>(a.w_hh, a.G, H); });
+    wp = cached_packing(a.w_hh, 2, [&] { return pack_gate_panels<T>(a.w_hh, a.G, H); });
     hbuf = at::empty({2, B, H}, opts);
     hbuf.select(0, 0).copy_(a.hx);
     hbuf.select(0, 1).copy_(a.hx);
@@ -916,7 +808,7 @@ template <typename T>
 void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tensor& grad_hy,
                      const at::Tensor& grad_cy, const at::Tensor& output_, const at::Tensor& gates_,
                      const at::Tensor& cells_, const at::Tensor& norm_, const at::Tensor& stats_, VBackwardOut& g) {
-  const VSchedule& s = a.sched;
+  const Schedule& s = a.sched;
   const int64_t H = a.H, GH = a.GH, B = s.B, N = s.N;
   const auto opts = a.x.options();
   const bool ln = a.ln(), peep = a.has_peep();
@@ -1063,7 +955,7 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
 VBackwardOut backward(const VArgs& a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
                       const at::Tensor* grad_cy, const at::Tensor& output, const at::Tensor& gates,
                       const at::Tensor& cells, const at::Tensor& norm, const at::Tensor& stats) {
-  const VSchedule& s = a.sched;
+  const Schedule& s = a.sched;
   check_like(grad_output, a, "grad_output", lead_with(a, a.H), "output.shape");
   check_like(output, a, "output", lead_with(a, a.H), "output.shape");
   check_like(grad_hy, a, "grad_hy", {s.B, a.H}, "hx.shape");

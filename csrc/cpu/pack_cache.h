@@ -1,0 +1,83 @@
+// Packed copies of recurrent weights, kept between calls.
+//
+// Packing W_hh costs about ten B=1 steps, so a model run over many short sequences (streaming, a
+// decoder loop) should pack once. A hit must be the same live tensor *and* byte-identical to the
+// copy taken at packing time: version counters miss writes through .data, and inference tensors
+// have none, so the check is a memcmp (a read of W, ~4x cheaper than repacking it). One cache
+// serves every kernel (the layout key tells packings of one weight apart); at most 16 entries and
+// FASTRNN_PACK_CACHE_MB (default 256) MB, each entry counting its copy and its packing.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+namespace fastrnn {
+
+struct PackCacheEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl> weight;
+  const void* data = nullptr;
+  int64_t layout = 0;
+  at::Tensor copy, packed;
+};
+
+struct PackCache {
+  std::mutex mu;
+  std::vector<PackCacheEntry> entries;
+};
+
+// One cache for the process (an inline function's static is one object across translation units;
+// a static inside the template below would be one per instantiation).
+inline PackCache& pack_cache() {
+  static PackCache c;
+  return c;
+}
+
+// pack() -> the packing of w in the caller's layout (an id unique to that layout, its
+// parameters included: callers encode e.g. gates and panel width in it).
+template <typename Pack>
+at::Tensor cached_packing(const at::Tensor& w, int64_t layout, const Pack& pack) {
+  std::mutex& mu = pack_cache().mu;
+  std::vector<PackCacheEntry>& cache = pack_cache().entries;
+  constexpr size_t kMaxEntries = 16;
+  const size_t bytes = w.nbytes();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = cache.begin(); it != cache.end();) {
+      if (it->weight.expired()) {
+        it = cache.erase(it);
+        continue;
+      }
+      if (it->weight._unsafe_get_target() == w.unsafeGetTensorImpl() && it->data == w.data_ptr() &&
+          it->layout == layout && it->copy.scalar_type() == w.scalar_type() && it->copy.numel() == w.numel()) {
+        if (std::memcmp(it->copy.data_ptr(), w.data_ptr(), bytes) == 0) return it->packed;
+        cache.erase(it);
+        break;
+      }
+      ++it;
+    }
+  }
+  at::Tensor packed = pack();
+  at::Tensor copy = w.clone();
+  static const size_t max_bytes = [] {
+    const char* mb = std::getenv("FASTRNN_PACK_CACHE_MB");
+    return size_t(mb ? std::strtoull(mb, nullptr, 10) : 256) << 20;
+  }();
+  std::lock_guard<std::mutex> lock(mu);
+  auto entry_bytes = [](const PackCacheEntry& e) { return e.copy.nbytes() + e.packed.nbytes(); };
+  size_t total = copy.nbytes() + packed.nbytes();
+  for (const auto& e : cache) total += entry_bytes(e);
+  while (!cache.empty() && (cache.size() >= kMaxEntries || total > max_bytes)) {
+    total -= entry_bytes(cache.front());
+    cache.erase(cache.begin());
+  }
+  if (copy.nbytes() + packed.nbytes() > max_bytes) return packed;  // too big to keep
+  cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w.data_ptr(), layout, copy, packed});
+  return packed;
+}
+
+}  // namespace fastrnn
