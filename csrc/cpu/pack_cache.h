@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -78,6 +79,33 @@ at::Tensor cached_packing(const at::Tensor& w, int64_t layout, const Pack& pack)
   if (copy.nbytes() + packed.nbytes() > max_bytes) return packed;  // too big to keep
   cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w.data_ptr(), layout, copy, packed});
   return packed;
+}
+
+// W_hh [G*H, H] -> panels [n_panels][k = H][gate g, unit u] of U units, zero past the last unit:
+// the layout of the fused forward kernels (a thread multiplies h by a panel and has all G gates
+// of U units at once).
+template <typename T>
+at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
+  const int64_t NR = G * U, n_panels = (H + U - 1) / U;
+  at::Tensor wp = at::zeros({n_panels, H, NR}, w_hh.options());
+  const T* w = w_hh.data_ptr<T>();
+  T* dst = wp.data_ptr<T>();
+  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t u = 0; u < U && p * U + u < H; ++u) {
+          const T* src = w + (g * H + p * U + u) * H;
+          T* d = dst + p * H * NR + g * U + u;
+          for (int64_t k = 0; k < H; ++k) d[k * NR] = src[k];
+        }
+  });
+  return wp;
+}
+
+// The same, kept between calls.
+template <typename T>
+at::Tensor gate_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
+  return cached_packing(w_hh, 1000 + G * 100 + U, [&] { return pack_gate_panels<T>(w_hh, G, H, U); });
 }
 
 }  // namespace fastrnn

@@ -535,31 +535,6 @@ class ChunkedProjection {
   int64_t steps_ = 1;
 };
 
-// W_hh [G*H, H] -> panels [n_panels][k = H][gate g, unit u], zero past the last unit.
-template <typename T>
-at::Tensor pack_recurrent_weight(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
-  const int64_t NR = G * U, n_panels = (H + U - 1) / U;
-  at::Tensor wp = at::zeros({n_panels, H, NR}, w_hh.options());
-  const T* w = w_hh.data_ptr<T>();
-  T* dst = wp.data_ptr<T>();
-  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t u = 0; u < U && p * U + u < H; ++u) {
-          const T* src = w + (g * H + p * U + u) * H;
-          T* d = dst + p * H * NR + g * U + u;
-          for (int64_t k = 0; k < H; ++k) d[k * NR] = src[k];
-        }
-  });
-  return wp;
-}
-
-// W_hh packed for the fused forward, kept between calls (cpu/pack_cache.h).
-template <typename T>
-at::Tensor packed_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
-  return cached_packing(w_hh, 1000 + G * 100 + U, [&] { return pack_recurrent_weight<T>(w_hh, G, H, U); });
-}
-
 template <typename T>
 void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   const Schedule& s = a.sched;
@@ -572,7 +547,7 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   PhaseTimer timer("fused forward");
   at::Tensor b_hn;
   const ChunkedProjection projection(a, folded_bias(a, b_hn));
-  at::Tensor wp = packed_panels<T>(a.w_hh, G, H, U);
+  at::Tensor wp = gate_panels<T>(a.w_hh, G, H, U);
   timer.mark("pack W_hh");
 
   at::Tensor hbuf = at::empty({2, B, H}, opts);

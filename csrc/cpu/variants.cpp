@@ -470,26 +470,6 @@ FASTRNN_ISA_KERNEL(col_pass, ColPass, col_pass_impl)
 FASTRNN_ISA_KERNEL(panel_rows, PanelArgs, panel_rows_impl)
 FASTRNN_ISA_KERNEL(fused_v, FusedV, fused_v_impl)
 
-// W_hh [G*H, H] -> [n_panels][k = H][gate g][unit u], U units a panel, zero past the last unit.
-template <typename T>
-at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t G, int64_t H) {
-  constexpr int64_t U = panel::Vec<T>::L;
-  const int64_t NR = G * U, n_panels = (H + U - 1) / U;
-  at::Tensor wp = at::zeros({n_panels, H, NR}, w_hh.options());
-  const T* w = w_hh.data_ptr<T>();
-  T* dst = wp.data_ptr<T>();
-  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t u = 0; u < U && p * U + u < H; ++u) {
-          const T* src = w + (g * H + p * U + u) * H;
-          T* d = dst + p * H * NR + g * U + u;
-          for (int64_t k = 0; k < H; ++k) d[k * NR] = src[k];
-        }
-  });
-  return wp;
-}
-
 // B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true), packed in
 // panels of NR columns, zero past N.
 template <typename T>
@@ -518,7 +498,7 @@ at::Tensor pack_panels(const at::Tensor& weight, bool trans_b, int64_t N, int64_
 }
 
 // Packings are kept between calls (cpu/pack_cache.h), under layout ids 0/1 (panels of W / W^T,
-// StepGemm) and 2 (gate panels, fused forward).
+// StepGemm); the fused forward's gate panels are gate_panels'.
 // The per-step recurrent product of one call: panels for small products (packed once per call,
 // run on the calling thread, whose cache keeps them across steps), gemm.h's WeightGemm (oneDNN /
 // packed MKL / BLAS, as the backend override says) otherwise.
@@ -636,7 +616,7 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
   if (!fused) recp = std::make_unique<StepGemm<T>>(a.w_hh, /*trans_b=*/true, GH, H, B, s.T);
   at::Tensor wp, hbuf;
   if (fused) {
-    wp = cached_packing(a.w_hh, 2, [&] { return pack_gate_panels<T>(a.w_hh, a.G, H); });
+    wp = gate_panels<T>(a.w_hh, a.G, H, panel::Vec<T>::L);
     hbuf = at::empty({2, B, H}, opts);
     hbuf.select(0, 0).copy_(a.hx);
     hbuf.select(0, 1).copy_(a.hx);
