@@ -11,11 +11,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
+
+#include "fastrnn/panel_gemm.h"
 
 namespace fastrnn {
 
@@ -102,7 +105,34 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_
   return wp;
 }
 
-// The same, kept between calls.
+// B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true) -> column
+// panels [n_panels][K][NR] for panel::gemm_impl, zero past N.
+template <typename T>
+at::Tensor pack_columns(const at::Tensor& weight, bool trans_b, int64_t N, int64_t K) {
+  constexpr int64_t NR = panel::kGemmV * panel::Vec<T>::L;
+  const int64_t n_panels = (N + NR - 1) / NR;
+  at::Tensor packed = at::zeros({n_panels, K, NR}, weight.options());
+  const T* w = weight.data_ptr<T>();
+  T* dst = packed.data_ptr<T>();
+  // Loops in the order that reads W contiguously.
+  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t nc = std::min<int64_t>(NR, N - p * NR);
+      T* d = dst + p * K * NR;
+      if (trans_b) {
+        for (int64_t q = 0; q < nc; ++q) {
+          const T* src = w + (p * NR + q) * K;
+          for (int64_t k = 0; k < K; ++k) d[k * NR + q] = src[k];
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) std::memcpy(d + k * NR, w + k * N + p * NR, sizeof(T) * nc);
+      }
+    }
+  });
+  return packed;
+}
+
+// The gate panels, kept between calls.
 template <typename T>
 at::Tensor gate_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
   return cached_packing(w_hh, 1000 + G * 100 + U, [&] { return pack_gate_panels<T>(w_hh, G, H, U); });

@@ -394,75 +394,35 @@ FASTRNN_INLINE void one_step_impl(const OneStep<T>& s, int64_t blk0, int64_t blk
   }
 }
 
-// C[m, N] (=, or += when accumulate) A[m, K] @ B[K, N] for a fixed B packed into panels of
-// V vectors; used for backward's per-step dh = dG W_hh at sizes where dispatching to a BLAS costs
-// more than the product. Panels are split over threads; each thread keeps its slice of B.
-template <typename T>
-struct PanelGemmArgs {
-  const T* a;
-  int64_t lda, m, K, N, n_panels;
-  const T* bp;
-  T* c;
-  int64_t ldc;
-  bool accumulate;
-};
-
-constexpr int kBwdV = 4;
-
-template <typename T>
-FASTRNN_INLINE void panel_gemm_impl(const PanelGemmArgs<T>& g, int64_t p0, int64_t p1) {
-  constexpr int NR = kBwdV * panel::Vec<T>::L;
-  alignas(64) T tile[panel::kMR * NR];
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t c0 = p * NR, nc = std::min<int64_t>(NR, g.N - c0);
-    for (int64_t i0 = 0; i0 < g.m; i0 += panel::kMR) {
-      const int64_t mr = std::min<int64_t>(panel::kMR, g.m - i0);
-      panel::product_rows<T, kBwdV>(g.a + i0 * g.lda, g.lda, mr, g.K, g.bp + p * g.K * NR, tile, NR);
-      for (int64_t i = 0; i < mr; ++i) {
-        T* crow = g.c + (i0 + i) * g.ldc + c0;
-        const T* trow = tile + i * NR;
-        if (g.accumulate)
-          for (int64_t q = 0; q < nc; ++q) crow[q] += trow[q];
-        else
-          std::memcpy(crow, trow, sizeof(T) * nc);
-      }
-    }
-  }
-}
-
 FASTRNN_ISA_KERNEL(forward_rows, FwdRows, forward_rows_impl)
 FASTRNN_ISA_KERNEL(backward_rows, BwdRows, backward_rows_impl)
 FASTRNN_ISA_KERNEL(fused_step, FusedStep, fused_step_impl)
-FASTRNN_ISA_KERNEL(panel_gemm, PanelGemmArgs, panel_gemm_impl)
+FASTRNN_ISA_KERNEL(panel_gemm, panel::GemmArgs, panel::gemm_impl)
 FASTRNN_ISA_KERNEL(one_step, OneStep, one_step_impl)
 
 
-// B [K, N] row-major, packed once; run() multiplies any A with up to the m it was sized for.
+// dh = dG W_hh in backward for sizes where dispatching to a BLAS costs more than the product:
+// B [K, N] row-major, packed once a call into column panels (panel::gemm_impl); run() multiplies
+// any A with up to the m it was sized for. Panels are split over threads; each thread keeps its
+// slice of B.
 template <typename T>
 class PanelGemm {
  public:
-  PanelGemm(const T* b, int64_t K, int64_t N, const at::TensorOptions& opts) : K_(K), N_(N) {
-    constexpr int64_t NR = kBwdV * panel::Vec<T>::L;
-    n_panels_ = (N + NR - 1) / NR;
-    packed_ = at::zeros({n_panels_, K, NR}, opts);
-    T* dst = packed_.data_ptr<T>();
-    at::parallel_for(0, n_panels_, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t k = 0; k < K; ++k)
-          std::memcpy(dst + (p * K + k) * NR, b + k * N + p * NR, sizeof(T) * std::min<int64_t>(NR, N - p * NR));
-    });
+  PanelGemm(const at::Tensor& b, int64_t K, int64_t N) : K_(K), N_(N) {
+    packed_ = pack_columns<T>(b, /*trans_b=*/false, N, K);
+    n_panels_ = packed_.size(0);
   }
   int64_t panels() const { return n_panels_; }
   // Panels [p0, p1) only, on the calling thread (for a persistent team).
   void run_panels(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate, int64_t p0,
                   int64_t p1) const {
     if (m == 0 || p0 >= p1) return;
-    panel_gemm(PanelGemmArgs<T>{a, lda, m, K_, N_, n_panels_, packed_.data_ptr<T>(), c, ldc, accumulate}, p0, p1);
+    panel_gemm(panel::GemmArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, p0, p1);
   }
   void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate) const {
     if (m == 0) return;
-    const PanelGemmArgs<T> g{a, lda, m, K_, N_, n_panels_, packed_.data_ptr<T>(), c, ldc, accumulate};
-    constexpr int64_t NR = kBwdV * panel::Vec<T>::L;
+    const panel::GemmArgs<T> g{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate};
+    constexpr int64_t NR = panel::kGemmV * panel::Vec<T>::L;
     if (!threads_pay(double(m) * double(K_) * double(N_), double(K_) * double(N_) * double(sizeof(T)))) {
       panel_gemm(g, 0, n_panels_);
       return;
@@ -785,7 +745,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   {
     const int o = gemm_backend_override().load();
     if (o == 4 || (o == 0 && s.T > 1 && GH * P <= kPanelMaxWeightElems))
-      rec_panel = std::make_unique<PanelGemm<T>>(a.w_hh.data_ptr<T>(), GH, P, a.x.options());
+      rec_panel = std::make_unique<PanelGemm<T>>(a.w_hh, GH, P);
   }
   std::unique_ptr<WeightGemm<T>> projg;
   if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), false, H, P, B, pack_m);  // dr = dh W_hr

@@ -347,43 +347,6 @@ FASTRNN_INLINE void col_pass_impl(const ColPass<T>& s, int64_t c0, int64_t c1) {
   }
 }
 
-// C[m, N] (=, or += when accumulate) A[m, K] @ B[K, N] for B packed in column panels of NR = kPV
-// vectors (panel p holds columns [p*NR, (p+1)*NR), row k contiguous, zero past N). For the
-// per-step recurrent products of small batches, where a BLAS call costs more in dispatch and
-// threading than the product itself.
-constexpr int kPV = 4;
-
-template <typename T>
-struct PanelArgs {
-  const T* a;
-  int64_t lda, m, K, N;
-  const T* bp;
-  T* c;
-  int64_t ldc;
-  bool accumulate;
-};
-
-template <typename T>
-FASTRNN_INLINE void panel_rows_impl(const PanelArgs<T>& g, int64_t p0, int64_t p1) {
-  constexpr int NR = kPV * panel::Vec<T>::L;
-  alignas(64) T tile[panel::kMR * NR];
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t c0 = p * NR, nc = std::min<int64_t>(NR, g.N - c0);
-    for (int64_t i0 = 0; i0 < g.m; i0 += panel::kMR) {
-      const int64_t mr = std::min<int64_t>(panel::kMR, g.m - i0);
-      panel::product_rows<T, kPV>(g.a + i0 * g.lda, g.lda, mr, g.K, g.bp + p * g.K * NR, tile, NR);
-      for (int64_t i = 0; i < mr; ++i) {
-        T* crow = g.c + (i0 + i) * g.ldc + c0;
-        const T* trow = tile + i * NR;
-        if (g.accumulate)
-          for (int64_t q = 0; q < nc; ++q) crow[q] += trow[q];
-        else
-          std::memcpy(crow, trow, sizeof(T) * nc);
-      }
-    }
-  }
-}
-
 // Fused forward without LayerNorm (peephole LSTM, zoneout LSTM/GRU) for small products: W_hh packed
 // into panels of U = one vector of hidden units with all G gates of those units side by side; a
 // thread multiplies h by its panels and applies the units' math right away, no hg round trip and
@@ -467,35 +430,8 @@ FASTRNN_INLINE void fused_v_impl(const FusedV<T>& s, int64_t p0, int64_t p1) {
 FASTRNN_ISA_KERNEL(vforward_rows, VFwdRows, vforward_rows_impl)
 FASTRNN_ISA_KERNEL(vbackward_rows, VBwdRows, vbackward_rows_impl)
 FASTRNN_ISA_KERNEL(col_pass, ColPass, col_pass_impl)
-FASTRNN_ISA_KERNEL(panel_rows, PanelArgs, panel_rows_impl)
+FASTRNN_ISA_KERNEL(panel_rows, panel::GemmArgs, panel::gemm_impl)
 FASTRNN_ISA_KERNEL(fused_v, FusedV, fused_v_impl)
-
-// B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true), packed in
-// panels of NR columns, zero past N.
-template <typename T>
-at::Tensor pack_panels(const at::Tensor& weight, bool trans_b, int64_t N, int64_t K) {
-  constexpr int64_t NR = kPV * panel::Vec<T>::L;
-  const int64_t n_panels = (N + NR - 1) / NR;
-  at::Tensor packed = at::zeros({n_panels, K, NR}, weight.options());
-  const T* w = weight.data_ptr<T>();
-  T* dst = packed.data_ptr<T>();
-  // Loops in the order that reads W contiguously.
-  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t nc = std::min<int64_t>(NR, N - p * NR);
-      T* d = dst + p * K * NR;
-      if (trans_b) {
-        for (int64_t q = 0; q < nc; ++q) {
-          const T* src = w + (p * NR + q) * K;
-          for (int64_t k = 0; k < K; ++k) d[k * NR + q] = src[k];
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k) std::memcpy(d + k * NR, w + k * N + p * NR, sizeof(T) * nc);
-      }
-    }
-  });
-  return packed;
-}
 
 // Packings are kept between calls (cpu/pack_cache.h), under layout ids 0/1 (panels of W / W^T,
 // StepGemm); the fused forward's gate panels are gate_panels'.
@@ -508,7 +444,7 @@ class StepGemm {
   // B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true); w contiguous.
   StepGemm(const at::Tensor& w, bool trans_b, int64_t N, int64_t K, int64_t max_m, int64_t steps) : N_(N), K_(K) {
     if (use_panels(max_m, N, K, steps)) {
-      packed_ = cached_packing(w, trans_b ? 1 : 0, [&] { return pack_panels<T>(w, trans_b, N, K); });
+      packed_ = cached_packing(w, trans_b ? 1 : 0, [&] { return pack_columns<T>(w, trans_b, N, K); });
       n_panels_ = packed_.size(0);
     } else {
       blas_ = std::make_unique<WeightGemm<T>>(w.data_ptr<T>(), trans_b, N, K, max_m, steps > 1 ? max_m : 0);
@@ -525,7 +461,7 @@ class StepGemm {
   void run_panels(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate, int64_t p0,
                   int64_t p1) const {
     if (m == 0 || p0 >= p1) return;
-    panel_rows(PanelArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, p0, p1);
+    panel_rows(panel::GemmArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, p0, p1);
   }
   // C[m, N] = A[m, K] B (+ C when accumulate)
   void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate) const {
@@ -534,7 +470,7 @@ class StepGemm {
       blas_->run(a, m, lda, c, ldc, accumulate ? T(1) : T(0));
       return;
     }
-    panel_rows(PanelArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, 0, n_panels_);
+    panel_rows(panel::GemmArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, 0, n_panels_);
   }
 
  private:

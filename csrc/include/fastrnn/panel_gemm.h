@@ -136,5 +136,42 @@ FASTRNN_INLINE void dot_block(const T* A, int64_t lda, int64_t m, const T* W, in
   }
 }
 
+// C[m, N] (=, or += when accumulate) A[m, K] @ B for B [K, N] packed in column panels of
+// NR = kGemmV * L columns (panel p holds columns [p*NR, (p+1)*NR), row k contiguous, zero past
+// N): panels [p0, p1) only, so threads can split them. For the per-step products at sizes where a
+// BLAS call costs more in dispatch and threading than the product itself.
+constexpr int kGemmV = 4;
+
+template <typename T>
+struct GemmArgs {
+  const T* a;
+  int64_t lda, m, K, N;
+  const T* bp;
+  T* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+template <typename T>
+FASTRNN_INLINE void gemm_impl(const GemmArgs<T>& g, int64_t p0, int64_t p1) {
+  constexpr int NR = kGemmV * Vec<T>::L;
+  alignas(64) T tile[kMR * NR];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c0 = p * NR, nc = g.N - c0 < NR ? g.N - c0 : NR;
+    for (int64_t i0 = 0; i0 < g.m; i0 += kMR) {
+      const int64_t mr = g.m - i0 < kMR ? g.m - i0 : kMR;
+      product_rows<T, kGemmV>(g.a + i0 * g.lda, g.lda, mr, g.K, g.bp + p * g.K * NR, tile, NR);
+      for (int64_t i = 0; i < mr; ++i) {
+        T* crow = g.c + (i0 + i) * g.ldc + c0;
+        const T* trow = tile + i * NR;
+        if (g.accumulate)
+          for (int64_t q = 0; q < nc; ++q) crow[q] += trow[q];
+        else
+          std::memcpy(crow, trow, sizeof(T) * nc);
+      }
+    }
+  }
+}
+
 }  // namespace panel
 }  // namespace fastrnn
