@@ -660,13 +660,6 @@ void one_step_kernel(const Args& a, bool train, ForwardOut& o) {
   o.hy = o.output.reshape({rows, H}).clone();
 }
 
-// The panel kernels (fused forward, backward's dh = dG W_hh) run every size whose W_hh is at
-// most this many elements (64 MB in float32); a larger packed copy costs more memory than the
-// per-step BLAS/oneDNN calls cost time. Measured single-threaded (CPU time, this project's AMD
-// machine): at B=64, I=H=512 and B=32, I=H=1024 the fused path beats per-step oneDNN by 7-20%,
-// inference and training. (Until the kernels were built with OpenMP, their teams ran on one
-// thread, and oneDNN won above ~6M multiply-adds a step.)
-constexpr int64_t kPanelMaxWeightElems = int64_t(16) << 20;
 
 bool prefer_fused(const Args& a) {
   const int o = gemm_backend_override().load();

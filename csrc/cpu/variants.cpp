@@ -433,27 +433,27 @@ FASTRNN_ISA_KERNEL(col_pass, ColPass, col_pass_impl)
 FASTRNN_ISA_KERNEL(panel_rows, panel::GemmArgs, panel::gemm_impl)
 FASTRNN_ISA_KERNEL(fused_v, FusedV, fused_v_impl)
 
-// Packings are kept between calls (cpu/pack_cache.h), under layout ids 0/1 (panels of W / W^T,
-// StepGemm); the fused forward's gate panels are gate_panels'.
-// The per-step recurrent product of one call: panels for small products (packed once per call,
-// run on the calling thread, whose cache keeps them across steps), gemm.h's WeightGemm (oneDNN /
+// The per-step recurrent product of one call: column panels (pack_columns, kept between calls in
+// cpu/pack_cache.h under layout ids 0/1 for W / W^T) for W up to kPanelMaxWeightElems, run on the
+// calling thread or split over a persistent team; gemm.h's WeightGemm (oneDNN /
 // packed MKL / BLAS, as the backend override says) otherwise.
 template <typename T>
 class StepGemm {
  public:
   // B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true); w contiguous.
   StepGemm(const at::Tensor& w, bool trans_b, int64_t N, int64_t K, int64_t max_m, int64_t steps) : N_(N), K_(K) {
-    if (use_panels(max_m, N, K, steps)) {
+    if (use_panels(N, K, steps)) {
       packed_ = cached_packing(w, trans_b ? 1 : 0, [&] { return pack_columns<T>(w, trans_b, N, K); });
       n_panels_ = packed_.size(0);
     } else {
       blas_ = std::make_unique<WeightGemm<T>>(w.data_ptr<T>(), trans_b, N, K, max_m, steps > 1 ? max_m : 0);
     }
   }
-  static bool use_panels(int64_t max_m, int64_t N, int64_t K, int64_t steps) {
+  // As recurrent.cpp's panel path: whenever there are steps to amortise the packing over and the
+  // weight is within kPanelMaxWeightElems (gemm.h).
+  static bool use_panels(int64_t N, int64_t K, int64_t steps) {
     const int o = gemm_backend_override().load();
-    (void)max_m;
-    return o == 4 || (o == 0 && steps > 1 && double(N) * double(K) <= kPanelMaxElems);
+    return o == 4 || (o == 0 && steps > 1 && N * K <= kPanelMaxWeightElems);
   }
   bool panelled() const { return !blas_; }
   int64_t panels() const { return n_panels_; }
@@ -474,9 +474,6 @@ class StepGemm {
   }
 
  private:
-  // Below this many multiply-adds a step the panels (split over a persistent team) beat a BLAS
-  // call: recurrent.cpp's crossover for its fused forward (kFusedMaxMacs, gemm.h).
-  static constexpr double kPanelMaxElems = double(int64_t(16) << 20);
   int64_t N_, K_, n_panels_ = 0;
   at::Tensor packed_;
   std::unique_ptr<WeightGemm<T>> blas_;
@@ -547,7 +544,7 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
   at::Tensor hg = at::empty({B, GH}, opts);
   const int64_t scratch_ld = a.lstm ? 5 * H : 6 * H;
   at::Tensor scratch = at::empty({B, scratch_ld}, opts);
-  const bool fused = !a.ln() && StepGemm<T>::use_panels(B, GH, H, s.T);
+  const bool fused = !a.ln() && StepGemm<T>::use_panels(GH, H, s.T);
   std::unique_ptr<StepGemm<T>> recp;
   if (!fused) recp = std::make_unique<StepGemm<T>>(a.w_hh, /*trans_b=*/true, GH, H, B, s.T);
   at::Tensor wp, hbuf;
