@@ -1,4 +1,4 @@
-// Autograd for the recurrent forward ops, in C++ (TORCH_LIBRARY_IMPL(fastrnn, Autograd)).
+// Autograd for the recurrent and variant forward ops, in C++ (TORCH_LIBRARY_IMPL(fastrnn, Autograd)).
 //
 // torch.library.register_autograd wraps an op in a Python autograd.Function: ~50 us a call,
 // several times a small step's whole cost (a decoder cell called once per step in training).
@@ -35,15 +35,15 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// create_graph=True: fastrnn._autograd.reference_backward(kind, saved, grads, reverse, relu)
+// create_graph=True: fastrnn._autograd.reference_backward(kind, saved, grads, reverse, relu, p)
 // returns the gradients of the op's tensor inputs (None where not needed) as a graph.
 variable_list reference_backward(const char* kind, const variable_list& saved, const variable_list& grads, bool reverse,
-                                 bool relu) {
+                                 bool relu, double p = 0.0) {
   py::gil_scoped_acquire gil;
   py::list s, g;
   for (const Tensor& t : saved) s.append(t.defined() ? py::cast(t) : py::none());
   for (const Tensor& t : grads) g.append(t.defined() ? py::cast(t) : py::none());
-  py::object res = py::module_::import("fastrnn._autograd").attr("reference_backward")(kind, s, g, reverse, relu);
+  py::object res = py::module_::import("fastrnn._autograd").attr("reference_backward")(kind, s, g, reverse, relu, p);
   variable_list out;
   for (py::handle h : res) out.push_back(h.is_none() ? Tensor() : h.cast<Tensor>());
   return out;
@@ -199,6 +199,139 @@ std::tuple<Tensor, Tensor> rnn_forward_autograd(const Tensor& input, const Tenso
   return {r[0], r[1]};
 }
 
+// ------------------------------------------------------------------------------ variant cells
+// The zoneout mask and zoneout_p are constants of the forward (the mask is a random draw), so they
+// get no gradient; DropConnect never reaches these ops (it is an autograd-visible product on W_hh).
+// A gradient is returned only for the optional tensors that were given.
+variable_list given_only(const variable_list& inputs, const std::vector<Tensor>& grads, size_t n_total) {
+  variable_list out(n_total);
+  for (size_t k = 0; k < grads.size(); ++k)
+    if (inputs[k].defined()) out[k] = grads[k];
+  return out;
+}
+
+using VLstmFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
+    const OptT&, const OptT&, const OptT&, const OptT&, const Tensor&, const Tensor&, const OptT&, double,
+    const OptT&, bool, bool);
+using VLstmBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                               Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&,
+    const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const Tensor&, const Tensor&,
+    const OptT&, double, const OptT&, bool, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&);
+
+struct VLstmFunction : public torch::autograd::Function<VLstmFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                               const OptT& b_ih, const OptT& b_hh, const OptT& lnxw, const OptT& lnxb,
+                               const OptT& lnhw, const OptT& lnhb, const OptT& lncw, const OptT& lncb,
+                               const OptT& w_peep, const Tensor& hx, const Tensor& cx, const OptT& mask, double p,
+                               const OptT& batch_sizes, bool reverse, bool train) {
+    static const auto op = op_handle<VLstmFwdSig>("fastrnn::variant_lstm_forward");
+    ctx->set_materialize_grads(false);  // the workspace's gradients would be hundreds of MB of zeros
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, hy, cy, gates, cells, norm, stats] = op.call(input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb,
+                                                            lncw, lncb, w_peep, hx, cx, mask, p, batch_sizes,
+                                                            reverse, train);
+    ctx->mark_non_differentiable({gates, cells, norm, stats});
+    // 0-13: the differentiable inputs in schema order, 14 mask, 15 batch_sizes, 16-20 outputs
+    ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(lnxw), opt(lnxb), opt(lnhw), opt(lnhb),
+                            opt(lncw), opt(lncb), opt(w_peep), hx, cx, opt(mask), opt(batch_sizes), out, gates, cells,
+                            norm, stats});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["p"] = p;
+    return {out, hy, cy, gates, cells, norm, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    const double p = ctx->saved_data["p"].toDouble();
+    constexpr size_t kInputs = 19;
+    if (at::GradMode::is_enabled()) {
+      variable_list g = reference_backward("variant_lstm", variable_list(s.begin(), s.begin() + 16),
+                                           {grads[0], grads[1], grads[2]}, reverse, false, p);
+      g.resize(kInputs);
+      return g;
+    }
+    static const auto op = op_handle<VLstmBwdSig>("fastrnn::variant_lstm_backward");
+    const Tensor &input = s[0], &hx = s[12], &cx = s[13], &out = s[16];
+    auto g = op.call(zeros_if_undefined(grads[0], out), zeros_if_undefined(grads[1], hx),
+                     zeros_if_undefined(grads[2], cx), input, s[1], s[2], as_opt(s[5]), as_opt(s[6]), as_opt(s[7]),
+                     as_opt(s[8]), as_opt(s[9]), as_opt(s[10]), as_opt(s[11]), hx, cx, as_opt(s[14]), p,
+                     as_opt(s[15]), reverse, out, s[17], s[18], s[19], s[20]);
+    auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, g0, g1, g2, g3, g4, g5, gpeep, ghx, gcx] = g;
+    return given_only(s, {gi, gw_ih, gw_hh, gb_ih, gb_hh, g0, g1, g2, g3, g4, g5, gpeep, ghx, gcx}, kInputs);
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_lstm_forward_autograd(
+    const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const OptT& b_ih, const OptT& b_hh, const OptT& lnxw,
+    const OptT& lnxb, const OptT& lnhw, const OptT& lnhb, const OptT& lncw, const OptT& lncb, const OptT& w_peep,
+    const Tensor& hx, const Tensor& cx, const OptT& mask, double p, const OptT& batch_sizes, bool reverse,
+    bool train) {
+  variable_list r = VLstmFunction::apply(input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, lncw, lncb, w_peep,
+                                         hx, cx, mask, p, batch_sizes, reverse, train);
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
+}
+
+using VGruFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&, const OptT&, const OptT&, const OptT&,
+    const OptT&, const Tensor&, const OptT&, double, const OptT&, bool, bool);
+using VGruBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&, const OptT&,
+    const OptT&, const Tensor&, const OptT&, double, const OptT&, bool, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&);
+
+struct VGruFunction : public torch::autograd::Function<VGruFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                               const OptT& b_ih, const OptT& b_hh, const OptT& lnxw, const OptT& lnxb,
+                               const OptT& lnhw, const OptT& lnhb, const Tensor& hx, const OptT& mask, double p,
+                               const OptT& batch_sizes, bool reverse, bool train) {
+    static const auto op = op_handle<VGruFwdSig>("fastrnn::variant_gru_forward");
+    ctx->set_materialize_grads(false);  // as the variant LSTM's
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, hy, gates, hn, norm, stats] =
+        op.call(input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, hx, mask, p, batch_sizes, reverse, train);
+    ctx->mark_non_differentiable({gates, hn, norm, stats});
+    // 0-9: the differentiable inputs in schema order, 10 mask, 11 batch_sizes, 12-16 outputs
+    ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(lnxw), opt(lnxb), opt(lnhw), opt(lnhb), hx,
+                            opt(mask), opt(batch_sizes), out, gates, hn, norm, stats});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["p"] = p;
+    return {out, hy, gates, hn, norm, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    const double p = ctx->saved_data["p"].toDouble();
+    constexpr size_t kInputs = 15;
+    if (at::GradMode::is_enabled()) {
+      variable_list g = reference_backward("variant_gru", variable_list(s.begin(), s.begin() + 12),
+                                           {grads[0], grads[1]}, reverse, false, p);
+      g.resize(kInputs);
+      return g;
+    }
+    static const auto op = op_handle<VGruBwdSig>("fastrnn::variant_gru_backward");
+    const Tensor &input = s[0], &hx = s[9], &out = s[12];
+    auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, g0, g1, g2, g3, ghx] =
+        op.call(zeros_if_undefined(grads[0], out), zeros_if_undefined(grads[1], hx), input, s[1], s[2], as_opt(s[5]),
+                as_opt(s[6]), as_opt(s[7]), as_opt(s[8]), hx, as_opt(s[10]), p, as_opt(s[11]), reverse, out, s[13],
+                s[14], s[15], s[16]);
+    return given_only(s, {gi, gw_ih, gw_hh, gb_ih, gb_hh, g0, g1, g2, g3, ghx}, kInputs);
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_gru_forward_autograd(
+    const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const OptT& b_ih, const OptT& b_hh, const OptT& lnxw,
+    const OptT& lnxb, const OptT& lnhw, const OptT& lnhb, const Tensor& hx, const OptT& mask, double p,
+    const OptT& batch_sizes, bool reverse, bool train) {
+  variable_list r = VGruFunction::apply(input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, hx, mask, p,
+                                        batch_sizes, reverse, train);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
 }  // namespace
 }  // namespace fastrnn
 
@@ -206,4 +339,6 @@ TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
   m.impl("lstm_forward", &fastrnn::lstm_forward_autograd);
   m.impl("gru_forward", &fastrnn::gru_forward_autograd);
   m.impl("rnn_forward", &fastrnn::rnn_forward_autograd);
+  m.impl("variant_lstm_forward", &fastrnn::variant_lstm_forward_autograd);
+  m.impl("variant_gru_forward", &fastrnn::variant_gru_forward_autograd);
 }

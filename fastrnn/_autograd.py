@@ -31,14 +31,29 @@ def _reference_grads(forward, tensors, grad_outputs):
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in tensors)
 
 
-# ------------------------------------------------------------------- LSTM, GRU, RNN
-# The recurrent forward ops have their autograd in C++ (csrc/autograd.cpp: a Python
+# ------------------------------------------------------- LSTM, GRU, RNN, variant cells
+# The recurrent and variant forward ops have their autograd in C++ (csrc/autograd.cpp: a Python
 # autograd.Function costs several times a small step). Their double backward lands here.
-def reference_backward(kind, saved, grad_outputs, reverse, relu):
+def reference_backward(kind, saved, grad_outputs, reverse, relu, p=0.0):
     """Gradients of the layer's tensor inputs, differentiable (create_graph=True), from the
     plain-PyTorch reference. saved: the op's tensor inputs in schema order (None where absent):
     lstm (input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes), gru/rnn (input, w_ih, w_hh,
-    b_ih, b_hh, hx, batch_sizes); grad_outputs: of (output, hy[, cy]), None where unused."""
+    b_ih, b_hh, hx, batch_sizes), variant_lstm (input, w_ih, w_hh, b_ih, b_hh, 6 LayerNorm
+    tensors, w_peep, hx, cx, zoneout_mask, batch_sizes), variant_gru (input, w_ih, w_hh, b_ih,
+    b_hh, 4 LayerNorm tensors, hx, zoneout_mask, batch_sizes); grad_outputs: of (output, hy[, cy]),
+    None where unused; p: zoneout_p. The zoneout mask and p are constants (no gradient)."""
+    if kind == "variant_lstm":
+        input, w_ih, w_hh, b_ih, b_hh, *ln, w_peep, hx, cx, mask, bsz = saved
+        return _reference_grads(
+            lambda: R.variant_lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih, b_hh,
+                                             ln if ln[0] is not None else None, w_peep, mask, p, bsz, reverse),
+            (input, w_ih, w_hh, b_ih, b_hh, *ln, w_peep, hx, cx), grad_outputs)
+    if kind == "variant_gru":
+        input, w_ih, w_hh, b_ih, b_hh, *ln, hx, mask, bsz = saved
+        return _reference_grads(
+            lambda: R.variant_gru_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, ln if ln[0] is not None else None,
+                                            mask, p, bsz, reverse),
+            (input, w_ih, w_hh, b_ih, b_hh, *ln, hx), grad_outputs)
     if kind == "lstm":
         input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, bsz = saved
         return _reference_grads(lambda: R.lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, bsz, reverse),
@@ -102,73 +117,3 @@ def _additive_backward(ctx, g_context, g_weights):
 
 torch.library.register_autograd("fastrnn::additive_attention_forward", _additive_backward,
                                 setup_context=_additive_setup)
-
-
-# ---------------------------------------------------------------------------- variant LSTM
-# The zoneout mask and zoneout_p are constants of the forward (the mask is a random draw), so they
-# get no gradient; DropConnect never reaches these ops (it is an autograd-visible product on W_hh).
-def _opt_grads(present, grads):
-    return tuple(g if p is not None else None for p, g in zip(present, grads))
-
-
-def _vlstm_setup(ctx, inputs, output):
-    (input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, lncw, lncb, w_peep, hx, cx, mask, p, batch_sizes,
-     reverse, train) = inputs
-    out, hy, cy, gates, cells, norm, stats = output
-    ctx.mark_non_differentiable(gates, cells, norm, stats)
-    # Unused outputs' gradients stay None instead of zero tensors of their shape: the workspace is
-    # hundreds of MB at training sizes (zero-filling it cost ~30 ms and ~50k page faults a call).
-    ctx.set_materialize_grads(False)
-    ctx.reverse, ctx.p = reverse, p
-    ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, lncw, lncb, w_peep, hx, cx, mask,
-                          batch_sizes, out, gates, cells, norm, stats)
-
-
-def _vlstm_backward(ctx, g_out, g_hy, g_cy, *_):
-    (input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, lncw, lncb, w_peep, hx, cx, mask, batch_sizes, out, gates,
-     cells, norm, stats) = ctx.saved_tensors
-    ln = (lnxw, lnxb, lnhw, lnhb, lncw, lncb)
-    diff = (input, w_ih, w_hh, b_ih, b_hh, *ln, w_peep, hx, cx)
-    if torch.is_grad_enabled():  # create_graph=True
-        grads = _reference_grads(
-            lambda: R.variant_lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln if lnxw is not None else None,
-                                             w_peep, mask, ctx.p, batch_sizes, ctx.reverse),
-            diff, (g_out, g_hy, g_cy))
-        return (*grads[:12], grads[12], grads[13], None, None, None, None, None)
-    g = _ops.variant_lstm_backward(_zeros_if_none(g_out, out), _zeros_if_none(g_hy, hx), _zeros_if_none(g_cy, cx),
-                                   input, w_ih, w_hh, *ln, w_peep, hx, cx, mask, ctx.p, batch_sizes, ctx.reverse, out,
-                                   gates, cells, norm, stats)
-    return (*_opt_grads(diff[:12], g[:12]), g[12], g[13], None, None, None, None, None)
-
-
-torch.library.register_autograd("fastrnn::variant_lstm_forward", _vlstm_backward, setup_context=_vlstm_setup)
-
-
-# ---------------------------------------------------------------------------- variant GRU
-def _vgru_setup(ctx, inputs, output):
-    input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, hx, mask, p, batch_sizes, reverse, train = inputs
-    out, hy, gates, hn, norm, stats = output
-    ctx.mark_non_differentiable(gates, hn, norm, stats)
-    ctx.set_materialize_grads(False)  # as the variant LSTM's
-    ctx.reverse, ctx.p = reverse, p
-    ctx.save_for_backward(input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, hx, mask, batch_sizes, out, gates, hn,
-                          norm, stats)
-
-
-def _vgru_backward(ctx, g_out, g_hy, *_):
-    (input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, hx, mask, batch_sizes, out, gates, hn, norm,
-     stats) = ctx.saved_tensors
-    ln = (lnxw, lnxb, lnhw, lnhb)
-    diff = (input, w_ih, w_hh, b_ih, b_hh, *ln, hx)
-    if torch.is_grad_enabled():  # create_graph=True
-        grads = _reference_grads(
-            lambda: R.variant_gru_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, ln if lnxw is not None else None, mask,
-                                            ctx.p, batch_sizes, ctx.reverse),
-            diff, (g_out, g_hy))
-        return (*grads, None, None, None, None, None)
-    g = _ops.variant_gru_backward(_zeros_if_none(g_out, out), _zeros_if_none(g_hy, hx), input, w_ih, w_hh, *ln, hx,
-                                  mask, ctx.p, batch_sizes, ctx.reverse, out, gates, hn, norm, stats)
-    return (*_opt_grads(diff, g), None, None, None, None, None)
-
-
-torch.library.register_autograd("fastrnn::variant_gru_forward", _vgru_backward, setup_context=_vgru_setup)
