@@ -503,3 +503,58 @@ def test_no_grad_and_inference_mode(kind):
     with torch.inference_mode():
         xi = torch.randn(4, 2, 3, dtype=F64)
         compare_outputs(ours(xi), ref(xi), F64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cfg", ["plain", "batch_first", "two_layers", "proj", "packed", "unbatched"])
+def test_inplace_edit_of_output_before_backward(kind, cfg):
+    """Training code edits outputs in place (nn.ReLU(inplace=True), out += residual, masked_fill_):
+    torch.nn's native kernels allow it before backward, so the drop-in must too (and differentiate
+    the edited graph correctly)."""
+    if cfg == "proj" and kind != "LSTM":
+        pytest.skip("proj_size is LSTM's")
+    kw = dict(batch_first=cfg == "batch_first", num_layers=2 if cfg == "two_layers" else 1)
+    if cfg == "proj":
+        kw["proj_size"] = 2
+    ref, ours = make_pair(kind, 3, 4, F64, **kw)
+    x0 = torch.randn(5, 2, 3, dtype=F64)
+    grads = []
+    for m in (ref, ours):
+        x = x0.clone().requires_grad_(True)
+        inp = x[:, 0] if cfg == "unbatched" else x
+        if cfg == "packed":
+            inp = pack_padded_sequence(x, torch.tensor([5, 3]), enforce_sorted=True)
+        out, state = m(inp)
+        h = state[0] if isinstance(state, tuple) else state
+        if cfg == "packed":
+            out.data.relu_()
+        else:
+            out.relu_()
+        h.mul_(2.0)
+        data = out.data if cfg == "packed" else out
+        (data.pow(2).sum() + h.sum()).backward()
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(grads[1], grads[0]):
+        assert_close(a, b, dtype=F64)
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_inplace_edit_of_cell_output_before_backward(kind):
+    ref, ours = make_cell_pair(kind, 3, 4, F64)
+    x0 = torch.randn(2, 3, dtype=F64)
+    grads = []
+    for m in (ours, ref):
+        x = x0.clone().requires_grad_(True)
+        h = m(x)
+        h = m(x, h)
+        for t in (h if isinstance(h, tuple) else (h,)):
+            t.relu_()
+        try:
+            sum(t.pow(2).sum() for t in (h if isinstance(h, tuple) else (h,))).backward()
+        except RuntimeError as e:  # torch.nn.RNNCell saves its tanh/relu output: stricter than fastrnn
+            assert m is ref and "inplace" in str(e) and kind.startswith("RNNCell")
+            return
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+    grads.reverse()
+    for a, b in zip(grads[1], grads[0]):
+        assert_close(a, b, dtype=F64)
