@@ -10,6 +10,7 @@ and in-place edits of the returned output before backward.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
@@ -34,6 +35,7 @@ def _one_thread():
     """The cases are tiny: on a loaded machine torch's own OpenMP regions (torch.nn's side) cost
     ~100 ms a call in waits with two threads, against ~1 ms with one. Threads are test_threads.py's."""
     old = torch.get_num_threads()
+    _one_thread.default_threads = old
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
@@ -71,8 +73,19 @@ def compare_outputs(o, r, dtype):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
-def compare_grads(o, r, ours, ref, leaves, dtype, seed):
-    """Gradients of a random cotangent on every returned tensor, w.r.t. leaves and parameters."""
+@contextlib.contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n or old)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def compare_grads(o, r, ours, ref, leaves, dtype, seed, ours_threads=None):
+    """Gradients of a random cotangent on every returned tensor, w.r.t. leaves and parameters.
+    fastrnn's backward runs on ours_threads threads (default: the current count)."""
     rf, of = flat(r), flat(o)
     g = torch.Generator().manual_seed(seed)
     cot = [torch.randn(t.shape, dtype=t.dtype, generator=g) for t in rf]
@@ -86,7 +99,9 @@ def compare_grads(o, r, ours, ref, leaves, dtype, seed):
         return
     gr = torch.autograd.grad([t for t, _ in outs_r], list(leaves) + rp, [c for _, c in outs_r], allow_unused=True,
                              retain_graph=True)
-    go = torch.autograd.grad([t for t, _ in outs_o], list(leaves) + op, [c for _, c in outs_o], allow_unused=True)
+    with num_threads(ours_threads):
+        go = torch.autograd.grad([t for t, _ in outs_o], list(leaves) + op, [c for _, c in outs_o],
+                                 allow_unused=True)
     for name, a, b in zip(names, go, gr):
         if a is None or b is None:  # B = 0 or unreachable: the other side must be absent or zero
             other = a if a is not None else b
@@ -132,7 +147,7 @@ def make_input(shape, dtype, layout, gen):
     return torch.randn(*shape, dtype=dtype, generator=gen)
 
 
-def run_layer_case(c):
+def run_layer_case(c, ours_threads=None):
     torch.manual_seed(c["seed"])
     gen = torch.Generator().manual_seed(c["seed"])
     dtype = c["dtype"]
@@ -171,9 +186,10 @@ def run_layer_case(c):
             leaves += states
         hx = tuple(states) if c["kind"] == "LSTM" else states[0]
     r = call(ref, x, hx)
-    o = call(ours, x, hx)
+    with num_threads(ours_threads):
+        o = call(ours, x, hx)
     compare_outputs(o, r, dtype)
-    compare_grads(o, r, ours, ref, leaves, dtype, c["seed"])
+    compare_grads(o, r, ours, ref, leaves, dtype, c["seed"], ours_threads)
 
 
 SWEEP_SEEDS = list(range(240))
@@ -558,3 +574,29 @@ def test_inplace_edit_of_cell_output_before_backward(kind):
     grads.reverse()
     for a, b in zip(grads[1], grads[0]):
         assert_close(a, b, dtype=F64)
+
+
+# ------------------------------------------------------------------------------ medium sizes
+# Sizes past the kernels' thresholds (threaded steps, W_hh beyond the cache-resident panels),
+# fastrnn on the process's default thread count (torch.nn on one, see _one_thread); float64 so
+# the tolerance stays float rounding.
+MEDIUM = [
+    dict(kind="LSTM", I=33, H=96, B=8, T=9, num_layers=2, bidirectional=True, batch_first=True, mode="dense"),
+    dict(kind="LSTM", I=20, H=130, B=5, T=6, num_layers=1, bidirectional=False, proj_size=41, mode="packed"),
+    dict(kind="GRU", I=17, H=140, B=7, T=7, num_layers=2, bidirectional=True, mode="packed"),
+    dict(kind="GRU", I=9, H=200, B=1, T=12, num_layers=1, mode="unbatched"),
+    dict(kind="RNN_RELU", I=31, H=300, B=9, T=5, num_layers=2, mode="dense"),
+    dict(kind="RNN_TANH", I=8, H=257, B=16, T=4, num_layers=1, bidirectional=True, mode="dense"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(MEDIUM)))
+def test_medium_sizes_default_threads(case):
+    c = dict(seed=3000 + case, bias=True, batch_first=False, bidirectional=False, proj_size=0, dtype=F64,
+             with_hx=True, x_grad=True, hx_grad=True, params_grad=True, layout="contiguous")
+    c.update(MEDIUM[case])
+    if c["mode"] == "packed":
+        rng = random.Random(c["seed"])
+        c["lengths"] = [c["T"]] + [rng.randint(1, c["T"]) for _ in range(c["B"] - 1)]
+        c["enforce_sorted"] = False
+    run_layer_case(c, ours_threads=_one_thread.default_threads)
