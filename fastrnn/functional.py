@@ -36,10 +36,13 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 def _has_kernel(input: torch.Tensor) -> bool:
     """Whether fastrnn's kernels run this input. Otherwise the layers call torch's own
     implementation, exactly as torch.nn would: other devices (CUDA in a CPU-only build),
-    dtypes without a fused kernel yet (float16, bfloat16), and autocast regions, where
-    torch.nn's RNNs run in the autocast dtype."""
+    dtypes without a fused kernel yet (float16, bfloat16), autocast regions, where
+    torch.nn's RNNs run in the autocast dtype, and torch.func transforms (grad, jacrev, ...),
+    which refuse the ops' C++ autograd Function."""
     device = input.device
     if input.dtype not in _NATIVE_DTYPES or torch.is_autocast_enabled(device.type):
+        return False
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return False
     if device.type == "cpu":
         return True
