@@ -130,6 +130,8 @@ def draw_layer_case(seed):
     if kind == "LSTM" and H > 1 and rng.random() < 0.5:
         c["proj_size"] = rng.randint(1, H - 1)
     c["B"] = rng.choice([1, 1, 2, 3, 4])
+    if c["mode"] == "dense" and rng.random() < 0.1:
+        c["B"] = 0  # torch.nn accepts an empty batch: empty outputs, zero gradients
     if c["mode"] == "packed":
         T = c["T"]
         shape = rng.choice(["random", "equal", "ones"])
@@ -198,7 +200,7 @@ def run_layer_case(c, ours_threads=None):
     compare_grads(o, r, ours, ref, leaves, dtype, c["seed"], ours_threads)
 
 
-SWEEP_SEEDS = list(range(240))
+SWEEP_SEEDS = list(range(320))
 
 
 @pytest.mark.parametrize("chunk", range(8))
@@ -249,7 +251,7 @@ def make_cell_pair(kind, I, H, dtype=F64, bias=True):
 def test_cell_sweep(seed):
     rng = random.Random(2000 + seed)
     kind = CELL_KINDS[seed % 4]
-    I, H, B = rng.choice([1, 3, 6]), rng.choice([1, 2, 5, 9]), rng.choice([None, 1, 3])
+    I, H, B = rng.choice([1, 3, 6]), rng.choice([1, 2, 5, 9]), rng.choice([None, None, 0, 1, 3])
     dtype = rng.choice([F64, F32])
     ref, ours = make_cell_pair(kind, I, H, dtype, bias=rng.random() < 0.7)
     lead = () if B is None else (B,)
@@ -631,3 +633,53 @@ def test_torch_func_grad_like_torch(kind):
     for k in params:
         assert_close(go[0][k], gr[0][k], msg=k)
     assert_close(go[1], gr[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_patterns_like_torch(kind):
+    """What training scripts do around a recurrent layer: carry the state across batches with
+    and without detaching it (truncated BPTT), backward twice with retain_graph, accumulate
+    gradients, activation checkpointing (both flavours) and saved-tensor offloading."""
+    from torch.utils.checkpoint import checkpoint
+    ref, ours = make_pair(kind, 3, 4, F64, num_layers=2)
+    gen = torch.Generator().manual_seed(11)
+    xs = [torch.randn(4, 2, 3, dtype=F64, generator=gen) for _ in range(3)]
+
+    def detach(h):
+        return tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
+
+    def patterns(m):
+        grads = []
+
+        def take():
+            grads.extend(p.grad.clone() for p in m.parameters())
+            m.zero_grad()
+
+        h, loss = None, 0
+        for x in xs:  # state carried, one graph through all batches
+            out, h = call(m, x, h)
+            loss = loss + out.pow(2).sum()
+        loss.backward()
+        take()
+        h = None
+        for x in xs:  # truncated BPTT
+            out, h = call(m, x, None if h is None else detach(h))
+            out.pow(2).sum().backward()
+            take()
+        loss = m(xs[0])[0].sin().sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+        take()
+        for reentrant in (True, False):
+            x = xs[1].clone().requires_grad_(True)
+            checkpoint(lambda x: m(x)[0], x, use_reentrant=reentrant).pow(2).sum().backward()
+            grads.append(x.grad)
+            take()
+        with torch.autograd.graph.save_on_cpu():
+            out = m(xs[2])[0]
+        out.pow(2).sum().backward()
+        take()
+        return grads
+
+    for a, b in zip(patterns(ours), patterns(ref)):
+        assert_close(a, b, dtype=F64)
