@@ -683,3 +683,23 @@ def test_training_patterns_like_torch(kind):
 
     for a, b in zip(patterns(ours), patterns(ref)):
         assert_close(a, b, dtype=F64)
+
+
+# ------------------------------------------------------------------------------ raw ops
+def test_ops_reject_none_tensor_with_a_meta_argument():
+    """A None for a Tensor argument, with another argument on the meta device (which sends the
+    call to the fake kernel), raises a clear error like the CPU kernels, not an AttributeError."""
+    import test_malformed_ops as M
+    for op in M.OPS:
+        args = M.base_args(op, "dense")
+        schema = {a.name: str(a.type) for a in getattr(torch.ops.fastrnn, op).default._schema.arguments}
+        keys = [k for k, v in args.items() if isinstance(v, torch.Tensor)]
+        # proj_input is not read without a projection (w_hr None): the dense call may omit it
+        for k in (k for k in keys if schema[k] == "Tensor" and k != "proj_input"):
+            for meta in (False, True):
+                a = dict(args, **{k: None})
+                if meta:
+                    other = next(kk for kk in keys if kk != k)
+                    a[other] = a[other].to("meta")
+                with pytest.raises(RuntimeError):
+                    getattr(torch.ops.fastrnn, op)(*a.values())
