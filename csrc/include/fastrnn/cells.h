@@ -59,9 +59,10 @@ FASTRNN_INLINE float tanh(float x) {
 FASTRNN_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 FASTRNN_INLINE double tanh(double x) { return std::tanh(x); }
 
+// NaN passes through, as in torch.relu (x > 0 ? x : 0 would turn it into 0).
 template <typename T>
 FASTRNN_INLINE T relu(T x) {
-  return x > T(0) ? x : T(0);
+  return x < T(0) ? T(0) : x;
 }
 
 }  // namespace math
