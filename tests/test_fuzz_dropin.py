@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import pickle
 import random
 import warnings
@@ -711,3 +712,29 @@ def test_ops_reject_none_tensor_with_a_meta_argument():
                     a[other] = a[other].to("meta")
                 with pytest.raises(RuntimeError):
                     getattr(torch.ops.fastrnn, op)(*a.values())
+
+
+# ------------------------------------------------------------------------------ non-finite values
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_values_propagate_like_torch(kind, dtype, gemm_backend, isa):
+    """A NaN or inf in the input, the state or a weight gives NaN/inf where torch.nn's does (a
+    diverging training run must show up in the loss), finite values elsewhere; under every
+    in-loop GEMM path and pointwise ISA build."""
+    for where, val in itertools.product(["input", "hx", "weight_hh_l0"], [float("nan"), float("inf"), -float("inf"),
+                                                                          1e30, -1e30]):
+        ref, ours = make_pair(kind, 3, 4, dtype)
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(4, 2, 3, dtype=dtype, generator=gen)
+        h = torch.randn(1, 2, 4, dtype=dtype, generator=gen)
+        if where == "input":
+            x[1, 0, 1] = val
+        elif where == "hx":
+            h[0, 1, 2] = val
+        else:
+            with torch.no_grad():
+                ref.weight_hh_l0[2, 1] = val
+                ours.weight_hh_l0[2, 1] = val
+        hx = (h, h.clone()) if kind == "LSTM" else h
+        for a, b in zip(flat(ours(x, hx)), flat(ref(x, hx))):
+            torch.testing.assert_close(a, b, **TOL[dtype], equal_nan=True, msg=f"{where}={val}")

@@ -22,8 +22,11 @@ namespace fastrnn {
 namespace math {
 
 // Branch-free float exp (Cephes polynomial, ~1 ulp on the clamped range) so that the
-// gate loops vectorise; std::exp calls do not.
+// gate loops vectorise; std::exp calls do not. Past float's range it is inf, as std::exp:
+// sigmoid(-inf) must be exactly 0, or a state that overflowed to inf gives 1e-38 * inf = inf
+// where torch.nn gives 0 * inf = NaN.
 FASTRNN_INLINE float exp_approx(float x) {
+  const bool overflow = x > 88.7228391f;
   x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
   // round-to-nearest of x*log2(e) with the 1.5*2^23 trick (no libm call).
   const float magic = 12582912.0f;
@@ -39,7 +42,7 @@ FASTRNN_INLINE float exp_approx(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return overflow ? HUGE_VALF : p * scale;
 }
 
 FASTRNN_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
