@@ -719,8 +719,8 @@ def test_ops_reject_none_tensor_with_a_meta_argument():
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_finite_values_propagate_like_torch(kind, dtype, gemm_backend, isa):
     """A NaN or inf in the input, the state or a weight gives NaN/inf where torch.nn's does (a
-    diverging training run must show up in the loss), finite values elsewhere; under every
-    in-loop GEMM path and pointwise ISA build."""
+    diverging training run must show up in the loss), finite values elsewhere, in the outputs
+    and the gradients; under every in-loop GEMM path and pointwise ISA build."""
     for where, val in itertools.product(["input", "hx", "weight_hh_l0"], [float("nan"), float("inf"), -float("inf"),
                                                                           1e30, -1e30]):
         ref, ours = make_pair(kind, 3, 4, dtype)
@@ -735,6 +735,15 @@ def test_non_finite_values_propagate_like_torch(kind, dtype, gemm_backend, isa):
             with torch.no_grad():
                 ref.weight_hh_l0[2, 1] = val
                 ours.weight_hh_l0[2, 1] = val
-        hx = (h, h.clone()) if kind == "LSTM" else h
-        for a, b in zip(flat(ours(x, hx)), flat(ref(x, hx))):
+        x.requires_grad_(True)
+        h.requires_grad_(True)
+        def hx():  # c_0 = h_0 * 1: a graph of its own for each model
+            return (h, h * 1) if kind == "LSTM" else h
+
+        o, r = flat(ours(x, hx())), flat(ref(x, hx()))
+        for a, b in zip(o, r):
             torch.testing.assert_close(a, b, **TOL[dtype], equal_nan=True, msg=f"{where}={val}")
+        go = torch.autograd.grad(sum(t.sum() for t in o), [x, h, *ours.parameters()])
+        gr = torch.autograd.grad(sum(t.sum() for t in r), [x, h, *ref.parameters()])
+        for a, b in zip(go, gr):
+            torch.testing.assert_close(a, b, **TOL[dtype], equal_nan=True, msg=f"{where}={val}, gradient")

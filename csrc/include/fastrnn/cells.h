@@ -189,7 +189,8 @@ FASTRNN_INLINE void rnn_backward_row(int64_t H, Nonlinearity act, const T* FASTR
   if (act == Nonlinearity::Tanh) {
     for (int64_t j = 0; j < H; ++j) dg[j] = dh[j] * (T(1) - h[j] * h[j]);
   } else {
-    for (int64_t j = 0; j < H; ++j) dg[j] = h[j] > T(0) ? dh[j] : T(0);
+    // torch's relu backward (threshold_backward): zero where h <= 0, so a NaN h passes dh on
+    for (int64_t j = 0; j < H; ++j) dg[j] = h[j] <= T(0) ? T(0) : dh[j];
   }
 }
 
