@@ -128,7 +128,7 @@ def draw_layer_case(seed):
              mode=rng.choice(["dense", "dense", "unbatched", "packed", "packed"]),
              with_hx=rng.random() < 0.5, x_grad=rng.random() < 0.7, hx_grad=rng.random() < 0.6,
              params_grad=rng.random() < 0.85, layout=rng.choice(["contiguous", "contiguous", "strided", "expanded"]))
-    if kind == "LSTM" and H > 1 and rng.random() < 0.5:
+    if kind == "LSTM" and H > 1 and rng.random() < 0.7:
         c["proj_size"] = rng.randint(1, H - 1)
     c["B"] = rng.choice([1, 1, 2, 3, 4])
     if c["mode"] == "dense" and rng.random() < 0.1:
@@ -459,9 +459,23 @@ def test_module_api_like_torch(kind):
     handle.remove(), pre.remove()
     compare_outputs(o, ref(x * 2), F32)
     assert seen == [(1, tuple)]
-    # repr, train/eval, requires_grad_, zero_grad
+    # repr, train/eval
     assert repr(ours).split("(", 1)[1] == repr(ref).split("(", 1)[1]
     assert ours.eval() is ours and not ours.training
+    # torch.nn.RNNBase's public helpers
+    P = getattr(ref, "proj_size", 0) or 5
+    D = 2 if ref.bidirectional else 1
+    good = (torch.zeros(2 * D, 2, P), torch.zeros(2 * D, 2, 5)) if kind == "LSTM" else torch.zeros(2 * D, 2, 5)
+    bad = (torch.zeros(2 * D, 3, P), torch.zeros(2 * D, 3, 5)) if kind == "LSTM" else torch.zeros(2 * D, 3, 5)
+    for m in (ref, ours):
+        m.check_forward_args(x, good, None)
+        with pytest.raises(RuntimeError, match="Expected hidden"):
+            m.check_forward_args(x, bad, None)
+    perm = torch.tensor([1, 0])
+    for a, b in zip(flat(ours.permute_hidden(good, perm)), flat(ref.permute_hidden(good, perm))):
+        assert torch.equal(a, b)
+    assert ours.permute_hidden(good, None) is good
+    assert ours.get_expected_hidden_size(x, None) == ref.get_expected_hidden_size(x, None)
 
 
 @pytest.mark.parametrize("kind", KINDS)
