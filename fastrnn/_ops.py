@@ -6,6 +6,8 @@ packed row count), or empty when train=False.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _lib = "fastrnn::"
@@ -13,6 +15,26 @@ _lib = "fastrnn::"
 
 # Every output of the CPU kernels is a fresh contiguous tensor, so the fakes use new_empty(shape)
 # (contiguous), never empty_like (which would copy a caller's strides).
+
+
+def _register_fake(op):
+    """torch.library.register_fake for fastrnn::op, plus the check the CPU kernels make first: a
+    None for a Tensor argument (the binding passes it through; a CPU call with one meta tensor
+    then lands in the fake kernel) raises a RuntimeError naming the argument, not an
+    AttributeError from the shape logic."""
+    schema = getattr(torch.ops.fastrnn, op).default._schema
+    required = [(i, a.name) for i, a in enumerate(schema.arguments) if str(a.type) == "Tensor"]
+
+    def register(fn):
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            for i, name in required:
+                t = args[i] if i < len(args) else kwargs.get(name)
+                if not isinstance(t, torch.Tensor):
+                    raise RuntimeError(f"fastrnn.{op}: {name} must be a tensor, got {type(t).__name__}")
+            return fn(*args, **kwargs)
+        return torch.library.register_fake(_lib + op)(checked)
+    return register
 
 
 def _rows(input):
@@ -49,7 +71,7 @@ def _workspace(input, train, *widths):
     return tuple(input.new_empty((n, w)) if (train and w) else input.new_empty((0,)) for w in widths)
 
 
-@torch.library.register_fake(_lib + "lstm_forward")
+@_register_fake("lstm_forward")
 def _lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train):
     _check_common("fastrnn.lstm_forward", input, w_ih, w_hh, hx, 4)
     _check_devices("fastrnn.lstm_forward", input, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr, cx=cx, batch_sizes=batch_sizes)
@@ -60,7 +82,7 @@ def _lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes,
     return out, hx.new_empty(hx.shape), cx.new_empty(cx.shape), gates, cells, proj
 
 
-@torch.library.register_fake(_lib + "lstm_backward")
+@_register_fake("lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, reverse,
                         output, gates, cells, proj_input):
     _check_devices("fastrnn.lstm_backward", input, grad_output=grad_output, grad_hy=grad_hy, grad_cy=grad_cy,
@@ -72,7 +94,7 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, w_hr, 
             input.new_empty((4 * H,)), gw_hr, hx.new_empty(hx.shape), cx.new_empty(cx.shape))
 
 
-@torch.library.register_fake(_lib + "gru_forward")
+@_register_fake("gru_forward")
 def _gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train):
     _check_common("fastrnn.gru_forward", input, w_ih, w_hh, hx, 3)
     _check_devices("fastrnn.gru_forward", input, b_ih=b_ih, b_hh=b_hh, batch_sizes=batch_sizes)
@@ -82,7 +104,7 @@ def _gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, t
     return out, hx.new_empty(hx.shape), gates, hn
 
 
-@torch.library.register_fake(_lib + "rnn_forward")
+@_register_fake("rnn_forward")
 def _rnn_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, relu):
     _check_common("fastrnn.rnn_forward", input, w_ih, w_hh, hx, 1)
     _check_devices("fastrnn.rnn_forward", input, b_ih=b_ih, b_hh=b_hh, batch_sizes=batch_sizes)
@@ -100,8 +122,8 @@ def _gru_rnn_backward_fake(gates_per_h):
     return fake
 
 
-torch.library.register_fake(_lib + "gru_backward")(_gru_rnn_backward_fake(3))
-torch.library.register_fake(_lib + "rnn_backward")(_gru_rnn_backward_fake(1))
+_register_fake("gru_backward")(_gru_rnn_backward_fake(3))
+_register_fake("rnn_backward")(_gru_rnn_backward_fake(1))
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -128,7 +150,7 @@ def _check_sdpa(name, query, key, value, attn_mask):
                      lambda: f"{name}: attn_mask must be bool or have query's dtype")
 
 
-@torch.library.register_fake(_lib + "sdpa_forward")
+@_register_fake("sdpa_forward")
 def _sdpa_forward_fake(query, key, value, attn_mask, is_causal, scale):
     _check_attention_devices("fastrnn.sdpa_forward", query, query=query, key=key, value=value, attn_mask=attn_mask)
     _check_sdpa("fastrnn.sdpa_forward", query, key, value, attn_mask)
@@ -136,7 +158,7 @@ def _sdpa_forward_fake(query, key, value, attn_mask, is_causal, scale):
     return query.new_empty((B, H, L, value.shape[-1])), query.new_empty((B, H, L))
 
 
-@torch.library.register_fake(_lib + "sdpa_backward")
+@_register_fake("sdpa_backward")
 def _sdpa_backward_fake(grad_output, query, key, value, attn_mask, output, lse, is_causal, scale):
     _check_attention_devices("fastrnn.sdpa_backward", query, query=query, grad_output=grad_output, key=key,
                              value=value, attn_mask=attn_mask, output=output, lse=lse)
@@ -155,7 +177,7 @@ def _check_additive(name, query_proj, key_proj, values, v):
     torch._check(tuple(v.shape) == (D,), lambda: f"{name}: v must have shape [query_proj.size(-1)]")
 
 
-@torch.library.register_fake(_lib + "additive_attention_forward")
+@_register_fake("additive_attention_forward")
 def _additive_forward_fake(query_proj, key_proj, values, v, mask, scale):
     _check_attention_devices("fastrnn.additive_attention_forward", query_proj, query_proj=query_proj,
                              key_proj=key_proj, values=values, v=v, mask=mask)
@@ -164,7 +186,7 @@ def _additive_forward_fake(query_proj, key_proj, values, v, mask, scale):
     return query_proj.new_empty((B, T, values.shape[-1])), query_proj.new_empty((B, T, key_proj.shape[1]))
 
 
-@torch.library.register_fake(_lib + "additive_attention_backward")
+@_register_fake("additive_attention_backward")
 def _additive_backward_fake(grad_context, grad_weights, query_proj, key_proj, values, v, weights, scale):
     _check_attention_devices("fastrnn.additive_attention_backward", query_proj, query_proj=query_proj,
                              grad_context=grad_context, grad_weights=grad_weights, key_proj=key_proj, values=values,
@@ -182,7 +204,7 @@ def _variant_workspace(input, train, G, H, lstm, ln):
             input.new_empty((n, 3 if lstm else 2)) if ln else input.new_empty((0,)))
 
 
-@torch.library.register_fake(_lib + "variant_lstm_forward")
+@_register_fake("variant_lstm_forward")
 def _variant_lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
                                w_peep, hx, cx, zoneout_mask, zoneout_p, batch_sizes, reverse, train):
     name = "fastrnn.variant_lstm_forward"
@@ -197,7 +219,7 @@ def _variant_lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, 
     return (out, hx.new_empty(hx.shape), cx.new_empty(cx.shape), *ws)
 
 
-@torch.library.register_fake(_lib + "variant_lstm_backward")
+@_register_fake("variant_lstm_backward")
 def _variant_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b,
                                 ln_c_w, ln_c_b, w_peep, hx, cx, zoneout_mask, zoneout_p, batch_sizes, reverse, output,
                                 gates, cells, norm, stats):
@@ -216,7 +238,7 @@ def _variant_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh
             cx.new_empty(cx.shape))
 
 
-@torch.library.register_fake(_lib + "variant_gru_forward")
+@_register_fake("variant_gru_forward")
 def _variant_gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, hx, zoneout_mask,
                               zoneout_p, batch_sizes, reverse, train):
     name = "fastrnn.variant_gru_forward"
@@ -229,7 +251,7 @@ def _variant_gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, l
     return (out, hx.new_empty(hx.shape), *_variant_workspace(input, train, 3, H, False, ln_ih_w is not None))
 
 
-@torch.library.register_fake(_lib + "variant_gru_backward")
+@_register_fake("variant_gru_backward")
 def _variant_gru_backward_fake(grad_output, grad_hy, input, w_ih, w_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, hx,
                                zoneout_mask, zoneout_p, batch_sizes, reverse, output, gates, hn, norm, stats):
     _check_devices("fastrnn.variant_gru_backward", input, grad_output=grad_output, grad_hy=grad_hy, w_ih=w_ih,

@@ -36,10 +36,13 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 def _has_kernel(input: torch.Tensor) -> bool:
     """Whether fastrnn's kernels run this input. Otherwise the layers call torch's own
     implementation, exactly as torch.nn would: other devices (CUDA in a CPU-only build),
-    dtypes without a fused kernel yet (float16, bfloat16), and autocast regions, where
-    torch.nn's RNNs run in the autocast dtype."""
+    dtypes without a fused kernel yet (float16, bfloat16), autocast regions, where
+    torch.nn's RNNs run in the autocast dtype, and torch.func transforms (grad, jacrev, ...),
+    which refuse the ops' C++ autograd Function."""
     device = input.device
     if input.dtype not in _NATIVE_DTYPES or torch.is_autocast_enabled(device.type):
+        return False
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return False
     if device.type == "cpu":
         return True
@@ -93,6 +96,15 @@ def _torch_fallback(fn, input, hx, params, has_biases, num_layers, dropout, trai
     return tuple(fn(input, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional))
 
 
+def _caller_owned(out):
+    """The output a layer op returns is also saved for its backward (the h_{t-1} of every step),
+    so an in-place edit of it would fail backward's version check. torch.nn's native kernels let
+    training code edit the returned output in place before backward (nn.ReLU(inplace=True),
+    out += residual, masked_fill_), so with a graph the caller gets a copy (a bidirectional
+    layer's torch.cat already is one)."""
+    return out.clone() if out.requires_grad else out
+
+
 def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
            batch_sizes):
     """Runs layer_fn over layers and directions; states: list of [L*D, B, *] initial states."""
@@ -107,6 +119,7 @@ def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, tra
         w = params
         out, *fin = layer_fn(x, [s[0] for s in states], w[0], w[1], w[2] if has_biases else None,
                              w[3] if has_biases else None, w[4 if has_biases else 2:], batch_sizes, False)
+        out = _caller_owned(out)
         return (out.transpose(0, 1) if dense_batch_first else out), [f.unsqueeze(0) for f in fin]
     finals = [[] for _ in states]
     for layer in range(num_layers):
@@ -124,6 +137,8 @@ def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, tra
             for acc, f in zip(finals, fin):
                 acc.append(f)
         x = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+    if D == 1:
+        x = _caller_owned(x)
     if dense_batch_first:
         x = x.transpose(0, 1)
     return x, [torch.stack(f) for f in finals]

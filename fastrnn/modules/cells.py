@@ -87,7 +87,8 @@ class _CellBase(nn.Module):
                 if s.size(1) != self.hidden_size:
                     raise RuntimeError(f"{name}: hidden{idx} has inconsistent hidden_size: got {s.size(1)}, "
                                        f"expected {self.hidden_size}")
-                if s.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+                # LSTMCell's c_0 is exempt: torch.nn promotes it (c' = f c + i g), see LSTMCell.forward.
+                if idx == 0 and s.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
                     raise RuntimeError(f"{name}: hidden{idx} dtype ({s.dtype}) does not match input dtype "
                                        f"({input.dtype})")
         return input.unsqueeze(0), states, is_batched
@@ -141,7 +142,9 @@ class LSTMCell(_CellBase):
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         x, (h, c), is_batched = self._prepare(input, hx, 2)
-        if not FR._has_kernel(x):
+        # A c_0 of another dtype (float64 beside float32 input and h_0) is promoted by torch.nn,
+        # which then returns states of the promoted dtype: its implementation runs such calls.
+        if not FR._has_kernel(x) or c.dtype != x.dtype:
             h, c = torch._VF.lstm_cell(x[0], (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         else:
             _, h, c = FR.lstm_layer(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)

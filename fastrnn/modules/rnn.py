@@ -178,6 +178,25 @@ class _RNNBase(nn.Module):
         if hx.size() != expected_hidden_size:
             raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
 
+    def check_forward_args(self, input: Tensor, hidden, batch_sizes: Tensor | None) -> None:
+        """torch.nn.RNNBase's check of a forward call (hidden: h_0, or (h_0, c_0) for the LSTM)."""
+        self.check_input(input, batch_sizes)
+        if self.mode == "LSTM":
+            self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                                   "Expected hidden[0] size {}, got {}")
+            self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                                   "Expected hidden[1] size {}, got {}")
+        else:
+            self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+
+    def permute_hidden(self, hx, permutation: Tensor | None):
+        """hx (a tensor, or (h, c) for the LSTM) reordered along the batch, as torch.nn's."""
+        if permutation is None:
+            return hx
+        if self.mode == "LSTM":
+            return _apply_permutation(hx[0], permutation), _apply_permutation(hx[1], permutation)
+        return _apply_permutation(hx, permutation)
+
     def _check_state_tensor(self, t: Tensor, name: str, input: Tensor) -> None:
         if t.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
             raise RuntimeError(f"{name} dtype ({t.dtype}) does not match input dtype ({input.dtype})")

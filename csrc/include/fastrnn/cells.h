@@ -22,8 +22,11 @@ namespace fastrnn {
 namespace math {
 
 // Branch-free float exp (Cephes polynomial, ~1 ulp on the clamped range) so that the
-// gate loops vectorise; std::exp calls do not.
+// gate loops vectorise; std::exp calls do not. Past float's range it is inf, as std::exp:
+// sigmoid(-inf) must be exactly 0, or a state that overflowed to inf gives 1e-38 * inf = inf
+// where torch.nn gives 0 * inf = NaN.
 FASTRNN_INLINE float exp_approx(float x) {
+  const bool overflow = x > 88.7228391f;
   x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
   // round-to-nearest of x*log2(e) with the 1.5*2^23 trick (no libm call).
   const float magic = 12582912.0f;
@@ -39,7 +42,7 @@ FASTRNN_INLINE float exp_approx(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return overflow ? HUGE_VALF : p * scale;
 }
 
 FASTRNN_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
@@ -59,9 +62,10 @@ FASTRNN_INLINE float tanh(float x) {
 FASTRNN_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 FASTRNN_INLINE double tanh(double x) { return std::tanh(x); }
 
+// NaN passes through, as in torch.relu (x > 0 ? x : 0 would turn it into 0).
 template <typename T>
 FASTRNN_INLINE T relu(T x) {
-  return x > T(0) ? x : T(0);
+  return x < T(0) ? T(0) : x;
 }
 
 }  // namespace math
@@ -185,7 +189,8 @@ FASTRNN_INLINE void rnn_backward_row(int64_t H, Nonlinearity act, const T* FASTR
   if (act == Nonlinearity::Tanh) {
     for (int64_t j = 0; j < H; ++j) dg[j] = dh[j] * (T(1) - h[j] * h[j]);
   } else {
-    for (int64_t j = 0; j < H; ++j) dg[j] = h[j] > T(0) ? dh[j] : T(0);
+    // torch's relu backward (threshold_backward): zero where h <= 0, so a NaN h passes dh on
+    for (int64_t j = 0; j < H; ++j) dg[j] = h[j] <= T(0) ? T(0) : dh[j];
   }
 }
 
