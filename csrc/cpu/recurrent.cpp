@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <chrono>
@@ -71,6 +72,13 @@ struct Args {
   at::Tensor w_hr;    // [P, H] or undefined (LSTM projection)
   at::Tensor hx;      // [B, P]
   at::Tensor cx;      // [B, H] (LSTM) or undefined
+  // bfloat16 input (lowp): x and w_ih stay bfloat16 for the large GEMMs (oneDNN, AVX512-BF16
+  // with float32 accumulation where the CPU has it); everything else (W_hh, biases, states,
+  // gate math, workspace) is float32, the compute dtype of opts. w_hh_src is W_hh as given: the
+  // key of the packed-panel cache, and the source of the float32 copy taken where one is needed.
+  bool lowp = false;
+  at::TensorOptions opts;
+  at::Tensor w_hh_src;
   std::vector<int64_t> out_lead;  // leading shape of input/output ([T, B] or [N])
   Schedule sched;
   int64_t I = 0, H = 0, P = 0, G = 0;
@@ -86,7 +94,8 @@ Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tenso
   a.op = op;
   a.cell = cell;
   a.G = gates_of(cell);
-  check_operands(op, {{input, "input", -1}, {w_ih, "w_ih", 2}, {w_hh, "w_hh", 2}, {hx, "hx", 2}});
+  check_operands(op, {{input, "input", -1}, {w_ih, "w_ih", 2}, {w_hh, "w_hh", 2}, {hx, "hx", 2}},
+                 /*allow_bf16=*/true);
 
   const bool packed = batch_sizes.has_value() && batch_sizes->defined();
   if (packed) {
@@ -184,7 +193,20 @@ Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tenso
   if (has_proj) a.w_hr = w_hr->contiguous();
   a.hx = hx.contiguous();
   if (cell == Cell::LSTM) a.cx = cx->contiguous();
+  a.w_hh_src = a.w_hh;
+  a.lowp = input.scalar_type() == at::kBFloat16;
+  a.opts = a.x.options().dtype(a.lowp ? at::kFloat : input.scalar_type());
+  if (a.lowp) {
+    for (at::Tensor* t : {&a.b_ih, &a.b_hh, &a.w_hr, &a.hx, &a.cx})
+      if (t->defined()) *t = t->to(at::kFloat);
+  }
   return a;
+}
+
+// The float32 W_hh of a bfloat16 call, for the kernels that read W_hh as it lies (the fused
+// forward packs from w_hh_src instead and caches the packing).
+void convert_w_hh(Args& a) {
+  if (a.lowp) a.w_hh = a.w_hh_src.to(at::kFloat);
 }
 
 std::vector<int64_t> lead_with(const Args& a, int64_t last) {
@@ -570,7 +592,7 @@ struct XgChunk {
 class ChunkedProjection {
  public:
   ChunkedProjection(const Args& a, at::Tensor bias) : a_(a), bias_(std::move(bias)) {
-    const int64_t step_bytes = std::max<int64_t>(1, a.sched.B * a.G * a.H * int64_t(a.x.element_size()));
+    const int64_t step_bytes = std::max<int64_t>(1, a.sched.B * a.G * a.H * int64_t(a.opts.dtype().itemsize()));
     steps_ = std::max<int64_t>(1, (int64_t(8) << 20) / step_bytes);
     if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) steps_ = std::max<int64_t>(1, std::atoll(forced));
   }
@@ -582,7 +604,15 @@ class ChunkedProjection {
     const int64_t lo = std::min(ta, tb), hi = std::max(ta, tb);
     XgChunk c;
     c.row0 = s.off[lo];
-    c.rows = fast_linear(a_.x.narrow(0, c.row0, s.off[hi] + s.bs[hi] - c.row0), a_.w_ih, bias_).contiguous();
+    const at::Tensor x = a_.x.narrow(0, c.row0, s.off[hi] + s.bs[hi] - c.row0);
+    if (a_.lowp) {
+      // bfloat16 X W_ih^T (oneDNN; torch's CPU mm has no float32-output variant for bfloat16),
+      // widened to float32 by the bias add's type promotion: one pass over the chunk.
+      const at::Tensor y = at::mm(x, a_.w_ih.t());
+      c.rows = bias_.defined() ? at::add(y, bias_) : y.to(at::kFloat);
+    } else {
+      c.rows = fast_linear(x, a_.w_ih, bias_).contiguous();
+    }
     return c;
   }
 
@@ -629,7 +659,7 @@ at::Tensor packed_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U
   static std::mutex mu;
   static std::vector<PackCacheEntry> cache;  // a few recently used weights
   constexpr size_t kMaxEntries = 16;
-  const size_t bytes = w_hh.numel() * sizeof(T);
+  const size_t bytes = w_hh.nbytes();  // w_hh may be the bfloat16 original of a float32 packing
   {
     std::lock_guard<std::mutex> lock(mu);
     for (auto it = cache.begin(); it != cache.end();) {
@@ -647,7 +677,9 @@ at::Tensor packed_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U
       ++it;
     }
   }
-  at::Tensor packed = pack_recurrent_weight<T>(w_hh, G, H, U);
+  const auto compute = c10::CppTypeToScalarType<T>::value;
+  at::Tensor packed =
+      pack_recurrent_weight<T>(w_hh.scalar_type() == compute ? w_hh : w_hh.to(compute), G, H, U);
   at::Tensor copy = w_hh.clone();
   std::lock_guard<std::mutex> lock(mu);
   // Bounded in entries and in bytes (each entry holds a copy and a packing of its weight).
@@ -676,12 +708,12 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   const int64_t U = int64_t(panel::Vec<T>::L) *
                     (a.cell == Cell::RNN ? units_vectors<1>() : a.cell == Cell::GRU ? units_vectors<3>() : units_vectors<4>());
   const int64_t NR = G * U, n_panels = (H + U - 1) / U;
-  const auto opts = a.x.options();
+  const auto opts = a.opts;
 
   PhaseTimer timer("fused forward");
   at::Tensor b_hn;
   const ChunkedProjection projection(a, folded_bias(a, b_hn));
-  at::Tensor wp = packed_panels<T>(a.w_hh, G, H, U);
+  at::Tensor wp = packed_panels<T>(a.w_hh_src, G, H, U);
   timer.mark("pack W_hh");
 
   at::Tensor hbuf = at::empty({2, B, H}, opts);
@@ -766,12 +798,12 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
 
   o.hy = a.hx.clone();
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
-  o.output = empty_big(lead_with(a, P), a.x.options());
-  if (train && a.cell != Cell::RNN) o.ws0 = empty_big({s.N, GH}, a.x.options());
-  if (train && a.cell != Cell::RNN) o.ws1 = empty_big({s.N, H}, a.x.options());
-  if (train && proj) o.ws2 = empty_big({s.N, H}, a.x.options());
-  at::Tensor hg = at::empty({B, GH}, a.x.options());
-  at::Tensor rbuf = (proj && !train) ? at::empty({B, H}, a.x.options()) : at::Tensor();
+  o.output = empty_big(lead_with(a, P), a.opts);
+  if (train && a.cell != Cell::RNN) o.ws0 = empty_big({s.N, GH}, a.opts);
+  if (train && a.cell != Cell::RNN) o.ws1 = empty_big({s.N, H}, a.opts);
+  if (train && proj) o.ws2 = empty_big({s.N, H}, a.opts);
+  at::Tensor hg = at::empty({B, GH}, a.opts);
+  at::Tensor rbuf = (proj && !train) ? at::empty({B, H}, a.opts) : at::Tensor();
 
   // MKL packing pays back only over several steps.
   const int64_t pack_m = s.T > 1 ? B : 0;
@@ -812,7 +844,7 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
 template <typename T>
 void one_step_kernel(const Args& a, bool train, ForwardOut& o) {
   const int64_t H = a.H, GH = a.G * a.H, rows = a.sched.N;
-  const auto opts = a.x.options();
+  const auto opts = a.opts;
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
   o.output = at::empty(lead_with(a, H), opts);
   const T* b_ih = a.b_ih.defined() ? a.b_ih.data_ptr<T>() : nullptr;
@@ -851,12 +883,20 @@ bool prefer_fused(const Args& a) {
   return a.G * a.H * a.H <= kPanelMaxWeightElems;
 }
 
-ForwardOut forward(const Args& a, bool train) {
+// Autocast must not re-cast the kernels' own ATen calls (a float32 at::mm would come back
+// bfloat16 inside a torch.autocast("cpu") region): the ops run in the dtypes they are given.
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
+
+ForwardOut forward(Args a, bool train) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   ForwardOut o;
   const bool fused = !a.w_hr.defined() && prefer_fused(a);
-  const bool one_step = !a.w_hr.defined() && a.sched.T == 1 && a.sched.N <= kStepMaxRows &&
+  // The single-step kernel reads x and W_ih as they lie, in the compute dtype: bfloat16 steps
+  // take the GEMM path (bfloat16 projection) instead.
+  const bool one_step = !a.lowp && !a.w_hr.defined() && a.sched.T == 1 && a.sched.N <= kStepMaxRows &&
                         gemm_backend_override().load() == 0;
-  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fastrnn_forward", [&] {
+  if (!fused) convert_w_hh(a);
+  AT_DISPATCH_FLOATING_TYPES(a.opts.dtype().toScalarType(), "fastrnn_forward", [&] {
     if (one_step)
       one_step_kernel<scalar_t>(a, train, o);
     else if (fused)
@@ -864,9 +904,15 @@ ForwardOut forward(const Args& a, bool train) {
     else
       forward_kernel<scalar_t>(a, train, o);
   });
-  at::Tensor empty = at::empty({0}, a.x.options());
-  for (at::Tensor* t : {&o.cy, &o.ws0, &o.ws1, &o.ws2})
-    if (!t->defined()) *t = empty.clone();
+  if (a.lowp) {
+    // bfloat16 out, as torch.nn in bfloat16; the workspace stays float32 (backward's input).
+    o.output = o.output.to(at::kBFloat16);
+    o.hy = o.hy.to(at::kBFloat16);
+    if (o.cy.defined()) o.cy = o.cy.to(at::kBFloat16);
+  }
+  if (!o.cy.defined()) o.cy = at::empty({0}, a.x.options());
+  for (at::Tensor* t : {&o.ws0, &o.ws1, &o.ws2})
+    if (!t->defined()) *t = at::empty({0}, a.opts);
   return o;
 }
 
@@ -881,6 +927,17 @@ void check_like(const at::Tensor& t, const Args& a, const char* name, std::vecto
   check_shape(t, a.op, name, std::move(shape), meaning);
 }
 
+// The forward's workspace: in the compute dtype (float32 for bfloat16 input).
+void check_workspace(const at::Tensor& t, const Args& a, const char* name, std::vector<int64_t> shape,
+                     const char* meaning) {
+  check_defined(t, a.op, name);
+  check_cpu(t, a.op, name);
+  TORCH_CHECK_VALUE(t.scalar_type() == a.opts.dtype().toScalarType(), a.op, ": ", name, " must be ",
+                    a.opts.dtype().toScalarType(), " for ", a.x.scalar_type(),
+                    " input (the forward's workspace), got ", t.scalar_type());
+  check_shape(t, a.op, name, std::move(shape), meaning);
+}
+
 template <typename T>
 void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
                      const at::Tensor& output_, const at::Tensor& ws0_, const at::Tensor& ws1_, const at::Tensor& ws2_,
@@ -888,14 +945,16 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   const Schedule& s = a.sched;
   const int64_t H = a.H, P = a.P, GH = a.G * a.H, B = s.B, N = s.N;
   const bool proj = a.w_hr.defined();
-  at::Tensor grad_out = grad_out_.reshape({N, P}).contiguous();
-  at::Tensor output = output_.reshape({N, P}).contiguous();
+  // bfloat16 calls: the output and the incoming gradients widened to float32 (no-ops otherwise).
+  const auto compute = a.opts.dtype().toScalarType();
+  at::Tensor grad_out = grad_out_.reshape({N, P}).to(compute).contiguous();
+  at::Tensor output = output_.reshape({N, P}).to(compute).contiguous();
   at::Tensor ws0 = ws0_.contiguous(), ws1 = ws1_.contiguous(), ws2 = ws2_.contiguous();
 
-  at::Tensor dh = grad_hy.contiguous().clone();
-  at::Tensor dc = a.cell == Cell::LSTM ? grad_cy.contiguous().clone() : at::Tensor();
-  at::Tensor dh_all = proj ? empty_big({N, P}, a.x.options()) : at::Tensor();
-  at::Tensor drbuf = proj ? at::empty({B, H}, a.x.options()) : at::Tensor();
+  at::Tensor dh = grad_hy.to(compute).contiguous().clone();
+  at::Tensor dc = a.cell == Cell::LSTM ? grad_cy.to(compute).contiguous().clone() : at::Tensor();
+  at::Tensor dh_all = proj ? empty_big({N, P}, a.opts) : at::Tensor();
+  at::Tensor drbuf = proj ? at::empty({B, H}, a.opts) : at::Tensor();
 
   // The steps run in chunks (in processing order, backwards), each followed by its share of the
   // weight gradients (dW_hh += dG_h^T h_prev, dW_ih += dG_x^T X, over the chunk's rows) and its
@@ -909,8 +968,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   int64_t chunk_steps = chunked ? std::max<int64_t>(1, (int64_t(8) << 20) / step_bytes) : std::max<int64_t>(1, s.T);
   if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) chunk_steps = std::max<int64_t>(1, std::atoll(forced));
   const int64_t cap_rows = std::max<int64_t>(1, std::min(N, chunk_steps * B));
-  at::Tensor dgx = empty_big({cap_rows, GH}, a.x.options());
-  at::Tensor dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.x.options()) : dgx;
+  at::Tensor dgx = empty_big({cap_rows, GH}, a.opts);
+  at::Tensor dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.opts) : dgx;
 
   const int64_t pack_m = s.T > 1 ? B : 0;
   WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, B, pack_m);  // dh = dgh W_hh
@@ -919,7 +978,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   {
     const int o = gemm_backend_override().load();
     if (o == 4 || (o == 0 && s.T > 1 && GH * P <= kPanelMaxWeightElems))
-      rec_panel = std::make_unique<PanelGemm<T>>(a.w_hh.data_ptr<T>(), GH, P, a.x.options());
+      rec_panel = std::make_unique<PanelGemm<T>>(a.w_hh.data_ptr<T>(), GH, P, a.opts);
   }
   std::unique_ptr<WeightGemm<T>> projg;
   if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), false, H, P, B, pack_m);  // dr = dh W_hr
@@ -998,11 +1057,11 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     }
   // grad_input = dG_x W_ih: oneDNN takes the weight as [N, K] (W_ih^T, transposed once); at::mm
   // takes W_ih as it is.
-  const bool onednn_gi = use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
+  const bool onednn_gi = !a.lowp && use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
   at::Tensor w_ih_t = onednn_gi ? a.w_ih.t().contiguous() : at::Tensor();
   g.grad_input = at::empty({N, a.I}, a.x.options());
-  g.grad_b_ih = at::zeros({GH}, a.x.options());
-  at::Tensor grad_b_hn = a.cell == Cell::GRU ? at::zeros({GH}, a.x.options()) : at::Tensor();
+  g.grad_b_ih = at::zeros({GH}, a.opts);
+  at::Tensor grad_b_hn = a.cell == Cell::GRU ? at::zeros({GH}, a.opts) : at::Tensor();
   bool first = true;
   for (int64_t c_hi = s.T; c_hi > 0; c_hi -= chunk_steps) {
     const int64_t c_lo = std::max<int64_t>(0, c_hi - chunk_steps);
@@ -1012,16 +1071,26 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     run_steps(c_lo, c_hi, row0);
     timer.mark("steps");
     if (rows == 0) continue;
-    at::Tensor hprev = at::empty({rows, P}, a.x.options());
+    at::Tensor hprev = at::empty({rows, P}, a.opts);
     T* hpv = hprev.data_ptr<T>();
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t prev = prev_of_row[row0 + r];
       std::memcpy(hpv + r * P, prev >= 0 ? outp + prev * P : hx + (-1 - prev) * P, sizeof(T) * P);
     }
     at::Tensor dgx_c = dgx.narrow(0, 0, rows), dgh_c = dgh.narrow(0, 0, rows);
-    at::Tensor dgx_t;  // shared by both weight gradients when dgh is dgx
-    at::Tensor gw_hh = weight_grad<T>(dgh_c, hprev, a.cell == Cell::GRU ? nullptr : &dgx_t);
-    at::Tensor gw_ih = weight_grad<T>(dgx_c, a.x.narrow(0, row0, rows), &dgx_t);
+    at::Tensor gw_hh, gw_ih, dgx_b;
+    if (a.lowp) {
+      // The chunk's GEMMs in bfloat16 (oneDNN, float32 accumulation inside each product; each
+      // chunk's share is added up in float32 and rounded once at the end).
+      dgx_b = dgx_c.to(at::kBFloat16);
+      const at::Tensor dgh_b = a.cell == Cell::GRU ? dgh_c.to(at::kBFloat16) : dgx_b;
+      gw_hh = at::mm(dgh_b.t(), hprev.to(at::kBFloat16)).to(at::kFloat);
+      gw_ih = at::mm(dgx_b.t(), a.x.narrow(0, row0, rows)).to(at::kFloat);
+    } else {
+      at::Tensor dgx_t;  // shared by both weight gradients when dgh is dgx
+      gw_hh = weight_grad<T>(dgh_c, hprev, a.cell == Cell::GRU ? nullptr : &dgx_t);
+      gw_ih = weight_grad<T>(dgx_c, a.x.narrow(0, row0, rows), &dgx_t);
+    }
     if (first) {
       g.grad_w_hh = gw_hh;
       g.grad_w_ih = gw_ih;
@@ -1031,7 +1100,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     }
     first = false;
     at::Tensor gi_rows = g.grad_input.narrow(0, row0, rows);
-    if (onednn_gi)
+    if (a.lowp)
+      at::mm_out(gi_rows, dgx_b, a.w_ih);  // bfloat16 rows, rounded once
+    else if (onednn_gi)
       gi_rows.copy_(onednn_linear(dgx_c, w_ih_t, at::Tensor()));
     else
       at::mm_out(gi_rows, dgx_c, a.w_ih);
@@ -1040,17 +1111,22 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     timer.mark("weight grads, grad_input");
   }
   if (first) {  // no rows at all
-    g.grad_w_hh = at::zeros({GH, P}, a.x.options());
-    g.grad_w_ih = at::zeros({GH, a.I}, a.x.options());
+    g.grad_w_hh = at::zeros({GH, P}, a.opts);
+    g.grad_w_ih = at::zeros({GH, a.I}, a.opts);
   }
   g.grad_input = g.grad_input.reshape(lead_with(a, a.I));
   g.grad_b_hh = a.cell == Cell::GRU ? grad_b_hn : g.grad_b_ih.clone();
-  g.grad_w_hr = proj ? weight_grad<T>(dh_all, ws2) : at::empty({0}, a.x.options());
+  g.grad_w_hr = proj ? weight_grad<T>(dh_all, ws2) : at::empty({0}, a.opts);
   g.grad_hx = dh;
-  g.grad_cx = dc.defined() ? dc : at::empty({0}, a.x.options());
+  g.grad_cx = dc.defined() ? dc : at::empty({0}, a.opts);
+  if (a.lowp) {  // every gradient in the dtype of its input, as torch.nn in bfloat16
+    for (at::Tensor* t : {&g.grad_w_ih, &g.grad_w_hh, &g.grad_b_ih, &g.grad_b_hh, &g.grad_w_hr, &g.grad_hx,
+                          &g.grad_cx})
+      *t = t->to(at::kBFloat16);
+  }
 }
 
-BackwardOut backward(const Args& a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
+BackwardOut backward(Args a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
                      const c10::optional<at::Tensor>& grad_cy, const at::Tensor& output, const at::Tensor& ws0,
                      const at::Tensor& ws1, const at::Tensor& ws2) {
   const Schedule& s = a.sched;
@@ -1064,15 +1140,17 @@ BackwardOut backward(const Args& a, const at::Tensor& grad_output, const at::Ten
   const char* nosave = ": the forward was run with train=False, so nothing was saved for backward";
   if (a.cell != Cell::RNN) {
     TORCH_CHECK(ws0.numel() == s.N * a.G * a.H && ws1.numel() == s.N * a.H, a.op, nosave);
-    check_like(ws0, a, "gates", {s.N, a.G * a.H}, "[rows, gates*hidden_size]");
-    check_like(ws1, a, a.cell == Cell::LSTM ? "cells" : "hn", {s.N, a.H}, "[rows, hidden_size]");
+    check_workspace(ws0, a, "gates", {s.N, a.G * a.H}, "[rows, gates*hidden_size]");
+    check_workspace(ws1, a, a.cell == Cell::LSTM ? "cells" : "hn", {s.N, a.H}, "[rows, hidden_size]");
   }
   if (a.w_hr.defined()) {
     TORCH_CHECK(ws2.numel() == s.N * a.H, a.op, nosave);
-    check_like(ws2, a, "proj_input", {s.N, a.H}, "[rows, hidden_size]");
+    check_workspace(ws2, a, "proj_input", {s.N, a.H}, "[rows, hidden_size]");
   }
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  convert_w_hh(a);
   BackwardOut g;
-  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fastrnn_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(a.opts.dtype().toScalarType(), "fastrnn_backward", [&] {
     backward_kernel<scalar_t>(a, grad_output, grad_hy, grad_cy.has_value() ? *grad_cy : at::Tensor(), output, ws0,
                               ws1, ws2, g);
   });
