@@ -124,10 +124,12 @@ def test_chunked_backward_and_projection(cell, monkeypatch):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_single_step_and_large(cell):
-    """T = 1 (the cells' and streaming shape) and a size where oneDNN takes the large GEMMs and
-    threads split the time loop."""
+    """T = 1 (the cells' and streaming shape), a size where oneDNN takes the large GEMMs and
+    threads split the time loop, and one where the per-step product runs in bfloat16."""
     check_op(cell, *make_case(cell, T=1, B=2), False)
     check_op(cell, *make_case(cell, T=20, B=32, I=128, H=128), False)
+    # B * G*H * H >= 16M multiply-adds a step: the recurrent product in bfloat16 (oneDNN)
+    check_op(cell, *make_case(cell, T=4, B=64, I=64, H={"lstm": 256, "gru": 320, "rnn_tanh": 512}[cell]), True)
 
 
 def test_workspace_is_float32_and_fakes_agree():

@@ -77,6 +77,7 @@ struct Args {
   // gate math, workspace) is float32, the compute dtype of opts. w_hh_src is W_hh as given: the
   // key of the packed-panel cache, and the source of the float32 copy taken where one is needed.
   bool lowp = false;
+  bool bf16_rec = false;  // lowp, and the per-step recurrent product in bfloat16 (bf16_recurrent)
   at::TensorOptions opts;
   at::Tensor w_hh_src;
   std::vector<int64_t> out_lead;  // leading shape of input/output ([T, B] or [N])
@@ -207,6 +208,41 @@ Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tenso
 // forward packs from w_hh_src instead and caches the packing).
 void convert_w_hh(Args& a) {
   if (a.lowp) a.w_hh = a.w_hh_src.to(at::kFloat);
+}
+
+// bfloat16 calls with large steps run the per-step recurrent product (forward h W_hh^T,
+// backward dG W_hh) as a bfloat16 GEMM in oneDNN, as torch's oneDNN LSTM does in bfloat16: the
+// product's operand (h or dG, float32) rounded to bfloat16, float32 accumulation, the result
+// rounded to bfloat16 (torch's CPU mm has no float32 output for bfloat16) and widened for the
+// float32 gate math. AVX512-BF16 runs it at twice the float32 rate, which beats the float32
+// panel kernels once a step is large enough to amortise the per-step dispatch and conversions.
+// Measured on this project's 2-core Zen 5 (LSTM, T=100, CPU time on one thread, a loaded machine;
+// inference / training ms, float32 panels vs bfloat16 per-step GEMM): B=64 H=512 (64M
+// multiply-adds a step) 96/287 vs 75/236; B=32 H=512 (32M) 49/137 vs 41/122; B=16 H=512 and
+// B=64 H=256 (16M) 25/71 vs 24/68 and 26/76 vs 23/70; at 8M mixed (B=8 H=512 13/43 vs 17/49,
+// B=32 H=256 even); B=16 H=256 (4M) 6.9/19.9 vs 7.3/21.0; B=1 H=256 1.2/4.5 vs 3.7/9.4.
+// Smaller steps keep the float32 panel kernels (W_hh packed to float32 once, cached).
+constexpr double kBf16RecMinMacs = 16.0 * 1024 * 1024;
+
+bool bf16_recurrent(const Args& a) {
+  if (!a.lowp) return false;
+  const int o = gemm_backend_override().load();
+  if (o == 3) return true;  // "oneDNN for every GEMM": tests run this path at small sizes
+  if (o != 0) return false;
+  return double(a.sched.B) * double(a.G * a.H) * double(a.P) >= kBf16RecMinMacs;
+}
+
+// c[m, n] (=, or += when accumulate) bf16(a[m, k]) @ w, w a bfloat16 [k, n] (view).
+void bf16_step_gemm(const float* a, int64_t m, int64_t k, const at::Tensor& w, float* c, int64_t n,
+                    bool accumulate) {
+  if (m == 0) return;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor prod = at::mm(at::from_blob(const_cast<float*>(a), {m, k}, f32).to(at::kBFloat16), w);
+  at::Tensor cv = at::from_blob(c, {m, n}, f32);
+  if (accumulate)
+    cv.add_(prod);
+  else
+    cv.copy_(prod);
 }
 
 std::vector<int64_t> lead_with(const Args& a, int64_t last) {
@@ -607,9 +643,20 @@ class ChunkedProjection {
     const at::Tensor x = a_.x.narrow(0, c.row0, s.off[hi] + s.bs[hi] - c.row0);
     if (a_.lowp) {
       // bfloat16 X W_ih^T (oneDNN; torch's CPU mm has no float32-output variant for bfloat16),
-      // widened to float32 by the bias add's type promotion: one pass over the chunk.
-      const at::Tensor y = at::mm(x, a_.w_ih.t());
-      c.rows = bias_.defined() ? at::add(y, bias_) : y.to(at::kFloat);
+      // widened to float32 and the biases added. Into buffers every chunk of the call reuses: a
+      // fresh chunk costs its page faults (measured: widening 6400x2048 into a new tensor 22 ms,
+      // into a warm one 2 ms; at::add's bf16+fp32 promotion 44 ms).
+      const int64_t rows = x.size(0), GH = a_.w_ih.size(0);
+      if (!ybuf_.defined() || ybuf_.size(0) < rows) {
+        const int64_t cap = std::max(rows, std::min(a_.sched.N, steps_ * a_.sched.B));
+        ybuf_ = empty_big({cap, GH}, a_.x.options());
+        fbuf_ = empty_big({cap, GH}, a_.opts);
+      }
+      at::Tensor y = ybuf_.narrow(0, 0, rows);
+      at::mm_out(y, x, a_.w_ih.t());
+      c.rows = fbuf_.narrow(0, 0, rows);
+      c.rows.copy_(y);
+      if (bias_.defined()) c.rows.add_(bias_);
     } else {
       c.rows = fast_linear(x, a_.w_ih, bias_).contiguous();
     }
@@ -620,6 +667,7 @@ class ChunkedProjection {
   const Args& a_;
   at::Tensor bias_;
   int64_t steps_ = 1;
+  mutable at::Tensor ybuf_, fbuf_;  // bfloat16 calls: a chunk's projections, bf16 and widened
 };
 
 // W_hh [G*H, H] -> panels [n_panels][k = H][gate g, unit u], zero past the last unit.
@@ -807,7 +855,10 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
 
   // MKL packing pays back only over several steps.
   const int64_t pack_m = s.T > 1 ? B : 0;
-  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/true, GH, P, B, pack_m);
+  // (Unused when the product runs in bfloat16: nothing packed, W_hh not read.)
+  WeightGemm<T> rec(a.bf16_rec ? nullptr : a.w_hh.data_ptr<T>(), /*trans_b=*/true, GH, P, a.bf16_rec ? 0 : B,
+                    a.bf16_rec ? 0 : pack_m);
+  const at::Tensor w_hh_t = a.bf16_rec ? a.w_hh_src.t() : at::Tensor();  // [P, GH] bfloat16 view
   std::unique_ptr<WeightGemm<T>> projg;
   if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), true, P, H, B, pack_m);
 
@@ -829,7 +880,14 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
       chunk = projection.compute(step, chunk_end);
     }
     const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
-    rec.run(h, bs, P, hgp, GH, T(0));
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.bf16_rec)
+        bf16_step_gemm(h, bs, P, w_hh_t, hgp, GH, false);
+      else
+        rec.run(h, bs, P, hgp, GH, T(0));
+    } else {
+      rec.run(h, bs, P, hgp, GH, T(0));
+    }
     T* r = proj ? (train ? ws2 + off * H : rbuf.data_ptr<T>()) : h;  // where o*tanh(c) goes
     const FwdRows<T> rows{a.cell, train, act, H, P, GH, off, chunk.rows.data_ptr<T>(), chunk.row0, hgp, h, c, r,
                           proj ? H : P, ws0, ws1, bhn};
@@ -890,12 +948,13 @@ using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 ForwardOut forward(Args a, bool train) {
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   ForwardOut o;
-  const bool fused = !a.w_hr.defined() && prefer_fused(a);
+  a.bf16_rec = bf16_recurrent(a);
+  const bool fused = !a.w_hr.defined() && !a.bf16_rec && prefer_fused(a);
   // The single-step kernel reads x and W_ih as they lie, in the compute dtype: bfloat16 steps
   // take the GEMM path (bfloat16 projection) instead.
   const bool one_step = !a.lowp && !a.w_hr.defined() && a.sched.T == 1 && a.sched.N <= kStepMaxRows &&
                         gemm_backend_override().load() == 0;
-  if (!fused) convert_w_hh(a);
+  if (!fused && !a.bf16_rec) convert_w_hh(a);
   AT_DISPATCH_FLOATING_TYPES(a.opts.dtype().toScalarType(), "fastrnn_forward", [&] {
     if (one_step)
       one_step_kernel<scalar_t>(a, train, o);
@@ -972,12 +1031,13 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   at::Tensor dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.opts) : dgx;
 
   const int64_t pack_m = s.T > 1 ? B : 0;
-  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, B, pack_m);  // dh = dgh W_hh
+  WeightGemm<T> rec(a.bf16_rec ? nullptr : a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, a.bf16_rec ? 0 : B,
+                    a.bf16_rec ? 0 : pack_m);  // dh = dgh W_hh
   // Same product on the panel kernel, where it beats BLAS dispatch (and always when forced).
   std::unique_ptr<PanelGemm<T>> rec_panel;
   {
     const int o = gemm_backend_override().load();
-    if (o == 4 || (o == 0 && s.T > 1 && GH * P <= kPanelMaxWeightElems))
+    if (!a.bf16_rec && (o == 4 || (o == 0 && s.T > 1 && GH * P <= kPanelMaxWeightElems)))
       rec_panel = std::make_unique<PanelGemm<T>>(a.w_hh.data_ptr<T>(), GH, P, a.opts);
   }
   std::unique_ptr<WeightGemm<T>> projg;
@@ -1041,6 +1101,12 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { backward_rows(rows, b0, b1); });
       // The GRU's row pass left z * dh in dh: the recurrent GEMM adds to it.
       T* dg = dghp + (off - row0) * GH;
+      if constexpr (std::is_same_v<T, float>) {
+        if (a.bf16_rec) {
+          bf16_step_gemm(dg, bs, GH, a.w_hh_src, dhp, P, a.cell == Cell::GRU);
+          continue;
+        }
+      }
       if (rec_panel)
         rec_panel->run(dg, bs, GH, dhp, P, a.cell == Cell::GRU);
       else
@@ -1061,6 +1127,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   at::Tensor w_ih_t = onednn_gi ? a.w_ih.t().contiguous() : at::Tensor();
   g.grad_input = at::empty({N, a.I}, a.x.options());
   g.grad_b_ih = at::zeros({GH}, a.opts);
+  at::Tensor lp_dgx, lp_dgh, lp_hprev;  // bfloat16 calls: per-chunk bf16 operands
   at::Tensor grad_b_hn = a.cell == Cell::GRU ? at::zeros({GH}, a.opts) : at::Tensor();
   bool first = true;
   for (int64_t c_hi = s.T; c_hi > 0; c_hi -= chunk_steps) {
@@ -1081,10 +1148,16 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     at::Tensor gw_hh, gw_ih, dgx_b;
     if (a.lowp) {
       // The chunk's GEMMs in bfloat16 (oneDNN, float32 accumulation inside each product; each
-      // chunk's share is added up in float32 and rounded once at the end).
-      dgx_b = dgx_c.to(at::kBFloat16);
-      const at::Tensor dgh_b = a.cell == Cell::GRU ? dgh_c.to(at::kBFloat16) : dgx_b;
-      gw_hh = at::mm(dgh_b.t(), hprev.to(at::kBFloat16)).to(at::kFloat);
+      // chunk's share is added up in float32 and rounded once at the end). The bf16 copies of
+      // dG and h_prev go to buffers every chunk reuses (fresh ones fault their pages in).
+      if (!lp_dgx.defined()) {
+        lp_dgx = empty_big({cap_rows, GH}, a.x.options());
+        lp_dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.x.options()) : lp_dgx;
+        lp_hprev = empty_big({cap_rows, P}, a.x.options());
+      }
+      dgx_b = lp_dgx.narrow(0, 0, rows).copy_(dgx_c);
+      const at::Tensor dgh_b = a.cell == Cell::GRU ? lp_dgh.narrow(0, 0, rows).copy_(dgh_c) : dgx_b;
+      gw_hh = at::mm(dgh_b.t(), lp_hprev.narrow(0, 0, rows).copy_(hprev)).to(at::kFloat);
       gw_ih = at::mm(dgx_b.t(), a.x.narrow(0, row0, rows)).to(at::kFloat);
     } else {
       at::Tensor dgx_t;  // shared by both weight gradients when dgh is dgx
@@ -1148,7 +1221,8 @@ BackwardOut backward(Args a, const at::Tensor& grad_output, const at::Tensor& gr
     check_workspace(ws2, a, "proj_input", {s.N, a.H}, "[rows, hidden_size]");
   }
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  convert_w_hh(a);
+  a.bf16_rec = bf16_recurrent(a);
+  if (!a.bf16_rec) convert_w_hh(a);
   BackwardOut g;
   AT_DISPATCH_FLOATING_TYPES(a.opts.dtype().toScalarType(), "fastrnn_backward", [&] {
     backward_kernel<scalar_t>(a, grad_output, grad_hy, grad_cy.has_value() ? *grad_cy : at::Tensor(), output, ws0,
