@@ -31,7 +31,7 @@ def _needs_grad(*tensors):
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
-# The LSTM/GRU/RNN kernels also take bfloat16 (float32 state and gate math, bfloat16 GEMMs).
+# The LSTM/GRU/RNN CPU kernels also take bfloat16 (float32 state and gate math, bfloat16 GEMMs).
 _RECURRENT_DTYPES = _NATIVE_DTYPES + (torch.bfloat16,)
 
 
@@ -42,7 +42,7 @@ def _has_kernel(input: torch.Tensor, recurrent: bool = False) -> bool:
     `recurrent`), and autocast regions, where torch.nn's RNNs run in the autocast dtype (the
     recurrent layers handle bfloat16 autocast themselves: _autocast_bf16)."""
     device = input.device
-    dtypes = _RECURRENT_DTYPES if recurrent else _NATIVE_DTYPES
+    dtypes = _RECURRENT_DTYPES if recurrent and device.type == "cpu" else _NATIVE_DTYPES
     if input.dtype not in dtypes or torch.is_autocast_enabled(device.type):
         return False
     if device.type == "cpu":
