@@ -36,6 +36,7 @@ import fastrnn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import extras  # noqa: E402
 import variants as V  # noqa: E402  (variant cells: eager loop vs fastrnn variant vs fastrnn.LSTM/GRU)
+import bf16 as BF  # noqa: E402  (bfloat16: fastrnn vs torch.nn in bfloat16, and vs fastrnn in float32)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -587,6 +588,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-variants", action="store_true",
                    help=f"skip the variant-cell rows ({', '.join(V.VARIANT_CELLS)} at "
                         f"{', '.join(V.VARIANT_CASES)}, when those cases are selected)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"bfloat16 rows: fastrnn vs torch.nn both in bfloat16, and vs fastrnn in float32 "
+                        f"({', '.join(BF.BF16_CELLS)} at {', '.join(BF.BF16_CASES)}, when those cells and cases are "
+                        f"selected; default on, --no-bf16 skips them)")
+    p.add_argument("--no-grid", action="store_true",
+                   help="skip the float32 grid rows (with --no-extras --no-variants: only the bfloat16 rows)")
     args = p.parse_args(argv)
 
     cells = parse_list(args.cells, CELLS, "cell", p)
@@ -623,8 +630,8 @@ def main(argv=None) -> int:
         print(f"warning: other processes are using {info['other_cpu_cores_at_start']:.2f} CPU cores: "
               "timings will be disturbed (rows are marked 'contended')", file=sys.stderr)
 
-    specs = build_specs(cells, cases, args.quick)
-    if not specs:
+    specs = [] if args.no_grid else build_specs(cells, cases, args.quick)
+    if not specs and not args.no_grid:
         print("warning: the selected --cells/--cases give no rows (mid-2L-bi is LSTM only)", file=sys.stderr)
     rows: list[dict] = []
     bar = make_bar(len(specs) * len(modes), "bench")
@@ -676,6 +683,28 @@ def main(argv=None) -> int:
         finally:
             vbar.close()
 
+    bf16_rows: list[dict] = []
+    bcases = [c for c in cases if c in BF.BF16_CASES] if args.bf16 else []
+    bcells = [c for c in cells if c in BF.BF16_CELLS]
+    if bcases and bcells:
+        bbar = make_bar(len(bcases) * len(modes) * len(bcells), "bf16")
+        try:
+            for case in bcases:
+                T, B, I, H = CASES[case]
+                shape = (min(T, QUICK_T) if args.quick else T, B, I, H)
+                for mode in modes:
+                    for cell in bcells:
+                        bbar.set_postfix_str(f"{case} {cell} {mode}")
+                        try:
+                            bf16_rows.append(BF.bench_bf16(cell, case, shape, mode, args.rounds, args.warmup,
+                                                           0.0 if args.quick else MIN_ROUND_S, CpuWatch, make_runner))
+                        except Exception as e:  # a crash is a result too
+                            bf16_rows.append({"cell": cell, "case": case, "mode": mode,
+                                              "error": f"{type(e).__name__}: {e}"})
+                        bbar.update(1)
+        finally:
+            bbar.close()
+
     # again at the end: a different sgemm rate means the machine's speed changed during the run
     end_peak = sgemm_peak_gflops(reps=3 if args.quick else 15)
     peak["end_gflops"] = end_peak["gflops"]
@@ -706,6 +735,11 @@ def main(argv=None) -> int:
         print("\n## Variant cells\n")
         print(vtable)
         print(f"\n{VARIANT_NOTE}")
+    btable = BF.markdown(bf16_rows) if bf16_rows else ""
+    if btable:
+        print("\n## bfloat16\n")
+        print(btable)
+        print(f"\n{BF.NOTE}")
 
     result = {
         "started_utc": started, "elapsed_s": elapsed, "command": cmdline,
@@ -713,7 +747,7 @@ def main(argv=None) -> int:
                      "min_round_s": 0.0 if args.quick else MIN_ROUND_S, "seed": SEED,
                      "check_atol": CHECK_ATOL, "check_rtol": CHECK_RTOL},
         "machine": info, "sgemm_peak": peak, "rows": rows, "variant_rows": variant_rows, "streaming": stream_rows,
-        "peak_memory": mem_rows,
+        "peak_memory": mem_rows, "bf16_rows": bf16_rows,
     }
     with open(out_dir / "results.json", "w") as f:
         json.dump(result, f, indent=2, default=str)
@@ -735,14 +769,16 @@ def main(argv=None) -> int:
     md += extra_md
     if vtable:
         md += ["## Variant cells", "", vtable, "", VARIANT_NOTE, ""]
+    if btable:
+        md += ["## bfloat16", "", btable, "", BF.NOTE, ""]
     if have_png:
         md += ["![speedup per case and mode](speedup.png)", "", "[speedup.png](speedup.png)", ""]
     (out_dir / "RESULTS.md").write_text("\n".join(md))
     print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'RESULTS.md'}"
           + (f", {out_dir / 'speedup.png'}" if have_png else ""), file=sys.stderr)
 
-    n_err = sum(1 for r in rows + variant_rows if "error" in r)
-    n_bad = sum(1 for r in rows + variant_rows if "error" not in r and not r["check_ok"])
+    n_err = sum(1 for r in rows + variant_rows + bf16_rows if "error" in r)
+    n_bad = sum(1 for r in rows + variant_rows + bf16_rows if "error" not in r and not r["check_ok"])
     n_noisy = sum(1 for r in rows if r.get("noisy"))
     n_cont = sum(1 for r in rows if r.get("contended"))
     if n_cont:

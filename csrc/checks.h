@@ -45,12 +45,15 @@ inline void check_dtype(const at::Tensor& t, const char* op, const char* name, c
                     " must have the same dtype, got ", t.scalar_type(), " and ", ref.scalar_type());
 }
 
-inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-                    " must be float32 or float64, got ", t.scalar_type());
+inline void check_floating(const at::Tensor& t, const char* op, const char* name, bool allow_bf16 = false) {
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kDouble || (allow_bf16 && s == at::kBFloat16), op, ": ", name,
+                    allow_bf16 ? " must be float32, float64 or bfloat16, got " : " must be float32 or float64, got ",
+                    s);
 }
 
-// The operands of one op: each defined and on the CPU, the first float32/float64 and the others
+// The operands of one op: each defined and on the CPU, the first float32/float64 (or bfloat16
+// where the op has a bfloat16 kernel) and the others
 // of its dtype, each of rank `dim` (-1: checked elsewhere). Checks run in that order over all of
 // them, so the first problem reported is the same whichever tensor has it.
 struct Operand {
@@ -59,13 +62,13 @@ struct Operand {
   int64_t dim;
 };
 
-inline void check_operands(const char* op, std::initializer_list<Operand> operands) {
+inline void check_operands(const char* op, std::initializer_list<Operand> operands, bool allow_bf16 = false) {
   for (const Operand& o : operands) {
     check_defined(o.t, op, o.name);
     check_cpu(o.t, op, o.name);
   }
   const Operand& ref = *operands.begin();
-  check_floating(ref.t, op, ref.name);
+  check_floating(ref.t, op, ref.name, allow_bf16);
   for (const Operand& o : operands)
     if (&o != &ref) check_dtype(o.t, op, o.name, ref.t, ref.name);
   for (const Operand& o : operands)

@@ -31,22 +31,52 @@ def _needs_grad(*tensors):
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+# The LSTM/GRU/RNN CPU kernels also take bfloat16 (float32 state and gate math, bfloat16 GEMMs).
+_RECURRENT_DTYPES = _NATIVE_DTYPES + (torch.bfloat16,)
 
 
-def _has_kernel(input: torch.Tensor) -> bool:
+def _has_kernel(input: torch.Tensor, recurrent: bool = False) -> bool:
     """Whether fastrnn's kernels run this input. Otherwise the layers call torch's own
     implementation, exactly as torch.nn would: other devices (CUDA in a CPU-only build),
-    dtypes without a fused kernel yet (float16, bfloat16), autocast regions, where
-    torch.nn's RNNs run in the autocast dtype, and torch.func transforms (grad, jacrev, ...),
-    which refuse the ops' C++ autograd Function."""
+    dtypes without a fused kernel (float16; bfloat16 except for the LSTM/GRU/RNN layers,
+    `recurrent`), autocast regions, where torch.nn's RNNs run in the autocast dtype (the
+    recurrent layers handle bfloat16 autocast themselves: _autocast_bf16), and torch.func
+    transforms (grad, jacrev, ...), which refuse the ops' C++ autograd Function."""
     device = input.device
-    if input.dtype not in _NATIVE_DTYPES or torch.is_autocast_enabled(device.type):
+    dtypes = _RECURRENT_DTYPES if recurrent and device.type == "cpu" else _NATIVE_DTYPES
+    if input.dtype not in dtypes or torch.is_autocast_enabled(device.type):
         return False
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return False
     if device.type == "cpu":
         return True
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastrnn::lstm_forward", device.type.upper())
+
+
+def _autocast_bf16(input: torch.Tensor) -> bool:
+    """Inside torch.autocast("cpu", dtype=torch.bfloat16), whether torch.nn would run this
+    float32 input in bfloat16. Where torch.nn returns bfloat16 (the dense LSTM without projection:
+    mkldnn_rnn_layer is on CPU autocast's lower-precision list; the RNN, dense or packed, whose
+    per-step linear is), fastrnn's layers do the same on their bfloat16 kernels. Where it returns
+    float32 (the GRU, the packed LSTM, the LSTM with proj_size: torch 2.13), and under other
+    autocast dtypes (float16), they call torch's implementation, as before: same dtypes, same
+    values."""
+    return (input.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and input.dtype in (torch.float32, torch.bfloat16))
+
+
+def _bf16(t):
+    # As autocast casts: float32 only, differentiably (float32 parameters get float32 gradients).
+    return t.to(torch.bfloat16) if t is not None and t.dtype == torch.float32 else t
+
+
+def _recurrent_args(input, hx, params, autocast_ok):
+    """(run the fused kernels, input, hx, params): under bfloat16 autocast, everything cast.
+    autocast_ok=False: torch.nn does not return bfloat16 for this layer under autocast
+    (_autocast_bf16), so torch's implementation runs."""
+    if autocast_ok and _autocast_bf16(input):
+        return True, _bf16(input), tuple(_bf16(h) for h in hx), [_bf16(p) for p in params]
+    return _has_kernel(input, recurrent=True), input, hx, params
 
 
 def _call(op, train, *args):
@@ -152,7 +182,10 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
     params: per layer and direction, w_ih, w_hh, (b_ih, b_hh if has_biases), (w_hr if projecting)
     Returns (output [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H]).
     """
-    if not _has_kernel(input):
+    per_layer = len(params) // max(1, num_layers * (2 if bidirectional else 1))
+    has_proj = per_layer == (5 if has_biases else 3)
+    fused, input, hx, params = _recurrent_args(input, hx, params, not has_proj and batch_sizes is None)
+    if not fused:
         return _torch_fallback(torch._VF.lstm, input, hx, params, has_biases, num_layers, dropout, train,
                                bidirectional, batch_first, batch_sizes)
 
@@ -168,7 +201,8 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
 def gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, batch_sizes=None):
     """Stacked GRU with torch.nn.GRU's semantics. hx: [L*D, B, H].
     Returns (output [T, B, D*H], h_n [L*D, B, H])."""
-    if not _has_kernel(input):
+    fused, input, (hx,), params = _recurrent_args(input, (hx,), params, False)
+    if not fused:
         return _torch_fallback(torch._VF.gru, input, hx, params, has_biases, num_layers, dropout, train,
                                bidirectional, batch_first, batch_sizes)
 
@@ -186,7 +220,8 @@ def rnn(input, hx, params, has_biases, num_layers, dropout, train, bidirectional
     Returns (output [T, B, D*H], h_n [L*D, B, H])."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-    if not _has_kernel(input):
+    fused, input, (hx,), params = _recurrent_args(input, (hx,), params, True)
+    if not fused:
         fn = torch._VF.rnn_tanh if nonlinearity == "tanh" else torch._VF.rnn_relu
         return _torch_fallback(fn, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
                                batch_first, batch_sizes)

@@ -4,6 +4,14 @@ float64: kernel and reference compute the same formulas in a different order, so
 to a few ulps; 1e-10 relative leaves room for sums over hundreds of steps.
 float32: the kernel's vectorised exp/tanh are within ~2 ulp of libm; 1e-5 is float rounding
 accumulated over a sequence.
+bfloat16 (normwise, against a float64 truth on the same bfloat16 values: assert_close_to_truth):
+8 significant bits, so one rounding costs up to u = 2^-8 of a value. A result is rounded a few
+times on its way: the input projection X W_ih^T (a bfloat16 GEMM's output), the output/state
+rounded to bfloat16 (and fed to backward as such), the gradient of the gates rounded for the
+bfloat16 weight-gradient GEMMs, and the final rounding; the gate math, states and every GEMM's
+accumulation are float32 (~1e-7, negligible). Four roundings: rtol = 4u = 2^-6, relative to the
+tensor's largest element. nn.LSTM/GRU/RNN in bfloat16 meet the same bound (tests/test_bf16.py
+checks it).
 """
 import pytest
 import torch
@@ -11,6 +19,7 @@ import torch
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2.0 ** -6, atol=2.0 ** -8),
 }
 
 

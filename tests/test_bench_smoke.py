@@ -21,6 +21,11 @@ def test_bench_quick_runs(tmp_path):
     assert {row["cell"] for row in vrows} == {"LayerNormLSTM", "PeepholeLSTM", "LayerNormGRU"}
     assert all(row.get("check_ok") for row in vrows), vrows
     assert "## Variant cells" in r.stdout
+    # bfloat16: fastrnn.LSTM vs torch.nn.LSTM in bfloat16 (and fastrnn in float32)
+    brows = json.loads((tmp_path / "results.json").read_text())["bf16_rows"]
+    assert {(row["cell"], row["mode"]) for row in brows} == {("LSTM", "inference"), ("LSTM", "training")}
+    assert all(row.get("check_ok") for row in brows), brows
+    assert "## bfloat16" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_bench_attention_quick_runs(tmp_path):

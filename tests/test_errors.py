@@ -132,7 +132,7 @@ BAD_LSTM_CALLS = [
     ("cx", dict(cx=torch.zeros(2, 4)), "cx must have shape"),
     ("hx", dict(hx=torch.zeros(2, 5, dtype=F64)), "hx and input must have the same dtype"),
     ("w_ih", dict(w_ih=torch.randn(20, 3, dtype=F64)), "w_ih and input must have the same dtype"),
-    ("input", dict(input=torch.randint(0, 3, (4, 2, 3))), "float32 or float64"),
+    ("input", dict(input=torch.randint(0, 3, (4, 2, 3))), "float32, float64 or bfloat16"),
     ("w_hr", dict(w_hr=torch.randn(7, 5)), "proj_size"),
     ("batch_sizes", dict(input=torch.randn(6, 3), batch_sizes=torch.tensor([2, 3, 1])), "non-increasing"),
     ("batch_sizes", dict(input=torch.randn(6, 3), batch_sizes=torch.tensor([2, 2, 1])), "sum\\(batch_sizes\\)"),

@@ -49,7 +49,8 @@ def _randn(gen, *shape):
 
 def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object]":
     """A valid argument list for `op`, in schema order. variant: dense, proj (LSTM projection),
-    packed; for the attention ops dense (no mask) or masked."""
+    packed, bf16 (dense in bfloat16: the backward's workspace is the forward's float32); for the
+    attention ops dense (no mask) or masked."""
     if op in ATTENTION_OPS:
         return attention_args(op, variant, batch)
     cell, kind = cell_kind(op)
@@ -59,13 +60,17 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
     proj, packed = variant == "proj", variant == "packed"
     Ph = P if proj else H
     gen = torch.Generator().manual_seed(1234)
-    x = _randn(gen, sum(BATCH_SIZES), I) if packed else _randn(gen, T, batch, I)
+    if variant == "bf16":
+        def _randn_lp(gen, *shape):
+            return (torch.randn(*shape, generator=gen) * 0.4).bfloat16()
+    randn = _randn_lp if variant == "bf16" else _randn
+    x = randn(gen, sum(BATCH_SIZES), I) if packed else randn(gen, T, batch, I)
     bsz = torch.tensor(BATCH_SIZES, dtype=torch.int64) if packed else None
-    w_ih, w_hh = _randn(gen, G * H, I), _randn(gen, G * H, Ph)
-    b_ih, b_hh = _randn(gen, G * H), _randn(gen, G * H)
-    w_hr = _randn(gen, P, H) if proj else None
+    w_ih, w_hh = randn(gen, G * H, I), randn(gen, G * H, Ph)
+    b_ih, b_hh = randn(gen, G * H), randn(gen, G * H)
+    w_hr = randn(gen, P, H) if proj else None
     nb = BATCH_SIZES[0] if packed else batch
-    hx, cx = _randn(gen, nb, Ph), _randn(gen, nb, H)
+    hx, cx = randn(gen, nb, Ph), randn(gen, nb, H)
     ops = torch.ops.fastrnn
     if cell == "lstm":
         fwd = OrderedDict(input=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr, hx=hx, cx=cx,
@@ -73,8 +78,8 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
         if kind == "forward":
             return fwd
         out, hy, cy, gates, cells, pin = ops.lstm_forward(*fwd.values())
-        return OrderedDict(grad_output=_randn(gen, *out.shape), grad_hy=_randn(gen, *hy.shape),
-                           grad_cy=_randn(gen, *cy.shape), input=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, hx=hx, cx=cx,
+        return OrderedDict(grad_output=randn(gen, *out.shape), grad_hy=randn(gen, *hy.shape),
+                           grad_cy=randn(gen, *cy.shape), input=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, hx=hx, cx=cx,
                            batch_sizes=bsz, reverse=False, output=out, gates=gates, cells=cells, proj_input=pin)
     if cell == "gru":
         fwd = OrderedDict(input=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, hx=hx, batch_sizes=bsz, reverse=False,
@@ -82,14 +87,14 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
         if kind == "forward":
             return fwd
         out, hy, gates, hn = ops.gru_forward(*fwd.values())
-        return OrderedDict(grad_output=_randn(gen, *out.shape), grad_hy=_randn(gen, *hy.shape), input=x, w_ih=w_ih,
+        return OrderedDict(grad_output=randn(gen, *out.shape), grad_hy=randn(gen, *hy.shape), input=x, w_ih=w_ih,
                            w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, output=out, gates=gates, hn=hn)
     fwd = OrderedDict(input=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, hx=hx, batch_sizes=bsz, reverse=False,
                       relu=False)
     if kind == "forward":
         return fwd
     out, hy = ops.rnn_forward(*fwd.values())
-    return OrderedDict(grad_output=_randn(gen, *out.shape), grad_hy=_randn(gen, *hy.shape), input=x, w_ih=w_ih,
+    return OrderedDict(grad_output=randn(gen, *out.shape), grad_hy=randn(gen, *hy.shape), input=x, w_ih=w_ih,
                        w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, relu=False, output=out)
 
 
@@ -201,6 +206,7 @@ ERROR_MUTATIONS = {
     "size_first+1": lambda t: _cat1(t, 0) if t.dim() >= 2 and t.size(0) > 0 else None,
     "float64": lambda t: t.double() if t.dtype != torch.float64 else t.float(),
     "float16": lambda t: t.half(),
+    "bfloat16": lambda t: t.bfloat16() if t.dtype != torch.bfloat16 else t.float(),
     "int64": lambda t: t.long() if t.dtype != torch.int64 else None,
     "int32": lambda t: t.int(),
     "meta": lambda t: t.to("meta"),
@@ -255,7 +261,9 @@ def _variants(op):
     if op in ATTENTION_OPS:
         return ["dense", "masked"]
     cell = cell_kind(op)[0]
-    return ["dense", "proj", "packed"] if cell == "lstm" else ["dense", "packed"]
+    if cell.startswith("variant_"):
+        return ["dense", "packed"]
+    return ["dense", "proj", "packed", "bf16"] if cell == "lstm" else ["dense", "packed", "bf16"]
 
 
 def build_cases() -> list[Case]:

@@ -132,10 +132,14 @@ at::Tensor pack_columns(const at::Tensor& weight, bool trans_b, int64_t N, int64
   return packed;
 }
 
-// The gate panels, kept between calls.
+// The gate panels in T, kept between calls. w_hh may be of another dtype (the bfloat16 weight of a
+// bfloat16 call, packed in float32): the cache holds on to the weight as given.
 template <typename T>
 at::Tensor gate_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
-  return cached_packing(w_hh, 1000 + G * 100 + U, [&] { return pack_gate_panels<T>(w_hh, G, H, U); });
+  constexpr auto compute = c10::CppTypeToScalarType<T>::value;
+  return cached_packing(w_hh, 1000 + G * 100 + U, [&] {
+    return pack_gate_panels<T>(w_hh.scalar_type() == compute ? w_hh : w_hh.to(compute), G, H, U);
+  });
 }
 
 }  // namespace fastrnn

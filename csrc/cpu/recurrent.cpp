@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <chrono>
@@ -57,6 +58,14 @@ struct Args {
   at::Tensor w_hr;    // [P, H] or undefined (LSTM projection)
   at::Tensor hx;      // [B, P]
   at::Tensor cx;      // [B, H] (LSTM) or undefined
+  // bfloat16 input (lowp): x and w_ih stay bfloat16 for the large GEMMs (oneDNN, AVX512-BF16
+  // with float32 accumulation where the CPU has it); everything else (W_hh, biases, states,
+  // gate math, workspace) is float32, the compute dtype of opts. w_hh_src is W_hh as given: the
+  // key of the packed-panel cache, and the source of the float32 copy taken where one is needed.
+  bool lowp = false;
+  bool bf16_rec = false;  // lowp, and the per-step recurrent product in bfloat16 (bf16_recurrent)
+  at::TensorOptions opts;
+  at::Tensor w_hh_src;
   Schedule sched;
   int64_t I = 0, H = 0, P = 0, G = 0;
 };
@@ -71,7 +80,8 @@ Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tenso
   a.op = op;
   a.cell = cell;
   a.G = gates_of(cell);
-  check_operands(op, {{input, "input", -1}, {w_ih, "w_ih", 2}, {w_hh, "w_hh", 2}, {hx, "hx", 2}});
+  check_operands(op, {{input, "input", -1}, {w_ih, "w_ih", 2}, {w_hh, "w_hh", 2}, {hx, "hx", 2}},
+                 /*allow_bf16=*/true);
 
   const bool packed = batch_sizes.has_value() && batch_sizes->defined();
   if (packed) {
@@ -131,7 +141,58 @@ Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tenso
   if (has_proj) a.w_hr = w_hr->contiguous();
   a.hx = hx.contiguous();
   if (cell == Cell::LSTM) a.cx = cx->contiguous();
+  a.w_hh_src = a.w_hh;
+  a.lowp = input.scalar_type() == at::kBFloat16;
+  a.opts = a.x.options().dtype(a.lowp ? at::kFloat : input.scalar_type());
+  if (a.lowp) {
+    for (at::Tensor* t : {&a.b_ih, &a.b_hh, &a.w_hr, &a.hx, &a.cx})
+      if (t->defined()) *t = t->to(at::kFloat);
+  }
   return a;
+}
+
+// The float32 W_hh of a bfloat16 call, for the kernels that read W_hh as it lies (the fused
+// forward packs from w_hh_src instead and caches the packing).
+void convert_w_hh(Args& a) {
+  if (a.lowp) a.w_hh = a.w_hh_src.to(at::kFloat);
+}
+
+// bfloat16 calls with large steps run the per-step recurrent product (forward h W_hh^T,
+// backward dG W_hh) as a bfloat16 GEMM in oneDNN, as torch's oneDNN LSTM does in bfloat16: the
+// product's operand (h or dG, float32) rounded to bfloat16, float32 accumulation, the result
+// rounded to bfloat16 (torch's CPU mm has no float32 output for bfloat16) and widened for the
+// float32 gate math. AVX512-BF16 runs it at twice the float32 rate, which beats the float32
+// panel kernels once a step is large enough to amortise the per-step dispatch and conversions.
+// Measured on this project's 2-core Zen 5 (LSTM, T=100, CPU time on one thread, a loaded machine;
+// inference / training ms, float32 panels vs bfloat16 per-step GEMM): B=64 H=512 (64M
+// multiply-adds a step) 96/287 vs 75/236; B=32 H=512 (32M) 49/137 vs 41/122; B=16 H=512 and
+// B=64 H=256 (16M) 25/71 vs 24/68 and 26/76 vs 23/70; at 8M mixed (B=8 H=512 13/43 vs 17/49,
+// B=32 H=256 even); B=16 H=256 (4M) 6.9/19.9 vs 7.3/21.0; B=1 H=256 1.2/4.5 vs 3.7/9.4.
+// Smaller steps keep the float32 panel kernels (W_hh packed to float32 once, cached).
+constexpr double kBf16RecMinMacs = 16.0 * 1024 * 1024;
+
+bool bf16_recurrent(const Args& a) {
+  if (!a.lowp) return false;
+  const int o = gemm_backend_override().load();
+  if (o == 3) return true;  // "oneDNN for every GEMM": tests run this path at small sizes
+  if (o != 0) return false;
+  return double(a.sched.B) * double(a.G * a.H) * double(a.P) >= kBf16RecMinMacs;
+}
+
+// c[m, n] (=, or += when accumulate) bf16(a[m, k]) @ w_nk^T, w_nk a contiguous bfloat16 [n, k].
+// oneDNN's linear takes the weight as it lies; at::mm on w_nk.t() ran 100 steps of B=64, H=512
+// in 22-29 ms against 18 (2 threads, this machine).
+void bf16_step_gemm(const float* a, int64_t m, int64_t k, const at::Tensor& w_nk, float* c, int64_t n,
+                    bool accumulate) {
+  if (m == 0) return;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor ab = at::from_blob(const_cast<float*>(a), {m, k}, f32).to(at::kBFloat16);
+  const at::Tensor prod = has_onednn() ? onednn_linear(ab, w_nk, at::Tensor()) : at::mm(ab, w_nk.t());
+  at::Tensor cv = at::from_blob(c, {m, n}, f32);
+  if (accumulate)
+    cv.add_(prod);
+  else
+    cv.copy_(prod);
 }
 
 std::vector<int64_t> lead_with(const Args& a, int64_t last) { return a.sched.lead_with(last); }
@@ -473,7 +534,7 @@ struct XgChunk {
 class ChunkedProjection {
  public:
   ChunkedProjection(const Args& a, at::Tensor bias) : a_(a), bias_(std::move(bias)) {
-    const int64_t step_bytes = std::max<int64_t>(1, a.sched.B * a.G * a.H * int64_t(a.x.element_size()));
+    const int64_t step_bytes = std::max<int64_t>(1, a.sched.B * a.G * a.H * int64_t(a.opts.dtype().itemsize()));
     steps_ = std::max<int64_t>(1, (int64_t(8) << 20) / step_bytes);
     if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) steps_ = std::max<int64_t>(1, std::atoll(forced));
   }
@@ -485,7 +546,26 @@ class ChunkedProjection {
     const int64_t lo = std::min(ta, tb), hi = std::max(ta, tb);
     XgChunk c;
     c.row0 = s.off[lo];
-    c.rows = fast_linear(a_.x.narrow(0, c.row0, s.off[hi] + s.bs[hi] - c.row0), a_.w_ih, bias_).contiguous();
+    const at::Tensor x = a_.x.narrow(0, c.row0, s.off[hi] + s.bs[hi] - c.row0);
+    if (a_.lowp) {
+      // bfloat16 X W_ih^T (oneDNN; torch's CPU mm has no float32-output variant for bfloat16),
+      // widened to float32 and the biases added. Into buffers every chunk of the call reuses: a
+      // fresh chunk costs its page faults (measured: widening 6400x2048 into a new tensor 22 ms,
+      // into a warm one 2 ms; at::add's bf16+fp32 promotion 44 ms).
+      const int64_t rows = x.size(0), GH = a_.w_ih.size(0);
+      if (!ybuf_.defined() || ybuf_.size(0) < rows) {
+        const int64_t cap = std::max(rows, std::min(a_.sched.N, steps_ * a_.sched.B));
+        ybuf_ = empty_big({cap, GH}, a_.x.options());
+        fbuf_ = empty_big({cap, GH}, a_.opts);
+      }
+      at::Tensor y = ybuf_.narrow(0, 0, rows);
+      at::mm_out(y, x, a_.w_ih.t());
+      c.rows = fbuf_.narrow(0, 0, rows);
+      c.rows.copy_(y);
+      if (bias_.defined()) c.rows.add_(bias_);
+    } else {
+      c.rows = fast_linear(x, a_.w_ih, bias_).contiguous();
+    }
     return c;
   }
 
@@ -493,6 +573,7 @@ class ChunkedProjection {
   const Args& a_;
   at::Tensor bias_;
   int64_t steps_ = 1;
+  mutable at::Tensor ybuf_, fbuf_;  // bfloat16 calls: a chunk's projections, bf16 and widened
 };
 
 template <typename T>
@@ -502,12 +583,12 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   const int64_t U = int64_t(panel::Vec<T>::L) *
                     (a.cell == Cell::RNN ? units_vectors<1>() : a.cell == Cell::GRU ? units_vectors<3>() : units_vectors<4>());
   const int64_t NR = G * U, n_panels = (H + U - 1) / U;
-  const auto opts = a.x.options();
+  const auto opts = a.opts;
 
   PhaseTimer timer("fused forward");
   at::Tensor b_hn;
   const ChunkedProjection projection(a, folded_bias(a, b_hn));
-  at::Tensor wp = gate_panels<T>(a.w_hh, G, H, U);
+  at::Tensor wp = gate_panels<T>(a.w_hh_src, G, H, U);
   timer.mark("pack W_hh");
 
   at::Tensor hbuf = at::empty({2, B, H}, opts);
@@ -592,16 +673,19 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
 
   o.hy = a.hx.clone();
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
-  o.output = empty_big(lead_with(a, P), a.x.options());
-  if (train && a.cell != Cell::RNN) o.ws0 = empty_big({s.N, GH}, a.x.options());
-  if (train && a.cell != Cell::RNN) o.ws1 = empty_big({s.N, H}, a.x.options());
-  if (train && proj) o.ws2 = empty_big({s.N, H}, a.x.options());
-  at::Tensor hg = at::empty({B, GH}, a.x.options());
-  at::Tensor rbuf = (proj && !train) ? at::empty({B, H}, a.x.options()) : at::Tensor();
+  o.output = empty_big(lead_with(a, P), a.opts);
+  if (train && a.cell != Cell::RNN) o.ws0 = empty_big({s.N, GH}, a.opts);
+  if (train && a.cell != Cell::RNN) o.ws1 = empty_big({s.N, H}, a.opts);
+  if (train && proj) o.ws2 = empty_big({s.N, H}, a.opts);
+  at::Tensor hg = at::empty({B, GH}, a.opts);
+  at::Tensor rbuf = (proj && !train) ? at::empty({B, H}, a.opts) : at::Tensor();
 
   // MKL packing pays back only over several steps.
   const int64_t pack_m = s.T > 1 ? B : 0;
-  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/true, GH, P, B, pack_m);
+  // (Unused when the product runs in bfloat16: nothing packed, W_hh not read.)
+  WeightGemm<T> rec(a.bf16_rec ? nullptr : a.w_hh.data_ptr<T>(), /*trans_b=*/true, GH, P, a.bf16_rec ? 0 : B,
+                    a.bf16_rec ? 0 : pack_m);
+
   std::unique_ptr<WeightGemm<T>> projg;
   if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), true, P, H, B, pack_m);
 
@@ -623,7 +707,14 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
       chunk = projection.compute(step, chunk_end);
     }
     const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
-    rec.run(h, bs, P, hgp, GH, T(0));
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.bf16_rec)
+        bf16_step_gemm(h, bs, P, a.w_hh_src, hgp, GH, false);
+      else
+        rec.run(h, bs, P, hgp, GH, T(0));
+    } else {
+      rec.run(h, bs, P, hgp, GH, T(0));
+    }
     T* r = proj ? (train ? ws2 + off * H : rbuf.data_ptr<T>()) : h;  // where o*tanh(c) goes
     const FwdRows<T> rows{a.cell, train, act, H, P, GH, off, chunk.rows.data_ptr<T>(), chunk.row0, hgp, h, c, r,
                           proj ? H : P, ws0, ws1, bhn};
@@ -638,7 +729,7 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
 template <typename T>
 void one_step_kernel(const Args& a, bool train, ForwardOut& o) {
   const int64_t H = a.H, GH = a.G * a.H, rows = a.sched.N;
-  const auto opts = a.x.options();
+  const auto opts = a.opts;
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();
   o.output = at::empty(lead_with(a, H), opts);
   const T* b_ih = a.b_ih.defined() ? a.b_ih.data_ptr<T>() : nullptr;
@@ -670,12 +761,21 @@ bool prefer_fused(const Args& a) {
   return a.G * a.H * a.H <= kPanelMaxWeightElems;
 }
 
-ForwardOut forward(const Args& a, bool train) {
+// Autocast must not re-cast the kernels' own ATen calls (a float32 at::mm would come back
+// bfloat16 inside a torch.autocast("cpu") region): the ops run in the dtypes they are given.
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
+
+ForwardOut forward(Args a, bool train) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   ForwardOut o;
-  const bool fused = !a.w_hr.defined() && prefer_fused(a);
-  const bool one_step = !a.w_hr.defined() && a.sched.T == 1 && a.sched.N <= kStepMaxRows &&
+  a.bf16_rec = bf16_recurrent(a);
+  const bool fused = !a.w_hr.defined() && !a.bf16_rec && prefer_fused(a);
+  // The single-step kernel reads x and W_ih as they lie, in the compute dtype: bfloat16 steps
+  // take the GEMM path (bfloat16 projection) instead.
+  const bool one_step = !a.lowp && !a.w_hr.defined() && a.sched.T == 1 && a.sched.N <= kStepMaxRows &&
                         gemm_backend_override().load() == 0;
-  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fastrnn_forward", [&] {
+  if (!fused && !a.bf16_rec) convert_w_hh(a);
+  AT_DISPATCH_FLOATING_TYPES(a.opts.dtype().toScalarType(), "fastrnn_forward", [&] {
     if (one_step)
       one_step_kernel<scalar_t>(a, train, o);
     else if (fused)
@@ -683,9 +783,15 @@ ForwardOut forward(const Args& a, bool train) {
     else
       forward_kernel<scalar_t>(a, train, o);
   });
-  at::Tensor empty = at::empty({0}, a.x.options());
-  for (at::Tensor* t : {&o.cy, &o.ws0, &o.ws1, &o.ws2})
-    if (!t->defined()) *t = empty.clone();
+  if (a.lowp) {
+    // bfloat16 out, as torch.nn in bfloat16; the workspace stays float32 (backward's input).
+    o.output = o.output.to(at::kBFloat16);
+    o.hy = o.hy.to(at::kBFloat16);
+    if (o.cy.defined()) o.cy = o.cy.to(at::kBFloat16);
+  }
+  if (!o.cy.defined()) o.cy = at::empty({0}, a.x.options());
+  for (at::Tensor* t : {&o.ws0, &o.ws1, &o.ws2})
+    if (!t->defined()) *t = at::empty({0}, a.opts);
   return o;
 }
 
@@ -700,6 +806,17 @@ void check_like(const at::Tensor& t, const Args& a, const char* name, std::vecto
   check_shape(t, a.op, name, std::move(shape), meaning);
 }
 
+// The forward's workspace: in the compute dtype (float32 for bfloat16 input).
+void check_workspace(const at::Tensor& t, const Args& a, const char* name, std::vector<int64_t> shape,
+                     const char* meaning) {
+  check_defined(t, a.op, name);
+  check_cpu(t, a.op, name);
+  TORCH_CHECK_VALUE(t.scalar_type() == a.opts.dtype().toScalarType(), a.op, ": ", name, " must be ",
+                    a.opts.dtype().toScalarType(), " for ", a.x.scalar_type(),
+                    " input (the forward's workspace), got ", t.scalar_type());
+  check_shape(t, a.op, name, std::move(shape), meaning);
+}
+
 template <typename T>
 void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
                      const at::Tensor& output_, const at::Tensor& ws0_, const at::Tensor& ws1_, const at::Tensor& ws2_,
@@ -707,14 +824,16 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   const Schedule& s = a.sched;
   const int64_t H = a.H, P = a.P, GH = a.G * a.H, B = s.B, N = s.N;
   const bool proj = a.w_hr.defined();
-  at::Tensor grad_out = grad_out_.reshape({N, P}).contiguous();
-  at::Tensor output = output_.reshape({N, P}).contiguous();
+  // bfloat16 calls: the output and the incoming gradients widened to float32 (no-ops otherwise).
+  const auto compute = a.opts.dtype().toScalarType();
+  at::Tensor grad_out = grad_out_.reshape({N, P}).to(compute).contiguous();
+  at::Tensor output = output_.reshape({N, P}).to(compute).contiguous();
   at::Tensor ws0 = ws0_.contiguous(), ws1 = ws1_.contiguous(), ws2 = ws2_.contiguous();
 
-  at::Tensor dh = grad_hy.contiguous().clone();
-  at::Tensor dc = a.cell == Cell::LSTM ? grad_cy.contiguous().clone() : at::Tensor();
-  at::Tensor dh_all = proj ? empty_big({N, P}, a.x.options()) : at::Tensor();
-  at::Tensor drbuf = proj ? at::empty({B, H}, a.x.options()) : at::Tensor();
+  at::Tensor dh = grad_hy.to(compute).contiguous().clone();
+  at::Tensor dc = a.cell == Cell::LSTM ? grad_cy.to(compute).contiguous().clone() : at::Tensor();
+  at::Tensor dh_all = proj ? empty_big({N, P}, a.opts) : at::Tensor();
+  at::Tensor drbuf = proj ? at::empty({B, H}, a.opts) : at::Tensor();
 
   // The steps run in chunks (in processing order, backwards), each followed by its share of the
   // weight gradients (dW_hh += dG_h^T h_prev, dW_ih += dG_x^T X, over the chunk's rows) and its
@@ -728,16 +847,18 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   int64_t chunk_steps = chunked ? std::max<int64_t>(1, (int64_t(8) << 20) / step_bytes) : std::max<int64_t>(1, s.T);
   if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) chunk_steps = std::max<int64_t>(1, std::atoll(forced));
   const int64_t cap_rows = std::max<int64_t>(1, std::min(N, chunk_steps * B));
-  at::Tensor dgx = empty_big({cap_rows, GH}, a.x.options());
-  at::Tensor dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.x.options()) : dgx;
+  at::Tensor dgx = empty_big({cap_rows, GH}, a.opts);
+  at::Tensor dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.opts) : dgx;
 
   const int64_t pack_m = s.T > 1 ? B : 0;
-  WeightGemm<T> rec(a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, B, pack_m);  // dh = dgh W_hh
+  WeightGemm<T> rec(a.bf16_rec ? nullptr : a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, a.bf16_rec ? 0 : B,
+                    a.bf16_rec ? 0 : pack_m);  // dh = dgh W_hh
   // Same product on the panel kernel, where it beats BLAS dispatch (and always when forced).
   std::unique_ptr<PanelGemm<T>> rec_panel;
+  const at::Tensor w_hh_t = a.bf16_rec ? a.w_hh_src.t().contiguous() : at::Tensor();  // [P, GH] bf16
   {
     const int o = gemm_backend_override().load();
-    if (o == 4 || (o == 0 && s.T > 1 && GH * P <= kPanelMaxWeightElems))
+    if (!a.bf16_rec && (o == 4 || (o == 0 && s.T > 1 && GH * P <= kPanelMaxWeightElems)))
       rec_panel = std::make_unique<PanelGemm<T>>(a.w_hh, GH, P);
   }
   std::unique_ptr<WeightGemm<T>> projg;
@@ -801,6 +922,12 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { backward_rows(rows, b0, b1); });
       // The GRU's row pass left z * dh in dh: the recurrent GEMM adds to it.
       T* dg = dghp + (off - row0) * GH;
+      if constexpr (std::is_same_v<T, float>) {
+        if (a.bf16_rec) {
+          bf16_step_gemm(dg, bs, GH, w_hh_t, dhp, P, a.cell == Cell::GRU);
+          continue;
+        }
+      }
       if (rec_panel)
         rec_panel->run(dg, bs, GH, dhp, P, a.cell == Cell::GRU);
       else
@@ -817,11 +944,12 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     }
   // grad_input = dG_x W_ih: oneDNN takes the weight as [N, K] (W_ih^T, transposed once); at::mm
   // takes W_ih as it is.
-  const bool onednn_gi = use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
+  const bool onednn_gi = !a.lowp && use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
   at::Tensor w_ih_t = onednn_gi ? a.w_ih.t().contiguous() : at::Tensor();
   g.grad_input = at::empty({N, a.I}, a.x.options());
-  g.grad_b_ih = at::zeros({GH}, a.x.options());
-  at::Tensor grad_b_hn = a.cell == Cell::GRU ? at::zeros({GH}, a.x.options()) : at::Tensor();
+  g.grad_b_ih = at::zeros({GH}, a.opts);
+  at::Tensor lp_dgx, lp_dgh, lp_hprev;  // bfloat16 calls: per-chunk bf16 operands
+  at::Tensor grad_b_hn = a.cell == Cell::GRU ? at::zeros({GH}, a.opts) : at::Tensor();
   bool first = true;
   for (int64_t c_hi = s.T; c_hi > 0; c_hi -= chunk_steps) {
     const int64_t c_lo = std::max<int64_t>(0, c_hi - chunk_steps);
@@ -831,16 +959,32 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     run_steps(c_lo, c_hi, row0);
     timer.mark("steps");
     if (rows == 0) continue;
-    at::Tensor hprev = at::empty({rows, P}, a.x.options());
+    at::Tensor hprev = at::empty({rows, P}, a.opts);
     T* hpv = hprev.data_ptr<T>();
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t prev = prev_of_row[row0 + r];
       std::memcpy(hpv + r * P, prev >= 0 ? outp + prev * P : hx + (-1 - prev) * P, sizeof(T) * P);
     }
     at::Tensor dgx_c = dgx.narrow(0, 0, rows), dgh_c = dgh.narrow(0, 0, rows);
-    at::Tensor dgx_t;  // shared by both weight gradients when dgh is dgx
-    at::Tensor gw_hh = weight_grad<T>(dgh_c, hprev, a.cell == Cell::GRU ? nullptr : &dgx_t);
-    at::Tensor gw_ih = weight_grad<T>(dgx_c, a.x.narrow(0, row0, rows), &dgx_t);
+    at::Tensor gw_hh, gw_ih, dgx_b;
+    if (a.lowp) {
+      // The chunk's GEMMs in bfloat16 (oneDNN, float32 accumulation inside each product; each
+      // chunk's share is added up in float32 and rounded once at the end). The bf16 copies of
+      // dG and h_prev go to buffers every chunk reuses (fresh ones fault their pages in).
+      if (!lp_dgx.defined()) {
+        lp_dgx = empty_big({cap_rows, GH}, a.x.options());
+        lp_dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.x.options()) : lp_dgx;
+        lp_hprev = empty_big({cap_rows, P}, a.x.options());
+      }
+      dgx_b = lp_dgx.narrow(0, 0, rows).copy_(dgx_c);
+      const at::Tensor dgh_b = a.cell == Cell::GRU ? lp_dgh.narrow(0, 0, rows).copy_(dgh_c) : dgx_b;
+      gw_hh = at::mm(dgh_b.t(), lp_hprev.narrow(0, 0, rows).copy_(hprev)).to(at::kFloat);
+      gw_ih = at::mm(dgx_b.t(), a.x.narrow(0, row0, rows)).to(at::kFloat);
+    } else {
+      at::Tensor dgx_t;  // shared by both weight gradients when dgh is dgx
+      gw_hh = weight_grad<T>(dgh_c, hprev, a.cell == Cell::GRU ? nullptr : &dgx_t);
+      gw_ih = weight_grad<T>(dgx_c, a.x.narrow(0, row0, rows), &dgx_t);
+    }
     if (first) {
       g.grad_w_hh = gw_hh;
       g.grad_w_ih = gw_ih;
@@ -850,7 +994,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     }
     first = false;
     at::Tensor gi_rows = g.grad_input.narrow(0, row0, rows);
-    if (onednn_gi)
+    if (a.lowp)
+      at::mm_out(gi_rows, dgx_b, a.w_ih);  // bfloat16 rows, rounded once
+    else if (onednn_gi)
       gi_rows.copy_(onednn_linear(dgx_c, w_ih_t, at::Tensor()));
     else
       at::mm_out(gi_rows, dgx_c, a.w_ih);
@@ -859,17 +1005,22 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     timer.mark("weight grads, grad_input");
   }
   if (first) {  // no rows at all
-    g.grad_w_hh = at::zeros({GH, P}, a.x.options());
-    g.grad_w_ih = at::zeros({GH, a.I}, a.x.options());
+    g.grad_w_hh = at::zeros({GH, P}, a.opts);
+    g.grad_w_ih = at::zeros({GH, a.I}, a.opts);
   }
   g.grad_input = g.grad_input.reshape(lead_with(a, a.I));
   g.grad_b_hh = a.cell == Cell::GRU ? grad_b_hn : g.grad_b_ih.clone();
-  g.grad_w_hr = proj ? weight_grad<T>(dh_all, ws2) : at::empty({0}, a.x.options());
+  g.grad_w_hr = proj ? weight_grad<T>(dh_all, ws2) : at::empty({0}, a.opts);
   g.grad_hx = dh;
-  g.grad_cx = dc.defined() ? dc : at::empty({0}, a.x.options());
+  g.grad_cx = dc.defined() ? dc : at::empty({0}, a.opts);
+  if (a.lowp) {  // every gradient in the dtype of its input, as torch.nn in bfloat16
+    for (at::Tensor* t : {&g.grad_w_ih, &g.grad_w_hh, &g.grad_b_ih, &g.grad_b_hh, &g.grad_w_hr, &g.grad_hx,
+                          &g.grad_cx})
+      *t = t->to(at::kBFloat16);
+  }
 }
 
-BackwardOut backward(const Args& a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
+BackwardOut backward(Args a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
                      const c10::optional<at::Tensor>& grad_cy, const at::Tensor& output, const at::Tensor& ws0,
                      const at::Tensor& ws1, const at::Tensor& ws2) {
   const Schedule& s = a.sched;
@@ -883,15 +1034,18 @@ BackwardOut backward(const Args& a, const at::Tensor& grad_output, const at::Ten
   const char* nosave = ": the forward was run with train=False, so nothing was saved for backward";
   if (a.cell != Cell::RNN) {
     TORCH_CHECK(ws0.numel() == s.N * a.G * a.H && ws1.numel() == s.N * a.H, a.op, nosave);
-    check_like(ws0, a, "gates", {s.N, a.G * a.H}, "[rows, gates*hidden_size]");
-    check_like(ws1, a, a.cell == Cell::LSTM ? "cells" : "hn", {s.N, a.H}, "[rows, hidden_size]");
+    check_workspace(ws0, a, "gates", {s.N, a.G * a.H}, "[rows, gates*hidden_size]");
+    check_workspace(ws1, a, a.cell == Cell::LSTM ? "cells" : "hn", {s.N, a.H}, "[rows, hidden_size]");
   }
   if (a.w_hr.defined()) {
     TORCH_CHECK(ws2.numel() == s.N * a.H, a.op, nosave);
-    check_like(ws2, a, "proj_input", {s.N, a.H}, "[rows, hidden_size]");
+    check_workspace(ws2, a, "proj_input", {s.N, a.H}, "[rows, hidden_size]");
   }
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  a.bf16_rec = bf16_recurrent(a);
+  if (!a.bf16_rec) convert_w_hh(a);
   BackwardOut g;
-  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "fastrnn_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(a.opts.dtype().toScalarType(), "fastrnn_backward", [&] {
     backward_kernel<scalar_t>(a, grad_output, grad_hy, grad_cy.has_value() ? *grad_cy : at::Tensor(), output, ws0,
                               ws1, ws2, g);
   });
