@@ -30,6 +30,7 @@
 #include "checks.h"
 #include "cpu/gemm.h"
 #include "cpu/pack_cache.h"
+#include "cpu/panel_step.h"
 #include "cpu/team.h"
 #include "cpu/phase_timer.h"
 #include "cpu/schedule.h"
@@ -458,44 +459,8 @@ FASTRNN_INLINE void one_step_impl(const OneStep<T>& s, int64_t blk0, int64_t blk
 FASTRNN_ISA_KERNEL(forward_rows, FwdRows, forward_rows_impl)
 FASTRNN_ISA_KERNEL(backward_rows, BwdRows, backward_rows_impl)
 FASTRNN_ISA_KERNEL(fused_step, FusedStep, fused_step_impl)
-FASTRNN_ISA_KERNEL(panel_gemm, panel::GemmArgs, panel::gemm_impl)
 FASTRNN_ISA_KERNEL(one_step, OneStep, one_step_impl)
 
-
-// dh = dG W_hh in backward for sizes where dispatching to a BLAS costs more than the product:
-// B [K, N] row-major, packed once a call into column panels (panel::gemm_impl); run() multiplies
-// any A with up to the m it was sized for. Panels are split over threads; each thread keeps its
-// slice of B.
-template <typename T>
-class PanelGemm {
- public:
-  PanelGemm(const at::Tensor& b, int64_t K, int64_t N) : K_(K), N_(N) {
-    packed_ = pack_columns<T>(b, /*trans_b=*/false, N, K);
-    n_panels_ = packed_.size(0);
-  }
-  int64_t panels() const { return n_panels_; }
-  // Panels [p0, p1) only, on the calling thread (for a persistent team).
-  void run_panels(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate, int64_t p0,
-                  int64_t p1) const {
-    if (m == 0 || p0 >= p1) return;
-    panel_gemm(panel::GemmArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, p0, p1);
-  }
-  void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate) const {
-    if (m == 0) return;
-    const panel::GemmArgs<T> g{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate};
-    constexpr int64_t NR = panel::kGemmV * panel::Vec<T>::L;
-    if (!threads_pay(double(m) * double(K_) * double(N_), double(K_) * double(N_) * double(sizeof(T)))) {
-      panel_gemm(g, 0, n_panels_);
-      return;
-    }
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, m * K_ * NR));
-    at::parallel_for(0, n_panels_, grain, [&](int64_t p0, int64_t p1) { panel_gemm(g, p0, p1); });
-  }
-
- private:
-  int64_t K_, N_, n_panels_ = 0;
-  at::Tensor packed_;
-};
 
 
 // Outputs: output [lead, P], hy [B, P], cy [B, H] (LSTM), and the workspace saved for
@@ -859,7 +824,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   {
     const int o = gemm_backend_override().load();
     if (!a.bf16_rec && (o == 4 || (o == 0 && s.T > 1 && GH * P <= kPanelMaxWeightElems)))
-      rec_panel = std::make_unique<PanelGemm<T>>(a.w_hh, GH, P);
+      rec_panel = std::make_unique<PanelGemm<T>>(a.w_hh, /*trans_b=*/false, P, GH, /*cache_layout=*/-1);
   }
   std::unique_ptr<WeightGemm<T>> projg;
   if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), false, H, P, B, pack_m);  // dr = dh W_hr

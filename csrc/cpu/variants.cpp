@@ -32,6 +32,7 @@
 #include "checks.h"
 #include "cpu/gemm.h"
 #include "cpu/pack_cache.h"
+#include "cpu/panel_step.h"
 #include "cpu/phase_timer.h"
 #include "cpu/schedule.h"
 #include "cpu/team.h"
@@ -430,24 +431,21 @@ FASTRNN_INLINE void fused_v_impl(const FusedV<T>& s, int64_t p0, int64_t p1) {
 FASTRNN_ISA_KERNEL(vforward_rows, VFwdRows, vforward_rows_impl)
 FASTRNN_ISA_KERNEL(vbackward_rows, VBwdRows, vbackward_rows_impl)
 FASTRNN_ISA_KERNEL(col_pass, ColPass, col_pass_impl)
-FASTRNN_ISA_KERNEL(panel_rows, panel::GemmArgs, panel::gemm_impl)
 FASTRNN_ISA_KERNEL(fused_v, FusedV, fused_v_impl)
 
-// The per-step recurrent product of one call: column panels (pack_columns, kept between calls in
-// cpu/pack_cache.h under layout ids 0/1 for W / W^T) for W up to kPanelMaxWeightElems, run on the
-// calling thread or split over a persistent team; gemm.h's WeightGemm (oneDNN /
-// packed MKL / BLAS, as the backend override says) otherwise.
+// The per-step recurrent product of one call: PanelGemm (cpu/panel_step.h; the packing kept
+// between calls under layout ids 0/1 for W / W^T) for W up to kPanelMaxWeightElems, run on the
+// calling thread or split over a persistent team; gemm.h's WeightGemm (oneDNN / packed MKL /
+// BLAS, as the backend override says) otherwise.
 template <typename T>
 class StepGemm {
  public:
   // B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true); w contiguous.
-  StepGemm(const at::Tensor& w, bool trans_b, int64_t N, int64_t K, int64_t max_m, int64_t steps) : N_(N), K_(K) {
-    if (use_panels(N, K, steps)) {
-      packed_ = cached_packing(w, trans_b ? 1 : 0, [&] { return pack_columns<T>(w, trans_b, N, K); });
-      n_panels_ = packed_.size(0);
-    } else {
+  StepGemm(const at::Tensor& w, bool trans_b, int64_t N, int64_t K, int64_t max_m, int64_t steps) {
+    if (use_panels(N, K, steps))
+      panel_ = std::make_unique<PanelGemm<T>>(w, trans_b, N, K, trans_b ? 1 : 0);
+    else
       blas_ = std::make_unique<WeightGemm<T>>(w.data_ptr<T>(), trans_b, N, K, max_m, steps > 1 ? max_m : 0);
-    }
   }
   // As recurrent.cpp's panel path: whenever there are steps to amortise the packing over and the
   // weight is within kPanelMaxWeightElems (gemm.h).
@@ -455,27 +453,24 @@ class StepGemm {
     const int o = gemm_backend_override().load();
     return o == 4 || (o == 0 && steps > 1 && N * K <= kPanelMaxWeightElems);
   }
-  bool panelled() const { return !blas_; }
-  int64_t panels() const { return n_panels_; }
+  bool panelled() const { return panel_ != nullptr; }
+  int64_t panels() const { return panel_ ? panel_->panels() : 0; }
   // Panels [p0, p1) only, on the calling thread (a persistent team's share).
   void run_panels(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate, int64_t p0,
                   int64_t p1) const {
-    if (m == 0 || p0 >= p1) return;
-    panel_rows(panel::GemmArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, p0, p1);
+    panel_->run_panels(a, m, lda, c, ldc, accumulate, p0, p1);
   }
   // C[m, N] = A[m, K] B (+ C when accumulate)
   void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate) const {
     if (m == 0) return;
-    if (blas_) {
+    if (panel_)
+      panel_->run(a, m, lda, c, ldc, accumulate);
+    else
       blas_->run(a, m, lda, c, ldc, accumulate ? T(1) : T(0));
-      return;
-    }
-    panel_rows(panel::GemmArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, 0, n_panels_);
   }
 
  private:
-  int64_t N_, K_, n_panels_ = 0;
-  at::Tensor packed_;
+  std::unique_ptr<PanelGemm<T>> panel_;
   std::unique_ptr<WeightGemm<T>> blas_;
 };
 

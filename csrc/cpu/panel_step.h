@@ -1,0 +1,62 @@
+// The per-step product of the time loops on a weight packed into column panels
+// (panel::gemm_impl): backward's dh = dG W_hh in both kernels and the variants' forward product.
+// Where a step is a few microseconds of work, a BLAS call costs as much again in dispatch and
+// threading; panels also let each thread of a persistent team own a fixed slice of the weight,
+// which stays in its core's cache across steps.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/gemm.h"
+#include "cpu/pack_cache.h"
+#include "cpu/team.h"
+#include "fastrnn/panel_gemm.h"
+
+namespace fastrnn {
+namespace {  // each unit compiles its own ISA clones (GCC target_clones)
+
+FASTRNN_ISA_KERNEL(panel_gemm, panel::GemmArgs, panel::gemm_impl)
+
+// C[m, N] (=, or += when accumulate) A[m, K] @ B, B = W [K, N] row-major (trans_b=false) or
+// W [N, K] used transposed (trans_b=true). cache_layout >= 0 keeps the packing between calls
+// under that layout id (cpu/pack_cache.h); -1 packs for this call only (a weight that changes
+// every training step would miss the cache and pay for the copy).
+template <typename T>
+class PanelGemm {
+ public:
+  PanelGemm(const at::Tensor& w, bool trans_b, int64_t N, int64_t K, int cache_layout) : K_(K), N_(N) {
+    auto pack = [&] { return pack_columns<T>(w, trans_b, N, K); };
+    packed_ = cache_layout >= 0 ? cached_packing(w, cache_layout, pack) : pack();
+    n_panels_ = packed_.size(0);
+  }
+  int64_t panels() const { return n_panels_; }
+  // Panels [p0, p1) only, on the calling thread (a persistent team's share).
+  void run_panels(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate, int64_t p0,
+                  int64_t p1) const {
+    if (m == 0 || p0 >= p1) return;
+    panel_gemm(panel::GemmArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, p0, p1);
+  }
+  // All panels, split over threads where that pays (team.h's threads_pay).
+  void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate) const {
+    if (m == 0) return;
+    const panel::GemmArgs<T> g{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate};
+    constexpr int64_t NR = panel::kGemmV * panel::Vec<T>::L;
+    if (!threads_pay(double(m) * double(K_) * double(N_), double(K_) * double(N_) * double(sizeof(T)))) {
+      panel_gemm(g, 0, n_panels_);
+      return;
+    }
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, m * K_ * NR));
+    at::parallel_for(0, n_panels_, grain, [&](int64_t p0, int64_t p1) { panel_gemm(g, p0, p1); });
+  }
+
+ private:
+  int64_t K_, N_, n_panels_ = 0;
+  at::Tensor packed_;
+};
+
+}  // namespace
+}  // namespace fastrnn
