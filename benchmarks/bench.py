@@ -661,49 +661,34 @@ def main(argv=None) -> int:
         stream_rows = extras.streaming_rows(time_pair, args.rounds, args.warmup,
                                             0.0 if args.quick else MIN_ROUND_S, args.quick)
         mem_rows = extras.peak_memory_rows(args.quick)
-    variant_rows: list[dict] = []
-    vcases = [] if args.no_variants else [c for c in cases if c in V.VARIANT_CASES]
-    if vcases:
-        vbar = make_bar(len(vcases) * len(modes) * len(V.VARIANT_CELLS), "variants")
+    def side_rows(label, side_cases, side_cells, bench_fn):
+        """Rows of a side table (variant cells, bfloat16): bench_fn(cell, case, shape, mode, ...) per
+        case, mode and cell; a crash is recorded as that row's result."""
+        rows: list[dict] = []
+        if not side_cases or not side_cells:
+            return rows
+        sbar = make_bar(len(side_cases) * len(modes) * len(side_cells), label)
         try:
-            for case in vcases:
+            for case in side_cases:
                 T, B, I, H = CASES[case]
                 shape = (min(T, QUICK_T) if args.quick else T, B, I, H)
                 for mode in modes:
-                    for cell in V.VARIANT_CELLS:
-                        vbar.set_postfix_str(f"{case} {cell} {mode}")
+                    for cell in side_cells:
+                        sbar.set_postfix_str(f"{case} {cell} {mode}")
                         try:
-                            variant_rows.append(V.bench_variant(cell, case, shape, mode, args.rounds, args.warmup,
-                                                                0.0 if args.quick else MIN_ROUND_S, CpuWatch,
-                                                                make_runner))
+                            rows.append(bench_fn(cell, case, shape, mode, args.rounds, args.warmup,
+                                                 0.0 if args.quick else MIN_ROUND_S, CpuWatch, make_runner))
                         except Exception as e:  # a crash is a result too
-                            variant_rows.append({"cell": cell, "case": case, "mode": mode,
-                                                 "error": f"{type(e).__name__}: {e}"})
-                        vbar.update(1)
+                            rows.append({"cell": cell, "case": case, "mode": mode, "error": f"{type(e).__name__}: {e}"})
+                        sbar.update(1)
         finally:
-            vbar.close()
+            sbar.close()
+        return rows
 
-    bf16_rows: list[dict] = []
+    vcases = [] if args.no_variants else [c for c in cases if c in V.VARIANT_CASES]
+    variant_rows = side_rows("variants", vcases, V.VARIANT_CELLS, V.bench_variant)
     bcases = [c for c in cases if c in BF.BF16_CASES] if args.bf16 else []
-    bcells = [c for c in cells if c in BF.BF16_CELLS]
-    if bcases and bcells:
-        bbar = make_bar(len(bcases) * len(modes) * len(bcells), "bf16")
-        try:
-            for case in bcases:
-                T, B, I, H = CASES[case]
-                shape = (min(T, QUICK_T) if args.quick else T, B, I, H)
-                for mode in modes:
-                    for cell in bcells:
-                        bbar.set_postfix_str(f"{case} {cell} {mode}")
-                        try:
-                            bf16_rows.append(BF.bench_bf16(cell, case, shape, mode, args.rounds, args.warmup,
-                                                           0.0 if args.quick else MIN_ROUND_S, CpuWatch, make_runner))
-                        except Exception as e:  # a crash is a result too
-                            bf16_rows.append({"cell": cell, "case": case, "mode": mode,
-                                              "error": f"{type(e).__name__}: {e}"})
-                        bbar.update(1)
-        finally:
-            bbar.close()
+    bf16_rows = side_rows("bf16", bcases, [c for c in cells if c in BF.BF16_CELLS], BF.bench_bf16)
 
     # again at the end: a different sgemm rate means the machine's speed changed during the run
     end_peak = sgemm_peak_gflops(reps=3 if args.quick else 15)
