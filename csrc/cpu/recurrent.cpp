@@ -590,27 +590,8 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
     const XgChunk chunk = projection.compute(c0, c1);
     st.xg = chunk.rows.data_ptr<T>();
     st.xg_row0 = chunk.row0;
-    if (!split) {
-      for (int64_t step = c0; step < c1; ++step) fused_step(step_args(step), 0, n_panels);
-    } else if (use_persistent_team(slices, c1 - c0)) {
-      // One parallel region for the chunk's steps: a fork/join per step costs as much as a
-      // B=1 step (the team's threads fall asleep between regions), a spin barrier ~1 us.
-      StepBarrier barrier;
-      at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
-        for (int64_t step = c0; step < c1; ++step) {
-          const FusedStep<T> x = step_args(step);
-          for (int64_t sl = s0; sl < s1; ++sl) fused_step(x, sl * n_panels / slices, (sl + 1) * n_panels / slices);
-          barrier.arrive_and_wait(s1 - s0, (step - c0 + 1) * slices);
-        }
-      });
-    } else {
-      for (int64_t step = c0; step < c1; ++step) {
-        const FusedStep<T> x = step_args(step);
-        // Small steps stay on one thread: a parallel region costs more than they do.
-        const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, x.bs * H * NR));
-        at::parallel_for(0, n_panels, grain, [&](int64_t p0, int64_t p1) { fused_step(x, p0, p1); });
-      }
-    }
+    run_panel_steps(c0, c1, n_panels, H, NR, split, step_args,
+                    [](const FusedStep<T>& x, int64_t p0, int64_t p1) { fused_step(x, p0, p1); });
   }
   timer.mark("time loop");
 

@@ -5,6 +5,7 @@
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -55,5 +56,35 @@ class StepBarrier {
  private:
   std::atomic<int64_t> done_{0};
 };
+
+// The time loop of a fused forward over steps [c0, c1): step_args(step) gives a step's kernel
+// arguments (with its batch size .bs), kernel(args, p0, p1) runs panels [p0, p1) of it; a panel
+// holds nr columns of a K-row weight. Where threads pay (split), one parallel region runs all
+// the steps with a spin barrier between them; a fork/join per step costs as much as a B=1 step
+// (the team's threads fall asleep between regions), a barrier ~1 us. Otherwise the calling thread
+// runs every step.
+template <typename StepArgs, typename Kernel>
+void run_panel_steps(int64_t c0, int64_t c1, int64_t n_panels, int64_t k, int64_t nr, bool split,
+                     const StepArgs& step_args, const Kernel& kernel) {
+  const int64_t slices = split ? std::min<int64_t>(at::get_num_threads(), n_panels) : 1;
+  if (slices <= 1) {
+    for (int64_t step = c0; step < c1; ++step) kernel(step_args(step), 0, n_panels);
+  } else if (use_persistent_team(slices, c1 - c0)) {
+    StepBarrier barrier;
+    at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t step = c0; step < c1; ++step) {
+        const auto x = step_args(step);
+        for (int64_t sl = s0; sl < s1; ++sl) kernel(x, sl * n_panels / slices, (sl + 1) * n_panels / slices);
+        barrier.arrive_and_wait(s1 - s0, (step - c0 + 1) * slices);
+      }
+    });
+  } else {
+    for (int64_t step = c0; step < c1; ++step) {
+      const auto x = step_args(step);
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, x.bs * k * nr));
+      at::parallel_for(0, n_panels, grain, [&](int64_t p0, int64_t p1) { kernel(x, p0, p1); });
+    }
+  }
+}
 
 }  // namespace fastrnn

@@ -596,23 +596,10 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
       x.hnext = hb + (1 - step % 2) * B * H;
       return x;
     };
-    const int64_t fslices = std::min<int64_t>(at::get_num_threads(), fpanels);
-    if (use_persistent_team(fslices, c1 - c0)) {
-      StepBarrier barrier;
-      at::parallel_for(0, fslices, 1, [&](int64_t s0, int64_t s1) {
-        for (int64_t step = c0; step < c1; ++step) {
-          const FusedV<T> x = step_args(step);
-          for (int64_t sl = s0; sl < s1; ++sl) fused_v(x, sl * fpanels / fslices, (sl + 1) * fpanels / fslices);
-          barrier.arrive_and_wait(s1 - s0, (step - c0 + 1) * fslices);
-        }
-      });
-    } else {
-      for (int64_t step = c0; step < c1; ++step) {
-        const FusedV<T> x = step_args(step);
-        const int64_t fgrain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, x.bs * H * a.G * 16));
-        at::parallel_for(0, fpanels, fgrain, [&](int64_t p0, int64_t p1) { fused_v(x, p0, p1); });
-      }
-    }
+    // Threads only where they pay (team.h), as the plain cells' fused forward.
+    const bool split = threads_pay(double(B) * double(GH) * double(H), double(GH) * double(H) * double(sizeof(T)));
+    run_panel_steps(c0, c1, fpanels, H, a.G * int64_t(panel::Vec<T>::L), split, step_args,
+                    [](const FusedV<T>& x, int64_t p0, int64_t p1) { fused_v(x, p0, p1); });
   };
   auto run_steps = [&](const VFwdRows<T>& base, int64_t c0, int64_t c1) {
     if (fused) {
