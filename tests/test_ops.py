@@ -103,6 +103,39 @@ def test_float32_packed_gemm_path(cell, gemm_backend, isa):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
+def test_float32_weight_gradients_through_transposes(cell, packed, isa):
+    # oneDNN's weight-gradient GEMMs take transposed dG, X and h_prev (cpu/transpose.h: AVX2
+    # tiles in 256x16 blocks; the scalar blocks on the baseline ISA; h_prev gathered row by row
+    # for packed batches). Sizes off every tile and block edge, more rows than one block, and
+    # several backward chunks (FASTRNN_CHUNK_STEPS is read per call), against the float64
+    # reference. Twice: the second call runs in the scratch buffers the first one left.
+    import os
+    from fastrnn import _C
+    old_b, old_env = _C.get_gemm_backend(), os.environ.get("FASTRNN_CHUNK_STEPS")
+    _C.set_gemm_backend("onednn")
+    os.environ["FASTRNN_CHUNK_STEPS"] = "8"
+    try:
+        x, st, w, bsz = make_case(cell, T=11, B=37, I=13, H=9, P=5, dtype=torch.float32, packed=packed)  # 296-row chunks
+        to64 = lambda d: {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in d.items()}
+        x64, st64, w64 = x.detach().double().requires_grad_(), to64(st), to64(w)
+        refs = run_ref(cell, x64, st64, w64, bsz, False)
+        cot = [torch.randn_like(r) for r in refs]
+        g_ref = torch.autograd.grad(refs, leaves(x64, st64, w64), cot)
+        for _ in range(2):
+            outs = run_fused(cell, x, st, w, bsz, False)
+            g = torch.autograd.grad(outs, leaves(x, st, w), [c.float() for c in cot])
+            for a, b in zip(g, g_ref):
+                assert_close(a.double(), b, dtype=torch.float32)
+    finally:
+        _C.set_gemm_backend(old_b)
+        if old_env is None:
+            os.environ.pop("FASTRNN_CHUNK_STEPS", None)
+        else:
+            os.environ["FASTRNN_CHUNK_STEPS"] = old_env
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradcheck(cell, reverse, packed):

@@ -222,42 +222,6 @@ class WeightGemm {
 // Rows per parallel_for chunk of a pointwise pass over rows `per_row` elements wide.
 inline int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
 
-// [R, C] -> [C, R] in 32x32 tiles, rows of tiles split over threads.
-template <typename T>
-at::Tensor transposed(const at::Tensor& a) {
-  const int64_t R = a.size(0), C = a.size(1);
-  at::Tensor out = empty_big({C, R}, a.options());
-  const T* src = a.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  constexpr int64_t TB = 32;
-  at::parallel_for(0, (R + TB - 1) / TB, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t rb = r0 * TB; rb < std::min(R, r1 * TB); rb += TB)
-      for (int64_t cb = 0; cb < C; cb += TB) {
-        const int64_t re = std::min(R, rb + TB), ce = std::min(C, cb + TB);
-        for (int64_t c = cb; c < ce; ++c)
-          for (int64_t r = rb; r < re; ++r) dst[c * R + r] = src[r * C + c];
-      }
-  });
-  return out;
-}
-
-// dY^T X for dY [N, A], X [N, B] (contiguous): a weight gradient, summed over all steps. oneDNN
-// runs this long-K shape at MKL's speed unless both operands are K-contiguous, so for large
-// float32 products they are transposed first (measured: 1600x768x256 3.3 ms with at::mm,
-// 1.4 ms + two transposes with oneDNN; 6400x2048x512 67 ms vs 31 ms).
-template <typename T>
-// dy_t caches dy's transpose across calls that share dy (the LSTM's and RNN's dW_ih and dW_hh).
-at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::Tensor* dy_t = nullptr) {
-  const int64_t N = dy.size(0), A = dy.size(1), B = x.size(1);
-  if (N > 0 && use_onednn_for(A, B, N, std::is_same_v<T, float>)) {
-    at::Tensor local;
-    at::Tensor& dyt = dy_t ? *dy_t : local;
-    if (!dyt.defined()) dyt = transposed<T>(dy);
-    return onednn_linear(dyt, transposed<T>(x), at::Tensor());
-  }
-  return at::mm(dy.t(), x);
-}
-
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTRNN_NO_CLONES)
 #define FASTRNN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

@@ -32,6 +32,7 @@
 #include "cpu/pack_cache.h"
 #include "cpu/panel_step.h"
 #include "cpu/team.h"
+#include "cpu/transpose.h"
 #include "cpu/phase_timer.h"
 #include "cpu/schedule.h"
 #include "cpu/workspace.h"
@@ -588,12 +589,13 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   for (int64_t c0 = 0; c0 < s.T; c0 += chunk_steps) {
     const int64_t c1 = std::min(s.T, c0 + chunk_steps);
     const XgChunk chunk = projection.compute(c0, c1);
+    timer.mark("projection");
     st.xg = chunk.rows.data_ptr<T>();
     st.xg_row0 = chunk.row0;
     run_panel_steps(c0, c1, n_panels, H, NR, split, step_args,
                     [](const FusedStep<T>& x, int64_t p0, int64_t p1) { fused_step(x, p0, p1); });
+    timer.mark("time loop");
   }
-  timer.mark("time loop");
 
   // h_n of each row is its output at its last processed step.
   o.hy = at::empty({B, H}, opts);
@@ -793,8 +795,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   int64_t chunk_steps = chunked ? std::max<int64_t>(1, (int64_t(8) << 20) / step_bytes) : std::max<int64_t>(1, s.T);
   if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) chunk_steps = std::max<int64_t>(1, std::atoll(forced));
   const int64_t cap_rows = std::max<int64_t>(1, std::min(N, chunk_steps * B));
-  at::Tensor dgx = empty_big({cap_rows, GH}, a.opts);
-  at::Tensor dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.opts) : dgx;
+  at::Tensor dgx = scratch(kScratchDgx, {cap_rows, GH}, a.opts);
+  at::Tensor dgh = a.cell == Cell::GRU ? scratch(kScratchDgh, {cap_rows, GH}, a.opts) : dgx;
 
   const int64_t pack_m = s.T > 1 ? B : 0;
   WeightGemm<T> rec(a.bf16_rec ? nullptr : a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, a.bf16_rec ? 0 : B,
@@ -891,7 +893,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   // grad_input = dG_x W_ih: oneDNN takes the weight as [N, K] (W_ih^T, transposed once); at::mm
   // takes W_ih as it is.
   const bool onednn_gi = !a.lowp && use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
-  at::Tensor w_ih_t = onednn_gi ? a.w_ih.t().contiguous() : at::Tensor();
+  at::Tensor w_ih_t = onednn_gi ? transposed<T>(a.w_ih) : at::Tensor();
   g.grad_input = at::empty({N, a.I}, a.x.options());
   g.grad_b_ih = at::zeros({GH}, a.opts);
   at::Tensor lp_dgx, lp_dgh, lp_hprev;  // bfloat16 calls: per-chunk bf16 operands
@@ -905,12 +907,12 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     run_steps(c_lo, c_hi, row0);
     timer.mark("steps");
     if (rows == 0) continue;
-    at::Tensor hprev = at::empty({rows, P}, a.opts);
-    T* hpv = hprev.data_ptr<T>();
-    for (int64_t r = 0; r < rows; ++r) {
+    // h_prev of the chunk's rows, read where it lies (the output rows of the previous step, or
+    // the initial state).
+    auto hprev_row = [&](int64_t r) -> const T* {
       const int64_t prev = prev_of_row[row0 + r];
-      std::memcpy(hpv + r * P, prev >= 0 ? outp + prev * P : hx + (-1 - prev) * P, sizeof(T) * P);
-    }
+      return prev >= 0 ? outp + prev * P : hx + (-1 - prev) * P;
+    };
     at::Tensor dgx_c = dgx.narrow(0, 0, rows), dgh_c = dgh.narrow(0, 0, rows);
     at::Tensor gw_hh, gw_ih, dgx_b;
     if (a.lowp) {
@@ -922,15 +924,21 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
         lp_dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.x.options()) : lp_dgx;
         lp_hprev = empty_big({cap_rows, P}, a.x.options());
       }
+      at::Tensor hprev = scratch(kScratchHprev, {rows, P}, a.opts);
+      T* hpv = hprev.data_ptr<T>();
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(hpv + r * P, hprev_row(r), sizeof(T) * P);
       dgx_b = lp_dgx.narrow(0, 0, rows).copy_(dgx_c);
       const at::Tensor dgh_b = a.cell == Cell::GRU ? lp_dgh.narrow(0, 0, rows).copy_(dgh_c) : dgx_b;
       gw_hh = at::mm(dgh_b.t(), lp_hprev.narrow(0, 0, rows).copy_(hprev)).to(at::kFloat);
       gw_ih = at::mm(dgx_b.t(), a.x.narrow(0, row0, rows)).to(at::kFloat);
     } else {
       at::Tensor dgx_t;  // shared by both weight gradients when dgh is dgx
-      gw_hh = weight_grad<T>(dgh_c, hprev, a.cell == Cell::GRU ? nullptr : &dgx_t);
+      gw_hh = weight_grad_rows<T>(dgh_c, hprev_row, P, a.cell == Cell::GRU ? nullptr : &dgx_t, kScratchHT,
+                                  kScratchHprev);
+      timer.mark("dW_hh");
       gw_ih = weight_grad<T>(dgx_c, a.x.narrow(0, row0, rows), &dgx_t);
     }
+    timer.mark("dW_ih");
     if (first) {
       g.grad_w_hh = gw_hh;
       g.grad_w_ih = gw_ih;
@@ -939,6 +947,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       g.grad_w_ih.add_(gw_ih);
     }
     first = false;
+    timer.mark("dW sums");
     at::Tensor gi_rows = g.grad_input.narrow(0, row0, rows);
     if (a.lowp)
       at::mm_out(gi_rows, dgx_b, a.w_ih);  // bfloat16 rows, rounded once
@@ -946,9 +955,10 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       gi_rows.copy_(onednn_linear(dgx_c, w_ih_t, at::Tensor()));
     else
       at::mm_out(gi_rows, dgx_c, a.w_ih);
+    timer.mark("grad_input");
     g.grad_b_ih.add_(dgx_c.sum(0));
     if (grad_b_hn.defined()) grad_b_hn.add_(dgh_c.sum(0));
-    timer.mark("weight grads, grad_input");
+    timer.mark("bias sums");
   }
   if (first) {  // no rows at all
     g.grad_w_hh = at::zeros({GH, P}, a.opts);

@@ -31,6 +31,7 @@
 
 #include "checks.h"
 #include "cpu/gemm.h"
+#include "cpu/transpose.h"
 #include "cpu/pack_cache.h"
 #include "cpu/panel_step.h"
 #include "cpu/phase_timer.h"
@@ -810,7 +811,7 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
   at::Tensor da_t;  // without LayerNorm the LSTM's dhg is da: one transpose serves both weight gradients
   const bool shared = a.lstm && !ln;
   timer.mark("hprev");
-  g.grad_w_hh = weight_grad<T>(dhg, hprev, shared ? &da_t : nullptr);
+  g.grad_w_hh = weight_grad<T>(dhg, hprev, shared ? &da_t : nullptr, kScratchHT);
   timer.mark("grad_w_hh");
   // Bias and LayerNorm gain/bias gradients: sums over rows, before da becomes dL/d(W_ih x).
   at::Tensor empty = at::empty({0}, opts);
@@ -841,7 +842,7 @@ void backward_kernel(const VArgs& a, const at::Tensor& grad_out_, const at::Tens
   timer.mark("sums");
   g.grad_w_ih = weight_grad<T>(da, a.x, shared ? &da_t : nullptr);
   timer.mark("grad_w_ih");
-  g.grad_input = fast_linear(da, a.w_ih.t().contiguous()).reshape(lead_with(a, a.I));
+  g.grad_input = fast_linear(da, transposed<T>(a.w_ih)).reshape(lead_with(a, a.I));
   timer.mark("grad_input");
   g.grad_hx = dh;
   g.grad_cx = a.lstm ? dc : empty;

@@ -1,0 +1,215 @@
+// Transposes for the backward's long-K GEMMs, and per-thread scratch reused across calls.
+//
+// oneDNN runs the weight gradients (dG^T X over all rows) at full speed only with both operands
+// K-contiguous, so each backward chunk transposes dG, X and h_prev. Element-wise, that transpose
+// cost more than the GEMMs' headroom: torch's .t().contiguous() of a 1024x2048 float chunk takes
+// ~0.95 ms here against 0.10 ms for a plain copy, and fresh output buffers add their page faults.
+// Here the transpose runs in 8x8 register tiles (AVX2 shuffles, 4x4 for double) inside blocks of
+// 256 source rows x 16 columns, split over threads, into buffers each thread keeps between calls.
+// The block shape matters more than the tiles: the power-of-two row strides of these matrices
+// put a square block's rows in one cache set (measured, 1024x2048 float, 2 threads: 64x64
+// blocks 0.75 ms, 32x32 0.62 ms, 256x16 0.24 ms).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FASTRNN_X86_TRANSPOSE 1
+#endif
+
+#include "cpu/gemm.h"
+#include "cpu/workspace.h"
+
+namespace fastrnn {
+namespace transpose_detail {
+
+constexpr int64_t kBlockR = 256, kBlockC = 16;
+
+// dst[c * ldd + r] = row(r)[c] over rows [r0, r1), columns [c0, c1).
+template <typename T, typename Row>
+inline void block_scalar(const Row& row, T* dst, int64_t ldd, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* src = row(r);
+    for (int64_t c = c0; c < c1; ++c) dst[c * ldd + r] = src[c];
+  }
+}
+
+#if FASTRNN_X86_TRANSPOSE
+// One 8x8 (float) or 4x4 (double) tile: source rows s[i] + c, destination rows d + j * ldd.
+__attribute__((target("avx2"))) inline void tile(const float* const* s, int64_t c, float* d, int64_t ldd) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s[i] + c);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(d + i * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(d + (i + 4) * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+
+__attribute__((target("avx2"))) inline void tile(const double* const* s, int64_t c, double* d, int64_t ldd) {
+  const __m256d r0 = _mm256_loadu_pd(s[0] + c), r1 = _mm256_loadu_pd(s[1] + c), r2 = _mm256_loadu_pd(s[2] + c),
+                r3 = _mm256_loadu_pd(s[3] + c);
+  const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1), t2 = _mm256_unpacklo_pd(r2, r3),
+                t3 = _mm256_unpackhi_pd(r2, r3);
+  _mm256_storeu_pd(d, _mm256_permute2f128_pd(t0, t2, 0x20));
+  _mm256_storeu_pd(d + ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+  _mm256_storeu_pd(d + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+  _mm256_storeu_pd(d + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+
+template <typename T, typename Row>
+__attribute__((target("avx2"))) void block_avx2(const Row& row, T* dst, int64_t ldd, int64_t r0, int64_t r1,
+                                                int64_t c0, int64_t c1) {
+  constexpr int64_t V = 32 / sizeof(T);
+  const int64_t rv = r0 + (r1 - r0) / V * V, cv = c0 + (c1 - c0) / V * V;
+  const T* rows[V];
+  for (int64_t r = r0; r < rv; r += V) {
+    for (int64_t i = 0; i < V; ++i) rows[i] = row(r + i);
+    for (int64_t c = c0; c < cv; c += V) tile(rows, c, dst + c * ldd + r, ldd);
+  }
+  block_scalar<T>(row, dst, ldd, rv, r1, c0, c1);
+  block_scalar<T>(row, dst, ldd, r0, rv, cv, c1);
+}
+
+inline bool have_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
+}  // namespace transpose_detail
+
+// dst [C, R] (row stride ldd) = X^T for X [R, C] given by its rows: row(r) points at row r's C
+// contiguous elements (rows may lie anywhere: the h_prev of a packed batch is gathered as it is
+// transposed). Split over threads. The baseline ISA (FASTRNN_FORCE_GENERIC_ISA) and non-x86
+// builds take the scalar blocks.
+template <typename T, typename Row>
+void transpose_rows_into(const Row& row, int64_t R, int64_t C, T* dst, int64_t ldd) {
+  using namespace transpose_detail;
+  if (R <= 0 || C <= 0) return;
+  const int64_t rb = (R + kBlockR - 1) / kBlockR, cb = (C + kBlockC - 1) / kBlockC;
+#if FASTRNN_X86_TRANSPOSE
+  const bool vec = have_avx2() && isa_override() != IsaOverride::Baseline;
+#else
+  const bool vec = false;
+#endif
+  // ~256 KB of a chunk per task: a thread pays off only for a few blocks.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(256) << 10) / (kBlockR * kBlockC * int64_t(sizeof(T))));
+  at::parallel_for(0, rb * cb, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = (b / cb) * kBlockR, c0 = (b % cb) * kBlockC;
+      const int64_t r1 = std::min(R, r0 + kBlockR), c1 = std::min(C, c0 + kBlockC);
+#if FASTRNN_X86_TRANSPOSE
+      if (vec) {
+        block_avx2<T>(row, dst, ldd, r0, r1, c0, c1);
+        continue;
+      }
+#endif
+      block_scalar<T>(row, dst, ldd, r0, r1, c0, c1);
+    }
+  });
+}
+
+// dst [C, R] (row stride ldd) = src [R, C] (row stride lds)^T.
+template <typename T>
+void transpose_into(const T* src, int64_t R, int64_t C, int64_t lds, T* dst, int64_t ldd) {
+  transpose_rows_into<T>([src, lds](int64_t r) { return src + r * lds; }, R, C, dst, ldd);
+}
+
+// ---------------------------------------------------------------------------------------
+// Scratch: buffers a thread keeps between calls, one per slot, grown as needed. A backward call
+// of fastrnns-default size touches ~20 MB of temporaries a chunk; taken fresh, each costs its
+// page faults again on every call. A slot's buffer is handed out as a tensor sharing its storage,
+// so a caller that still holds it when the slot grows keeps the old buffer alive (never a
+// dangling pointer); a thread reusing a slot while an earlier tensor from it is in use is a bug.
+// Buffers above kScratchMaxBytes are not kept (allocated fresh each time), so a thread keeps at
+// most kSlots * kScratchMaxBytes.
+// ---------------------------------------------------------------------------------------
+enum ScratchSlot : int { kScratchDgx, kScratchDgh, kScratchHprev, kScratchDgT, kScratchXT, kScratchHT, kSlots };
+constexpr size_t kScratchMaxBytes = size_t(32) << 20;
+
+inline at::Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  thread_local std::array<at::Tensor, kSlots> bufs;
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const auto dtype = c10::typeMetaToScalarType(opts.dtype());
+  const size_t bytes = size_t(numel) * c10::elementSize(dtype);
+  if (bytes > kScratchMaxBytes || !opts.device().is_cpu()) return empty_big(sizes, opts);
+  at::Tensor& buf = bufs[slot];
+  if (!buf.defined() || size_t(buf.nbytes()) < bytes) {
+    // Round up so a slightly larger next call does not reallocate.
+    const size_t cap = std::min(kScratchMaxBytes, std::max<size_t>(bytes + bytes / 4, 4096));
+    buf = empty_big({int64_t(cap)}, opts.dtype(at::kByte));
+  }
+  return buf.narrow(0, 0, int64_t(bytes)).view(dtype).view(sizes);
+}
+
+// a [R, C] (rows contiguous) -> a^T [C, R], contiguous: in the given scratch slot, or (kSlots)
+// a tensor of its own.
+template <typename T>
+at::Tensor transposed(const at::Tensor& a, ScratchSlot slot = kSlots) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && a.stride(1) == 1);
+  const int64_t R = a.size(0), C = a.size(1);
+  at::Tensor out = slot == kSlots ? empty_big({C, R}, a.options()) : scratch(slot, {C, R}, a.options());
+  transpose_into<T>(a.data_ptr<T>(), R, C, a.stride(0), out.data_ptr<T>(), R);
+  return out;
+}
+
+// dY^T X for dY [N, A], X [N, B] (contiguous rows): a weight gradient, summed over rows. oneDNN
+// runs this long-K shape at MKL's speed unless both operands are K-contiguous, so for large
+// float32 products they are transposed first (measured: 1600x768x256 3.3 ms with at::mm,
+// 1.4 ms + two transposes with oneDNN; 6400x2048x512 67 ms vs 31 ms). dy_t caches dy's
+// transpose (slot kScratchDgT) across calls that share dy (the LSTM's and RNN's dW_ih and dW_hh);
+// x's goes to x_slot.
+template <typename T>
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::Tensor* dy_t = nullptr,
+                       ScratchSlot x_slot = kScratchXT) {
+  const int64_t N = dy.size(0), A = dy.size(1), B = x.size(1);
+  if (N > 0 && use_onednn_for(A, B, N, std::is_same_v<T, float>)) {
+    TORCH_INTERNAL_ASSERT(dy.stride(1) == 1 && x.stride(1) == 1 && (!dy_t || x_slot != kScratchDgT));
+    at::Tensor local;
+    at::Tensor& dyt = dy_t ? *dy_t : local;
+    if (!dyt.defined()) dyt = transposed<T>(dy, kScratchDgT);
+    return onednn_linear(dyt, transposed<T>(x, x_slot), at::Tensor());
+  }
+  return at::mm(dy.t(), x);
+}
+
+// weight_grad with X given by its rows (transpose_rows_into): X^T is built straight from the
+// rows (oneDNN), or X gathered into gather_slot (at::mm).
+template <typename T, typename Row>
+at::Tensor weight_grad_rows(const at::Tensor& dy, const Row& row, int64_t B, at::Tensor* dy_t, ScratchSlot x_slot,
+                            ScratchSlot gather_slot) {
+  const int64_t N = dy.size(0), A = dy.size(1);
+  if (N > 0 && use_onednn_for(A, B, N, std::is_same_v<T, float>)) {
+    TORCH_INTERNAL_ASSERT(dy.stride(1) == 1 && x_slot != kScratchDgT);
+    at::Tensor local;
+    at::Tensor& dyt = dy_t ? *dy_t : local;
+    if (!dyt.defined()) dyt = transposed<T>(dy, kScratchDgT);
+    at::Tensor xt = scratch(x_slot, {B, N}, dy.options());
+    transpose_rows_into<T>(row, N, B, xt.data_ptr<T>(), N);
+    return onednn_linear(dyt, xt, at::Tensor());
+  }
+  at::Tensor x = scratch(gather_slot, {N, B}, dy.options());
+  T* xp = x.data_ptr<T>();
+  for (int64_t r = 0; r < N; ++r) std::memcpy(xp + r * B, row(r), sizeof(T) * B);
+  return at::mm(dy.t(), x);
+}
+
+}  // namespace fastrnn
