@@ -711,8 +711,9 @@ def main(argv=None) -> int:
                      "(its own fastrnn column). Training = forward + backward of the output's sum.", ""]
     if mem_rows:
         extra_md += ["## Training peak memory", "", extras.memory_table(mem_rows), "",
-                     "Peak resident memory of one forward+backward above the resident memory before it, each side in "
-                     "a fresh process (benchmarks/extras.py).", ""]
+                     "Peak resident memory of a steady-state forward+backward (the third) above the resident memory "
+                     "before the first, each side in a fresh process: memory a layer keeps between calls (caches, "
+                     "packed weights, fastrnn's workspace pool) counts (benchmarks/extras.py).", ""]
     if extra_md:
         print("\n" + "\n".join(extra_md))
     vtable = V.markdown(variant_rows) if variant_rows else ""
