@@ -21,6 +21,15 @@ __all__ = ["lstm", "gru", "rnn", "lstm_layer", "gru_layer", "rnn_layer", "scaled
            "variant_gru"]
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for device types autocast does not know
+    (meta, where torch.nn's layers run shape-only forwards: deferred init, FLOP counters)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _needs_grad(*tensors):
     # torch.jit.trace bakes this flag into the graph as a constant and re-runs the model under
     # no_grad to check the trace: saving the workspace whenever tracing keeps the two graphs
@@ -44,13 +53,15 @@ def _has_kernel(input: torch.Tensor, recurrent: bool = False) -> bool:
     transforms (grad, jacrev, ...), which refuse the ops' C++ autograd Function."""
     device = input.device
     dtypes = _RECURRENT_DTYPES if recurrent and device.type == "cpu" else _NATIVE_DTYPES
-    if input.dtype not in dtypes or torch.is_autocast_enabled(device.type):
+    if input.dtype not in dtypes or autocast_enabled(device.type):
         return False
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return False
     if device.type == "cpu":
         return True
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastrnn::lstm_forward", device.type.upper())
+    if device.type != "cuda":  # meta, xpu, mps, ...: torch's implementation (shape-only on meta)
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastrnn::lstm_forward", "CUDA")
 
 
 def _autocast_bf16(input: torch.Tensor) -> bool:

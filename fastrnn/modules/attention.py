@@ -14,6 +14,7 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import functional as FR
+from ._compat import fx_leaf
 
 __all__ = ["MultiheadAttention", "AdditiveAttention", "LuongAttention"]
 
@@ -213,6 +214,7 @@ class MultiheadAttention(nn.Module):
             state["_qkv_same_embed_dim"] = True
         super().__setstate__(state)
 
+    @fx_leaf
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         """query [L, B, E] ([B, L, E] if batch_first, or unbatched [L, E]); key [S, B, kdim]; value
@@ -294,6 +296,7 @@ class AdditiveAttention(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @fx_leaf
     def forward(self, query, keys, values=None, mask=None):
         query, step = _single_step(query, "AdditiveAttention")
         values = keys if values is None else values
@@ -332,6 +335,7 @@ class LuongAttention(nn.Module):
         if self.weight is not None:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
+    @fx_leaf
     def forward(self, query, keys, values=None, mask=None):
         query, step = _single_step(query, "LuongAttention")
         values = keys if values is None else values

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from .. import functional as FR
+from ._compat import autocast_enabled, fx_leaf
 
 __all__ = ["LSTMCell", "GRUCell", "RNNCell"]
 
@@ -54,7 +55,7 @@ class _CellBase(nn.Module):
         name = type(self).__name__
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
+        if input.dtype != self.weight_ih.dtype and not autocast_enabled(input.device.type):
             raise ValueError(f"{name}: input dtype ({input.dtype}) does not match weight dtype "
                              f"({self.weight_ih.dtype})")
         if input.device != self.weight_ih.device:
@@ -88,7 +89,7 @@ class _CellBase(nn.Module):
                     raise RuntimeError(f"{name}: hidden{idx} has inconsistent hidden_size: got {s.size(1)}, "
                                        f"expected {self.hidden_size}")
                 # LSTMCell's c_0 is exempt: torch.nn promotes it (c' = f c + i g), see LSTMCell.forward.
-                if idx == 0 and s.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+                if idx == 0 and s.dtype != input.dtype and not autocast_enabled(input.device.type):
                     raise RuntimeError(f"{name}: hidden{idx} dtype ({s.dtype}) does not match input dtype "
                                        f"({input.dtype})")
         return input.unsqueeze(0), states, is_batched
@@ -112,6 +113,12 @@ class _CellBase(nn.Module):
                 setattr(new, name, p)
         new.train(module.training)
         return new
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles the equivalent torch.nn module holding the same parameters
+        (to_torch): fastrnn's Python forward is not TorchScript, and the scripted model computes
+        what this one does, on torch's kernels."""
+        return self.to_torch()
 
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn cell holding the same parameters (shared, not copied)."""
@@ -140,6 +147,7 @@ class LSTMCell(_CellBase):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
+    @fx_leaf
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         x, (h, c), is_batched = self._prepare(input, hx, 2)
         # A c_0 of another dtype (float64 beside float32 input and h_0) is promoted by torch.nn,
@@ -161,6 +169,7 @@ class GRUCell(_CellBase):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
 
+    @fx_leaf
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, (h,), is_batched = self._prepare(input, hx, 1)
         if not FR._has_kernel(x):
@@ -181,6 +190,7 @@ class RNNCell(_CellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
 
+    @fx_leaf
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")

@@ -17,6 +17,7 @@ from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import functional as FR
+from ._compat import autocast_enabled, fx_leaf
 
 __all__ = ["LSTM", "GRU", "RNN"]
 
@@ -111,7 +112,11 @@ class _RNNBase(nn.Module):
 
     @property
     def _flat_weights(self) -> list:
-        return [getattr(self, wn) if hasattr(self, wn) else None for wn in self._flat_weights_names]
+        # Registered parameters straight from _parameters (a dict lookup; getattr goes through
+        # nn.Module.__getattr__, ~1 us a name); anything else (parametrizations, weight_norm's
+        # recomputed attribute, a plain tensor assigned in place of a parameter) by getattr.
+        params = self._parameters
+        return [params[wn] if wn in params else getattr(self, wn, None) for wn in self._flat_weights_names]
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
@@ -142,8 +147,11 @@ class _RNNBase(nn.Module):
 
     # ---------------------------------------------------------------- checks (torch.nn's)
     def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
-        w = getattr(self, self._flat_weights_names[0])
-        if input.dtype != w.dtype and not torch.is_autocast_enabled(input.device.type):
+        name = self._flat_weights_names[0]
+        w = self._parameters.get(name)
+        if w is None:
+            w = getattr(self, name)
+        if input.dtype != w.dtype and not autocast_enabled(input.device.type):
             raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). Convert "
                              f"input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
         if input.device != w.device:
@@ -198,7 +206,7 @@ class _RNNBase(nn.Module):
         return _apply_permutation(hx, permutation)
 
     def _check_state_tensor(self, t: Tensor, name: str, input: Tensor) -> None:
-        if t.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+        if t.dtype != input.dtype and not autocast_enabled(input.device.type):
             raise RuntimeError(f"{name} dtype ({t.dtype}) does not match input dtype ({input.dtype})")
         if t.device != input.device:
             raise RuntimeError(f"Input and {name} tensors are not at the same device, found input tensor at "
@@ -283,6 +291,12 @@ class _RNNBase(nn.Module):
         new.train(module.training)
         return new
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script compiles the equivalent torch.nn module holding the same parameters
+        (to_torch): fastrnn's Python forward is not TorchScript, and the scripted model computes
+        what this one does, on torch's kernels."""
+        return self.to_torch()
+
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn layer holding the same parameters (shared, not copied)."""
         if getattr(self, "zoneout", 0.0) or getattr(self, "weight_drop", 0.0):
@@ -342,6 +356,7 @@ class LSTM(_RNNBase):
         super().__init__("LSTM", *args, **kwargs)
         _set_variant_options(self, zoneout, weight_drop)
 
+    @fx_leaf
     def forward(self, input, hx=None):
         data, batch_sizes, sidx, uidx, (h0, c0), is_batched = self._prepare(input, hx, 2)
         if _variant_active(self):
@@ -372,6 +387,7 @@ class GRU(_RNNBase):
         super().__init__("GRU", *args, **kwargs)
         _set_variant_options(self, zoneout, weight_drop)
 
+    @fx_leaf
     def forward(self, input, hx=None):
         data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
         if _variant_active(self):
@@ -413,6 +429,7 @@ class RNN(_RNNBase):
         super().__init__(mode, *args, **kwargs)
         self.nonlinearity = nonlinearity
 
+    @fx_leaf
     def forward(self, input, hx=None):
         data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
         out, h = FR.rnn(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,

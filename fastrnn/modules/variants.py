@@ -35,6 +35,7 @@ from torch.nn import init
 from .. import functional as FR
 from .cells import _CellBase
 from .rnn import _GATES, _RNNBase
+from ._compat import fx_leaf
 
 __all__ = ["LayerNormLSTM", "LayerNormGRU", "PeepholeLSTM", "LayerNormLSTMCell", "LayerNormGRUCell",
            "PeepholeLSTMCell"]
@@ -107,6 +108,7 @@ class _VariantRNN(_RNNBase):
 
 
 class _VariantLSTM(_VariantRNN):
+    @fx_leaf
     def forward(self, input, hx=None):
         data, batch_sizes, sidx, uidx, (h0, c0), is_batched = self._prepare(input, hx, 2)
         out, h, c = FR.variant_lstm(data, (h0, c0), self._flat_weights, self.bias, self.num_layers, self.dropout,
@@ -140,6 +142,7 @@ class LayerNormGRU(_VariantRNN):
     _layer_norm = True
     _mode = "GRU"
 
+    @fx_leaf
     def forward(self, input, hx=None):
         data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
         out, h = FR.variant_gru(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
@@ -177,6 +180,7 @@ class _VariantCell(_CellBase):
 
 
 class _VariantLSTMCell(_VariantCell):
+    @fx_leaf
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         x, (h, c), is_batched = self._prepare(input, hx, 2)
         extras = self._extras()
@@ -212,6 +216,7 @@ class LayerNormGRUCell(_VariantCell):
     _layer_norm = True
     _mode = "GRU"
 
+    @fx_leaf
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, (h,), is_batched = self._prepare(input, hx, 1)
         _, h = FR.variant_gru_layer(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,

@@ -1,0 +1,29 @@
+"""What fastrnn's layers do under tools that take a model apart: torch.fx, TorchScript, devices
+without autocast. In each, a torch.nn layer has a behaviour third-party code relies on; the
+drop-ins match it."""
+from __future__ import annotations
+
+import functools
+
+import torch.fx
+
+from ..functional import autocast_enabled  # noqa: F401 (the layers' checks import it from here)
+
+
+def fx_leaf(forward):
+    """Decorates a layer's forward so torch.fx.symbolic_trace records the layer as one
+    call_module node, as it does torch.nn's layers (its default Tracer treats modules from
+    torch.nn as leaves), instead of tracing into Python that branches on shapes and types."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy)), None)
+        if proxy is None:
+            return forward(self, *args, **kwargs)
+        tracer = proxy.tracer
+        if getattr(tracer, "root", None) is self:
+            raise TypeError(f"torch.fx.symbolic_trace: {type(self).__name__} is recorded as a leaf module; trace a "
+                            "module that contains it (torch.nn's layers behave the same way)")
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
+
+    return wrapper
