@@ -772,6 +772,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   const Schedule& s = a.sched;
   const int64_t H = a.H, P = a.P, GH = a.G * a.H, B = s.B, N = s.N;
   const bool proj = a.w_hr.defined();
+  PhaseTimer timer("backward");
   // bfloat16 calls: the output and the incoming gradients widened to float32 (no-ops otherwise).
   const auto compute = a.opts.dtype().toScalarType();
   at::Tensor grad_out = grad_out_.reshape({N, P}).to(compute).contiguous();
@@ -799,9 +800,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   at::Tensor dgh = a.cell == Cell::GRU ? scratch(kScratchDgh, {cap_rows, GH}, a.opts) : dgx;
 
   const int64_t pack_m = s.T > 1 ? B : 0;
-  WeightGemm<T> rec(a.bf16_rec ? nullptr : a.w_hh.data_ptr<T>(), /*trans_b=*/false, P, GH, a.bf16_rec ? 0 : B,
-                    a.bf16_rec ? 0 : pack_m);  // dh = dgh W_hh
-  // Same product on the panel kernel, where it beats BLAS dispatch (and always when forced).
+  // dh = dgh W_hh per step: on the panel kernel where it beats BLAS dispatch (and always when
+  // forced), else BLAS/oneDNN (WeightGemm, which packs or transposes W_hh up front: only built
+  // when it runs), or in bfloat16 (bf16_step_gemm on W_hh^T).
   std::unique_ptr<PanelGemm<T>> rec_panel;
   const at::Tensor w_hh_t = a.bf16_rec ? a.w_hh_src.t().contiguous() : at::Tensor();  // [P, GH] bf16
   {
@@ -809,6 +810,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     if (!a.bf16_rec && (o == 4 || (o == 0 && s.T > 1 && GH * P <= kPanelMaxWeightElems)))
       rec_panel = std::make_unique<PanelGemm<T>>(a.w_hh, /*trans_b=*/false, P, GH, /*cache_layout=*/-1);
   }
+  const bool blas_rec = !a.bf16_rec && !rec_panel;
+  WeightGemm<T> rec(blas_rec ? a.w_hh.data_ptr<T>() : nullptr, /*trans_b=*/false, P, GH, blas_rec ? B : 0,
+                    blas_rec ? pack_m : 0);
   std::unique_ptr<WeightGemm<T>> projg;
   if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), false, H, P, B, pack_m);  // dr = dh W_hr
 
@@ -827,7 +831,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   const Nonlinearity act = a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh;
   const int64_t grain = row_grain(GH);
 
-  PhaseTimer timer("backward");
+  timer.mark("setup");
   const int64_t slices = rec_panel ? std::min<int64_t>(at::get_num_threads(), rec_panel->panels()) : 1;
   // Decided once: the per-step loop below must not re-check it (it reads the environment).
   const bool team = rec_panel && !proj && use_persistent_team(slices, s.T) &&
