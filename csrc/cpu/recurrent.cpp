@@ -792,8 +792,14 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   // products, so each chunk's dG and X are transposed (at the chunk's size). Double or small
   // products take one chunk and at::mm, which needs no transposes.
   const bool chunked = N > 0 && use_onednn_for(GH, std::max(a.I, P), N, std::is_same_v<T, float>);
+  // A chunk's dG is ~8 MB, or up to 32 MB where the weight gradients are large: each chunk's
+  // GEMMs write a whole [GH, I] and [GH, P] product (fresh from oneDNN) that is then added up, so
+  // a chunk should hold more rows of dG than the gradients have (measured, T=50, B=32, I=H=1024:
+  // 8 MB chunks, 4 of them, 41 ms each for dW_ih and dW_hh plus 5 ms of sums; one chunk, ~30).
   const int64_t step_bytes = std::max<int64_t>(1, B * GH * int64_t(sizeof(T)));
-  int64_t chunk_steps = chunked ? std::max<int64_t>(1, (int64_t(8) << 20) / step_bytes) : std::max<int64_t>(1, s.T);
+  const int64_t grad_bytes = GH * (a.I + P) * int64_t(sizeof(T));
+  const int64_t chunk_bytes = std::clamp<int64_t>(2 * grad_bytes, int64_t(8) << 20, int64_t(32) << 20);
+  int64_t chunk_steps = chunked ? std::max<int64_t>(1, chunk_bytes / step_bytes) : std::max<int64_t>(1, s.T);
   if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) chunk_steps = std::max<int64_t>(1, std::atoll(forced));
   const int64_t cap_rows = std::max<int64_t>(1, std::min(N, chunk_steps * B));
   at::Tensor dgx = scratch(kScratchDgx, {cap_rows, GH}, a.opts);
