@@ -462,6 +462,62 @@ FASTRNN_ISA_KERNEL(backward_rows, BwdRows, backward_rows_impl)
 FASTRNN_ISA_KERNEL(fused_step, FusedStep, fused_step_impl)
 FASTRNN_ISA_KERNEL(one_step, OneStep, one_step_impl)
 
+// ---------------------------------------------------------------------------------------
+// Backward of a single step with few rows (the cells, a frame at a time): after the pointwise
+// pass, every product is a weight read or written once: dx = dG_x W_ih and dh = dG_h W_hh read
+// the weights row by row, dW_ih = dG_x^T x and dW_hh = dG_h^T h_prev write them row by row.
+// One pass over the gate rows does all four (each thread a range of gate rows, its own partial
+// dx and dh, added up after), instead of four BLAS calls that each dispatch, thread and read or
+// write the whole matrix.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct OneStepGrad {
+  int64_t m, I, P, GH, slices;
+  const T* dgx;   // [m, GH] dL/d(x W_ih^T + b) per gate row
+  const T* dgh;   // [m, GH] dL/d(h W_hh^T) per gate row (dgx but for the GRU)
+  const T* x;     // [m, I]
+  const T* h;     // [m, P] h_{t-1}
+  const T* w_ih;  // [GH, I]
+  const T* w_hh;  // [GH, P]
+  T* gw_ih;       // [GH, I]
+  T* gw_hh;       // [GH, P]
+  T* dx;          // [slices, m, I], zeroed: slice sl's share of dgx W_ih
+  T* dh;          // [slices, m, P], zeroed: slice sl's share of dgh W_hh
+};
+
+template <typename T>
+FASTRNN_INLINE void one_step_grad_impl(const OneStepGrad<T>& s, int64_t sl0, int64_t sl1) {
+  const int64_t I = s.I, P = s.P, GH = s.GH;
+  for (int64_t sl = sl0; sl < sl1; ++sl) {
+    T* FASTRNN_RESTRICT dx = s.dx + sl * s.m * I;
+    T* FASTRNN_RESTRICT dh = s.dh + sl * s.m * P;
+    for (int64_t g = GH * sl / s.slices; g < GH * (sl + 1) / s.slices; ++g) {
+      const T* FASTRNN_RESTRICT wi = s.w_ih + g * I;
+      const T* FASTRNN_RESTRICT wh = s.w_hh + g * P;
+      T* FASTRNN_RESTRICT gwi = s.gw_ih + g * I;
+      T* FASTRNN_RESTRICT gwh = s.gw_hh + g * P;
+      for (int64_t b = 0; b < s.m; ++b) {
+        const T a = s.dgx[b * GH + g], c = s.dgh[b * GH + g];
+        const T* FASTRNN_RESTRICT xb = s.x + b * I;
+        const T* FASTRNN_RESTRICT hb = s.h + b * P;
+        T* FASTRNN_RESTRICT dxb = dx + b * I;
+        T* FASTRNN_RESTRICT dhb = dh + b * P;
+        if (b == 0) {
+          for (int64_t i = 0; i < I; ++i) gwi[i] = a * xb[i];
+          for (int64_t p = 0; p < P; ++p) gwh[p] = c * hb[p];
+        } else {
+          for (int64_t i = 0; i < I; ++i) gwi[i] += a * xb[i];
+          for (int64_t p = 0; p < P; ++p) gwh[p] += c * hb[p];
+        }
+        for (int64_t i = 0; i < I; ++i) dxb[i] += a * wi[i];
+        for (int64_t p = 0; p < P; ++p) dhb[p] += c * wh[p];
+      }
+    }
+  }
+}
+
+FASTRNN_ISA_KERNEL(one_step_grad, OneStepGrad, one_step_grad_impl)
+
 
 
 // Outputs: output [lead, P], hy [B, P], cy [B, H] (LSTM), and the workspace saved for
@@ -783,6 +839,44 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   at::Tensor dc = a.cell == Cell::LSTM ? grad_cy.to(compute).contiguous().clone() : at::Tensor();
   at::Tensor dh_all = proj ? empty_big({N, P}, a.opts) : at::Tensor();
   at::Tensor drbuf = proj ? at::empty({B, H}, a.opts) : at::Tensor();
+  const Nonlinearity act = a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh;
+
+  if (s.T == 1 && N >= 1 && N <= kStepMaxRows && !proj && !a.lowp && gemm_backend_override().load() == 0) {
+    // One step, few rows (the forward's one_step_kernel case): the pointwise pass, then one pass
+    // over the weights (one_step_grad).
+    T* dhp = dh.data_ptr<T>();
+    const T* go = grad_out.data_ptr<T>();
+    for (int64_t i = 0; i < N * P; ++i) dhp[i] += go[i];
+    at::Tensor dgx = at::empty({N, GH}, a.opts);
+    at::Tensor dgh = a.cell == Cell::GRU ? at::empty({N, GH}, a.opts) : dgx;
+    const BwdRows<T> rows{a.cell, act, H, P, GH, 0, 0, &s, ws0.numel() ? ws0.data_ptr<T>() : nullptr,
+                          ws1.numel() ? ws1.data_ptr<T>() : nullptr, output.data_ptr<T>(), a.hx.data_ptr<T>(),
+                          a.cell == Cell::LSTM ? a.cx.data_ptr<T>() : nullptr, dhp, dhp,
+                          dc.defined() ? dc.data_ptr<T>() : nullptr, dgx.data_ptr<T>(), dgh.data_ptr<T>(), 0};
+    backward_rows(rows, 0, N);
+    const int64_t slices = std::max<int64_t>(
+        1, std::min<int64_t>(at::get_num_threads(), (GH * (a.I + P) * N) / (int64_t(64) << 10)));
+    at::Tensor dx_part = at::zeros({slices, N, a.I}, a.opts), dh_part = at::zeros({slices, N, P}, a.opts);
+    g.grad_w_ih = at::empty({GH, a.I}, a.opts);
+    g.grad_w_hh = at::empty({GH, P}, a.opts);
+    const OneStepGrad<T> st{N, a.I, P, GH, slices, dgx.data_ptr<T>(), dgh.data_ptr<T>(), a.x.data_ptr<T>(),
+                            a.hx.data_ptr<T>(), a.w_ih.data_ptr<T>(), a.w_hh.data_ptr<T>(),
+                            g.grad_w_ih.data_ptr<T>(), g.grad_w_hh.data_ptr<T>(), dx_part.data_ptr<T>(),
+                            dh_part.data_ptr<T>()};
+    at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) { one_step_grad(st, s0, s1); });
+    // The slices' partial products added up; the GRU's row pass left z * dh in dh, which the
+    // recurrent product adds to (the other cells' dh is the product alone).
+    const at::Tensor dx = slices > 1 ? dx_part.sum(0) : dx_part[0];
+    const at::Tensor dhr = slices > 1 ? dh_part.sum(0) : dh_part[0];
+    g.grad_hx = a.cell == Cell::GRU ? dh.add_(dhr) : dhr;
+    g.grad_input = dx.reshape(lead_with(a, a.I));
+    g.grad_b_ih = dgx.sum(0);
+    g.grad_b_hh = a.cell == Cell::GRU ? dgh.sum(0) : g.grad_b_ih.clone();
+    g.grad_w_hr = at::empty({0}, a.opts);
+    g.grad_cx = dc.defined() ? dc : at::empty({0}, a.opts);
+    timer.mark("one step");
+    return;
+  }
 
   // The steps run in chunks (in processing order, backwards), each followed by its share of the
   // weight gradients (dW_hh += dG_h^T h_prev, dW_ih += dG_x^T X, over the chunk's rows) and its
@@ -834,7 +928,6 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   T* dghp = dgh.data_ptr<T>();
   T* dhall = proj ? dh_all.data_ptr<T>() : nullptr;
   T* drp = proj ? drbuf.data_ptr<T>() : nullptr;
-  const Nonlinearity act = a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh;
   const int64_t grain = row_grain(GH);
 
   timer.mark("setup");
