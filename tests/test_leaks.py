@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 ITERS = 300
 MAX_GROWTH_MB = 5.0
@@ -28,3 +30,32 @@ def test_rss_does_not_grow():
     grown = {k: round(v["growth_mb"], 2) for k, v in real.items() if v["growth_mb"] >= MAX_GROWTH_MB}
     assert not grown, f"RSS grew over {ITERS} iterations (MB): {grown}"
     assert report["failed"] == ["injected_leak"]
+
+
+_POOL_SCRIPT = r"""
+import torch, fastrnn
+torch.manual_seed(0)
+m = fastrnn.LSTM(64, 256)
+outs = []
+for T in (40, 37, 44, 40):  # sizes the pool serves from blocks of other calls (up to 1.5x)
+    x = torch.randn(T, 16, 64, requires_grad=True)
+    y, _ = m(x)
+    y.square().sum().backward()
+    outs.append(torch.cat([y.detach().flatten(), x.grad.flatten()] + [p.grad.flatten() for p in m.parameters()]))
+    m.zero_grad()
+torch.save(outs, __import__("sys").argv[1])
+"""
+
+
+def test_workspace_pool_does_not_change_results(tmp_path):
+    # Workspace blocks are reused across calls (csrc/cpu/workspace.h); FASTRNN_POOL_MB=0 turns
+    # the pool off. Same values either way, over calls of varying length.
+    results = []
+    for mb in ("256", "0"):
+        out = tmp_path / f"pool{mb}.pt"
+        r = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(out)], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "FASTRNN_POOL_MB": mb})
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append(torch.load(out))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

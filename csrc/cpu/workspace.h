@@ -6,13 +6,13 @@
 // are therefore 2 MiB-aligned and advised MADV_HUGEPAGE (this is what torch's own
 // THP_MEM_ALLOC_ENABLE=1 does, for our tensors only).
 //
-// Freed blocks go to a pool and the next request of the same rounded size takes one back: a
-// training loop asks for the same workspace every iteration, and memory given back to the OS
-// is not free to take again. Measured on this project's VM (LSTM T=100, B=64, I=H=512, training
+// Freed blocks go to a pool and the next request of about the same size (up to 1.5x) takes one
+// back: a training loop asks for the same workspace every iteration, and memory given back to
+// the OS is not free to take again. Measured on this project's VM (LSTM T=100, B=64, I=H=512, training
 // forward, 30 calls): with every workspace fresh from the OS, one call in five ran its time loop
 // 2.5x slower throughout (127-205 ms against 62-75; the fault count was the same, each fault cost
 // more); inference, which allocates no workspace, never did. The pool holds at most
-// FASTRNN_POOL_MB (default 512) MB of free blocks, oldest given back first; 0 turns it off.
+// FASTRNN_POOL_MB (default 256) MB of free blocks, oldest given back first; 0 turns it off.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,17 +35,20 @@ class BigBlockPool {
     static BigBlockPool* pool = new BigBlockPool();  // never destroyed: tensors may outlive statics
     return *pool;
   }
-  // A block of exactly `bytes` (a multiple of 2 MiB) from the pool, or null.
-  void* take(size_t bytes) {
+  // The smallest pooled block of at least `bytes` and at most 1.5x that (sequences of varying
+  // length ask for varying sizes), or null; *got is set to the block's size.
+  void* take(size_t bytes, size_t* got) {
     std::lock_guard<std::mutex> lock(mu_);
+    auto best = free_.end();
     for (auto it = free_.begin(); it != free_.end(); ++it)
-      if (it->first == bytes) {
-        void* p = it->second;
-        cached_ -= bytes;
-        free_.erase(it);
-        return p;
-      }
-    return nullptr;
+      if (it->first >= bytes && it->first <= bytes + bytes / 2 && (best == free_.end() || it->first < best->first))
+        best = it;
+    if (best == free_.end()) return nullptr;
+    void* p = best->second;
+    *got = best->first;
+    cached_ -= best->first;
+    free_.erase(best);
+    return p;
   }
   void give(void* p, size_t bytes) {
     if (bytes > limit_) {
@@ -69,7 +72,7 @@ class BigBlockPool {
  private:
   BigBlockPool() {
     const char* mb = std::getenv("FASTRNN_POOL_MB");
-    limit_ = size_t(mb ? std::strtoull(mb, nullptr, 10) : 512) << 20;
+    limit_ = size_t(mb ? std::strtoull(mb, nullptr, 10) : 256) << 20;
   }
   std::mutex mu_;
   std::deque<std::pair<size_t, void*>> free_;  // oldest first
@@ -83,14 +86,14 @@ inline at::Tensor empty_big(at::IntArrayRef sizes, const at::TensorOptions& opts
   const size_t bytes = size_t(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
 #if defined(__linux__)
   if (bytes >= kHuge && opts.device().is_cpu()) {
-    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-    void* p = BigBlockPool::get().take(rounded);
+    size_t block = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = BigBlockPool::get().take(block, &block);
     if (p == nullptr) {
-      p = std::aligned_alloc(kHuge, rounded);
-      if (p != nullptr) madvise(p, rounded, MADV_HUGEPAGE);  // advisory: ignored where THP is off
+      p = std::aligned_alloc(kHuge, block);
+      if (p != nullptr) madvise(p, block, MADV_HUGEPAGE);  // advisory: ignored where THP is off
     }
     if (p != nullptr)
-      return at::from_blob(p, sizes, [rounded](void* q) { BigBlockPool::get().give(q, rounded); }, opts);
+      return at::from_blob(p, sizes, [block](void* q) { BigBlockPool::get().give(q, block); }, opts);
   }
 #endif
   return at::empty(sizes, opts);
