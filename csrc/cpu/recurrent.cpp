@@ -857,8 +857,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     const int64_t slices = std::max<int64_t>(
         1, std::min<int64_t>(at::get_num_threads(), (GH * (a.I + P) * N) / (int64_t(64) << 10)));
     at::Tensor dx_part = at::zeros({slices, N, a.I}, a.opts), dh_part = at::zeros({slices, N, P}, a.opts);
-    g.grad_w_ih = at::empty({GH, a.I}, a.opts);
-    g.grad_w_hh = at::empty({GH, P}, a.opts);
+    g.grad_w_ih = empty_big({GH, a.I}, a.opts);
+    g.grad_w_hh = empty_big({GH, P}, a.opts);
     const OneStepGrad<T> st{N, a.I, P, GH, slices, dgx.data_ptr<T>(), dgh.data_ptr<T>(), a.x.data_ptr<T>(),
                             a.hx.data_ptr<T>(), a.w_ih.data_ptr<T>(), a.w_hh.data_ptr<T>(),
                             g.grad_w_ih.data_ptr<T>(), g.grad_w_hh.data_ptr<T>(), dx_part.data_ptr<T>(),
