@@ -997,7 +997,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   // takes W_ih as it is.
   const bool onednn_gi = !a.lowp && use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
   at::Tensor w_ih_t = onednn_gi ? transposed<T>(a.w_ih) : at::Tensor();
-  g.grad_input = at::empty({N, a.I}, a.x.options());
+  g.grad_input = empty_big({N, a.I}, a.x.options());
   g.grad_b_ih = at::zeros({GH}, a.opts);
   at::Tensor lp_dgx, lp_dgh, lp_hprev;  // bfloat16 calls: per-chunk bf16 operands
   at::Tensor grad_b_hn = a.cell == Cell::GRU ? at::zeros({GH}, a.opts) : at::Tensor();
