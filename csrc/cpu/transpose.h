@@ -1,4 +1,5 @@
-// Transposes for the backward's long-K GEMMs, and per-thread scratch reused across calls.
+// Transposes for the backward's long-K GEMMs (gemm.h's weight_grad), and per-thread scratch
+// reused across calls.
 //
 // oneDNN runs the weight gradients (dG^T X over all rows) at full speed only with both operands
 // K-contiguous, so each backward chunk transposes dG, X and h_prev. Element-wise, that transpose
@@ -24,7 +25,7 @@
 #define FASTRNN_X86_TRANSPOSE 1
 #endif
 
-#include "cpu/gemm.h"
+#include "cpu/isa.h"
 #include "cpu/workspace.h"
 
 namespace fastrnn {
@@ -169,47 +170,6 @@ at::Tensor transposed(const at::Tensor& a, ScratchSlot slot = kSlots) {
   at::Tensor out = slot == kSlots ? empty_big({C, R}, a.options()) : scratch(slot, {C, R}, a.options());
   transpose_into<T>(a.data_ptr<T>(), R, C, a.stride(0), out.data_ptr<T>(), R);
   return out;
-}
-
-// dY^T X for dY [N, A], X [N, B] (contiguous rows): a weight gradient, summed over rows. oneDNN
-// runs this long-K shape at MKL's speed unless both operands are K-contiguous, so for large
-// float32 products they are transposed first (measured: 1600x768x256 3.3 ms with at::mm,
-// 1.4 ms + two transposes with oneDNN; 6400x2048x512 67 ms vs 31 ms). dy_t caches dy's
-// transpose (slot kScratchDgT) across calls that share dy (the LSTM's and RNN's dW_ih and dW_hh);
-// x's goes to x_slot.
-template <typename T>
-at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::Tensor* dy_t = nullptr,
-                       ScratchSlot x_slot = kScratchXT) {
-  const int64_t N = dy.size(0), A = dy.size(1), B = x.size(1);
-  if (N > 0 && use_onednn_for(A, B, N, std::is_same_v<T, float>)) {
-    TORCH_INTERNAL_ASSERT(dy.stride(1) == 1 && x.stride(1) == 1 && (!dy_t || x_slot != kScratchDgT));
-    at::Tensor local;
-    at::Tensor& dyt = dy_t ? *dy_t : local;
-    if (!dyt.defined()) dyt = transposed<T>(dy, kScratchDgT);
-    return onednn_linear(dyt, transposed<T>(x, x_slot), at::Tensor());
-  }
-  return at::mm(dy.t(), x);
-}
-
-// weight_grad with X given by its rows (transpose_rows_into): X^T is built straight from the
-// rows (oneDNN), or X gathered into gather_slot (at::mm).
-template <typename T, typename Row>
-at::Tensor weight_grad_rows(const at::Tensor& dy, const Row& row, int64_t B, at::Tensor* dy_t, ScratchSlot x_slot,
-                            ScratchSlot gather_slot) {
-  const int64_t N = dy.size(0), A = dy.size(1);
-  if (N > 0 && use_onednn_for(A, B, N, std::is_same_v<T, float>)) {
-    TORCH_INTERNAL_ASSERT(dy.stride(1) == 1 && x_slot != kScratchDgT);
-    at::Tensor local;
-    at::Tensor& dyt = dy_t ? *dy_t : local;
-    if (!dyt.defined()) dyt = transposed<T>(dy, kScratchDgT);
-    at::Tensor xt = scratch(x_slot, {B, N}, dy.options());
-    transpose_rows_into<T>(row, N, B, xt.data_ptr<T>(), N);
-    return onednn_linear(dyt, xt, at::Tensor());
-  }
-  at::Tensor x = scratch(gather_slot, {N, B}, dy.options());
-  T* xp = x.data_ptr<T>();
-  for (int64_t r = 0; r < N; ++r) std::memcpy(xp + r * B, row(r), sizeof(T) * B);
-  return at::mm(dy.t(), x);
 }
 
 }  // namespace fastrnn
