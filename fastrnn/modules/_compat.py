@@ -27,3 +27,13 @@ def fx_leaf(forward):
         return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
 
     return wrapper
+
+
+class ScriptsAsTorchNN:
+    """torch.jit.script compiles the equivalent torch.nn module holding the same parameters
+    (the class's to_torch()): fastrnn's Python forward is not TorchScript, and the scripted model
+    computes what the fastrnn one does, on torch's kernels. torch calls this hook on every
+    submodule before scripting (and puts the result in the module it was given)."""
+
+    def __prepare_scriptable__(self):
+        return self.to_torch()

@@ -12,12 +12,12 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from .. import functional as FR
-from ._compat import autocast_enabled, fx_leaf
+from ._compat import ScriptsAsTorchNN, autocast_enabled, fx_leaf
 
 __all__ = ["LSTMCell", "GRUCell", "RNNCell"]
 
 
-class _CellBase(nn.Module):
+class _CellBase(ScriptsAsTorchNN, nn.Module):
     __constants__ = ["input_size", "hidden_size", "bias"]
     _torch_class: type = nn.RNNCellBase
 
@@ -113,12 +113,6 @@ class _CellBase(nn.Module):
                 setattr(new, name, p)
         new.train(module.training)
         return new
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        """torch.jit.script compiles the equivalent torch.nn module holding the same parameters
-        (to_torch): fastrnn's Python forward is not TorchScript, and the scripted model computes
-        what this one does, on torch's kernels."""
-        return self.to_torch()
 
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn cell holding the same parameters (shared, not copied)."""

@@ -17,7 +17,7 @@ from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import functional as FR
-from ._compat import autocast_enabled, fx_leaf
+from ._compat import ScriptsAsTorchNN, autocast_enabled, fx_leaf
 
 __all__ = ["LSTM", "GRU", "RNN"]
 
@@ -28,7 +28,7 @@ def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Ten
     return tensor.index_select(dim, permutation)
 
 
-class _RNNBase(nn.Module):
+class _RNNBase(ScriptsAsTorchNN, nn.Module):
     """Parameters, checks and input handling shared by LSTM, GRU and RNN (torch.nn.RNNBase's)."""
 
     _torch_class: type = nn.RNNBase
@@ -290,12 +290,6 @@ class _RNNBase(nn.Module):
             setattr(new, name, getattr(module, name))
         new.train(module.training)
         return new
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        """torch.jit.script compiles the equivalent torch.nn module holding the same parameters
-        (to_torch): fastrnn's Python forward is not TorchScript, and the scripted model computes
-        what this one does, on torch's kernels."""
-        return self.to_torch()
 
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn layer holding the same parameters (shared, not copied)."""
