@@ -312,6 +312,27 @@ def test_autocast_runs_the_fused_kernel(monkeypatch):
     assert calls == [BF16] and out.dtype == BF16
 
 
+def test_large_inference_runs_torchs_lstm_and_training_the_kernel(monkeypatch):
+    """bfloat16 LSTM inference with steps of 16M multiply-adds or more runs torch's oneDNN LSTM
+    (faster there): torch.nn's values exactly. Training, and smaller steps, run the kernels."""
+    calls = []
+    orig = FR.lstm_layer
+    monkeypatch.setattr(FR, "lstm_layer", lambda *a, **k: calls.append(a[0].shape) or orig(*a, **k))
+    ref = nn.LSTM(16, 512).to(BF16)
+    ours = fastrnn.LSTM(16, 512).to(BF16)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 16, 16, dtype=BF16)  # 16 * 4*512 * 512 = 16M multiply-adds a step
+    with torch.no_grad():
+        for a, b in zip(flat(ours(x)), flat(ref(x))):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert calls == []
+        ours(x[:, :15])  # 15 rows: under the threshold, the kernel
+        assert len(calls) == 1
+    out, _ = ours(x)
+    out.float().sum().backward()
+    assert len(calls) == 2 and ours.weight_hh_l0.grad is not None
+
+
 def test_float16_falls_back():
     """float16 (no kernel) still runs torch's implementation, bit for bit, and so does
     autocast to float16."""
