@@ -35,17 +35,21 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// create_graph=True: fastrnn._autograd.reference_backward(kind, saved, grads, reverse, relu, p)
-// returns the gradients of the op's tensor inputs (None where not needed) as a graph.
-variable_list reference_backward(const char* kind, const variable_list& saved, const variable_list& grads, bool reverse,
-                                 bool relu, double p = 0.0) {
+// Double backward (create_graph=True) of every recurrent op: fastrnn._autograd.reference_backward
+// (kind, saved, grads, reverse, relu, p) differentiates the plain-PyTorch reference on the op's
+// tensor inputs (the first n_saved saved tensors) and returns their gradients (None where not
+// needed) as a graph; padded to n_inputs, one per forward argument (the flags get none).
+variable_list reference_backward(const char* kind, const variable_list& saved, size_t n_saved,
+                                 const variable_list& grads, size_t n_inputs, bool reverse, bool relu = false,
+                                 double p = 0.0) {
   py::gil_scoped_acquire gil;
   py::list s, g;
-  for (const Tensor& t : saved) s.append(t.defined() ? py::cast(t) : py::none());
+  for (size_t k = 0; k < n_saved; ++k) s.append(saved[k].defined() ? py::cast(saved[k]) : py::none());
   for (const Tensor& t : grads) g.append(t.defined() ? py::cast(t) : py::none());
   py::object res = py::module_::import("fastrnn._autograd").attr("reference_backward")(kind, s, g, reverse, relu, p);
   variable_list out;
   for (py::handle h : res) out.push_back(h.is_none() ? Tensor() : h.cast<Tensor>());
+  out.resize(n_inputs);
   return out;
 }
 
@@ -79,12 +83,8 @@ struct LstmFunction : public torch::autograd::Function<LstmFunction> {
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &w_hr = s[5], &hx = s[6], &cx = s[7];
     const Tensor &bsz = s[8], &out = s[9];
-    if (at::GradMode::is_enabled()) {
-      variable_list g = reference_backward("lstm", variable_list(s.begin(), s.begin() + 9), {grads[0], grads[1], grads[2]},
-                                           reverse, false);
-      g.resize(11);  // batch_sizes, reverse, train: no gradient
-      return g;
-    }
+    if (at::GradMode::is_enabled())  // (batch_sizes, reverse, train: no gradient)
+      return reference_backward("lstm", s, 9, {grads[0], grads[1], grads[2]}, 11, reverse);
     static const auto op = op_handle<LstmBwdSig>("fastrnn::lstm_backward");
     auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, ghx, gcx] =
         op.call(zeros_if_undefined(grads[0], out), zeros_if_undefined(grads[1], hx), zeros_if_undefined(grads[2], cx),
@@ -128,12 +128,7 @@ struct GruFunction : public torch::autograd::Function<GruFunction> {
     const variable_list s = ctx->get_saved_variables();
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &hx = s[5], &bsz = s[6], &out = s[7];
-    if (at::GradMode::is_enabled()) {
-      variable_list g = reference_backward("gru", variable_list(s.begin(), s.begin() + 7), {grads[0], grads[1]},
-                                           reverse, false);
-      g.resize(9);
-      return g;
-    }
+    if (at::GradMode::is_enabled()) return reference_backward("gru", s, 7, {grads[0], grads[1]}, 9, reverse);
     static const auto op = op_handle<GruBwdSig>("fastrnn::gru_backward");
     auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx] =
         op.call(zeros_if_undefined(grads[0], out), zeros_if_undefined(grads[1], hx), input, w_ih, w_hh, hx,
@@ -177,12 +172,7 @@ struct RnnFunction : public torch::autograd::Function<RnnFunction> {
     const variable_list s = ctx->get_saved_variables();
     const bool reverse = ctx->saved_data["reverse"].toBool(), relu = ctx->saved_data["relu"].toBool();
     const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &hx = s[5], &bsz = s[6], &out = s[7];
-    if (at::GradMode::is_enabled()) {
-      variable_list g = reference_backward("rnn", variable_list(s.begin(), s.begin() + 7), {grads[0], grads[1]},
-                                           reverse, relu);
-      g.resize(9);
-      return g;
-    }
+    if (at::GradMode::is_enabled()) return reference_backward("rnn", s, 7, {grads[0], grads[1]}, 9, reverse, relu);
     static const auto op = op_handle<RnnBwdSig>("fastrnn::rnn_backward");
     auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx] = op.call(zeros_if_undefined(grads[0], out),
                                                          zeros_if_undefined(grads[1], hx), input, w_ih, w_hh, hx,
@@ -248,12 +238,8 @@ struct VLstmFunction : public torch::autograd::Function<VLstmFunction> {
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const double p = ctx->saved_data["p"].toDouble();
     constexpr size_t kInputs = 19;
-    if (at::GradMode::is_enabled()) {
-      variable_list g = reference_backward("variant_lstm", variable_list(s.begin(), s.begin() + 16),
-                                           {grads[0], grads[1], grads[2]}, reverse, false, p);
-      g.resize(kInputs);
-      return g;
-    }
+    if (at::GradMode::is_enabled())
+      return reference_backward("variant_lstm", s, 16, {grads[0], grads[1], grads[2]}, kInputs, reverse, false, p);
     static const auto op = op_handle<VLstmBwdSig>("fastrnn::variant_lstm_backward");
     const Tensor &input = s[0], &hx = s[12], &cx = s[13], &out = s[16];
     auto g = op.call(zeros_if_undefined(grads[0], out), zeros_if_undefined(grads[1], hx),
@@ -307,12 +293,8 @@ struct VGruFunction : public torch::autograd::Function<VGruFunction> {
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const double p = ctx->saved_data["p"].toDouble();
     constexpr size_t kInputs = 15;
-    if (at::GradMode::is_enabled()) {
-      variable_list g = reference_backward("variant_gru", variable_list(s.begin(), s.begin() + 12),
-                                           {grads[0], grads[1]}, reverse, false, p);
-      g.resize(kInputs);
-      return g;
-    }
+    if (at::GradMode::is_enabled())
+      return reference_backward("variant_gru", s, 12, {grads[0], grads[1]}, kInputs, reverse, false, p);
     static const auto op = op_handle<VGruBwdSig>("fastrnn::variant_gru_backward");
     const Tensor &input = s[0], &hx = s[9], &out = s[12];
     auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, g0, g1, g2, g3, ghx] =

@@ -146,10 +146,21 @@ def _caller_owned(out):
     return out.clone() if out.requires_grad else out
 
 
+def _check_lstm_state_pair(hx):
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise RuntimeError(f"lstm: hx must be a pair (h_0, c_0), got {type(hx).__name__} of "
+                           f"{len(hx) if isinstance(hx, (tuple, list)) else 1}")
+
+
 def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
            batch_sizes):
     """Runs layer_fn over layers and directions; states: list of [L*D, B, *] initial states."""
     D = 2 if bidirectional else 1
+    for st in states:  # before any kernel: a state indexed per layer below must have the layers
+        if not isinstance(st, torch.Tensor) or st.dim() != 3 or st.size(0) != num_layers * D:
+            shape = list(st.shape) if isinstance(st, torch.Tensor) else type(st).__name__
+            raise RuntimeError(f"hx: expected initial states of shape [num_layers * num_directions = {num_layers * D}, "
+                               f"batch, hidden], got {shape}")
     if len(params) % (num_layers * D) != 0:
         raise ValueError(f"params: expected a multiple of num_layers*num_directions = {num_layers * D} tensors, "
                          f"got {len(params)}")
@@ -196,8 +207,8 @@ _BF16_TORCH_MIN_MACS = 16 * 1024 * 1024
 def _bf16_inference_prefers_torch(input, hx, params, batch_sizes, has_proj):
     if input.dtype != torch.bfloat16 or batch_sizes is not None or has_proj or torch.compiler.is_compiling():
         return False
-    if _needs_grad(input, *hx, *params):
-        return False
+    if _needs_grad(input, *hx, *params) or hx[1].dim() < 2:
+        return False  # (malformed states: _stack's check names them)
     B, H = hx[1].size(-2), hx[1].size(-1)
     return B * 4 * H * H >= _BF16_TORCH_MIN_MACS
 
@@ -210,6 +221,7 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
     params: per layer and direction, w_ih, w_hh, (b_ih, b_hh if has_biases), (w_hr if projecting)
     Returns (output [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H]).
     """
+    _check_lstm_state_pair(hx)
     per_layer = len(params) // max(1, num_layers * (2 if bidirectional else 1))
     has_proj = per_layer == (5 if has_biases else 3)
     fused, input, hx, params = _recurrent_args(input, hx, params, not has_proj and batch_sizes is None)
@@ -546,6 +558,7 @@ def variant_lstm(input, hx, params, has_biases, num_layers, dropout, train, bidi
             raise ValueError("zoneout is not supported with proj_size > 0")
         return variant_lstm_layer(x, st[0], st[1], w_ih, w_hh, b_ih, b_hh, ln, w_peep, mask, p, bsz, rev)
 
+    _check_lstm_state_pair(hx)
     out, (h, c) = _stack(layer, input, list(hx), params, has_biases, num_layers, dropout, train, bidirectional,
                          batch_first, batch_sizes)
     return out, h, c

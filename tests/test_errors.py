@@ -178,3 +178,21 @@ def test_device_mismatch_is_an_error():
     with pytest.raises(RuntimeError, match="same device|must be a CPU tensor"):
         torch.ops.fastrnn.rnn_forward(torch.randn(2, 1, 3), torch.randn(4, 3), torch.randn(4, 4), None, None,
                                       torch.zeros(1, 4, device="meta"), None, False, False)
+
+
+def test_stacked_functions_reject_malformed_states():
+    # fastrnn.functional.lstm/gru/rnn (torch._VF's arguments): states of the wrong rank or layer
+    # count, or an LSTM hx that is not a pair, are named before any kernel runs.
+    from fastrnn import functional as FR
+    m = nn.LSTM(4, 5, num_layers=2)
+    ps = [p.detach() for p in m._flat_weights]
+    x = torch.randn(3, 2, 4)
+    h = torch.zeros(2, 2, 5)
+    with pytest.raises(RuntimeError, match="hx must be a pair"):
+        FR.lstm(x, (h,), ps, True, 2, 0.0, False, False, False)
+    for bad in (torch.zeros(5), torch.zeros(1, 2, 5), torch.zeros(2, 5)):
+        with pytest.raises(RuntimeError, match=r"hx: expected initial states of shape \[num_layers"):
+            FR.lstm(x, (h, bad), ps, True, 2, 0.0, False, False, False)
+    g = nn.GRU(4, 5)
+    with pytest.raises(RuntimeError, match=r"hx: expected initial states"):
+        FR.gru(x, torch.zeros(2, 5), [p.detach() for p in g._flat_weights], True, 1, 0.0, False, False, False)

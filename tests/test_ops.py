@@ -185,21 +185,25 @@ OPCHECK_CASES = {
     "lstm_proj": lambda: make_case("lstm_proj", T=3, B=2, I=3, H=4, P=2),
     "gru": lambda: make_case("gru", T=3, B=2, I=3, H=4),
     "rnn": lambda: make_case("rnn_tanh", T=3, B=2, I=3, H=4),
+    # T = 1 with few rows: the single-step forward and backward kernels
+    "lstm_step": lambda: make_case("lstm", T=1, B=3, I=3, H=4),
+    "gru_step": lambda: make_case("gru", T=1, B=3, I=3, H=4),
 }
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("name", list(OPCHECK_CASES))
 def test_opcheck_forward(name, packed):
+    kind = name.replace("_step", "")
     x, st, w, bsz = OPCHECK_CASES[name]() if not packed else make_case(
-        {"rnn": "rnn_tanh"}.get(name, name), T=3, B=2, I=3, H=4, P=2, packed=True)
+        {"rnn": "rnn_tanh"}.get(kind, kind), T=3, B=2, I=3, H=4, P=2, packed=True)
     ops = torch.ops.fastrnn
     for train in (True, False):
         if name.startswith("lstm"):
             args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w.get("w_hr"), st["hx"], st["cx"], bsz, False,
                     train)
             op = ops.lstm_forward.default
-        elif name == "gru":
+        elif kind == "gru":
             args = (x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], st["hx"], bsz, True, train)
             op = ops.gru_forward.default
         else:
@@ -213,6 +217,7 @@ def test_opcheck_forward(name, packed):
 @pytest.mark.parametrize("name", list(OPCHECK_CASES))
 def test_opcheck_backward(name):
     x, st, w, bsz = OPCHECK_CASES[name]()
+    kind = name.replace("_step", "")
     ops = torch.ops.fastrnn
     d = lambda t: t.detach()
     if name.startswith("lstm"):
@@ -222,7 +227,7 @@ def test_opcheck_backward(name):
                 d(w["w_hr"]) if "w_hr" in w else None, d(st["hx"]), d(st["cx"]), None, False, d(out), d(gates),
                 d(cells), d(pin))
         torch.library.opcheck(ops.lstm_backward.default, args)
-    elif name == "gru":
+    elif kind == "gru":
         out, hy, gates, hn = ops.gru_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], st["hx"], None, False, True)
         args = (torch.randn_like(out), torch.randn_like(hy), d(x), d(w["w_ih"]), d(w["w_hh"]), d(st["hx"]), None, False,
                 d(out), d(gates), d(hn))

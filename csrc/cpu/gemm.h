@@ -222,35 +222,41 @@ inline int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / 
 // float32 products they are transposed first (measured: 1600x768x256 3.3 ms with at::mm,
 // 1.4 ms + two transposes with oneDNN; 6400x2048x512 67 ms vs 31 ms). dy_t caches dy's
 // transpose (slot kScratchDgT) across calls that share dy (the LSTM's and RNN's dW_ih and dW_hh);
-// x's goes to x_slot.
+// X's goes to x_slot. weight_grad takes X as a tensor, weight_grad_rows by its rows.
+template <typename T>
+bool weight_grad_on_onednn(const at::Tensor& dy, int64_t B) {
+  return dy.size(0) > 0 && use_onednn_for(dy.size(1), B, dy.size(0), std::is_same_v<T, float>);
+}
+
+// The oneDNN product, given X^T [B, N].
+template <typename T>
+at::Tensor onednn_weight_grad(const at::Tensor& dy, const at::Tensor& xt, at::Tensor* dy_t) {
+  TORCH_INTERNAL_ASSERT(dy.stride(1) == 1);
+  at::Tensor local;
+  at::Tensor& dyt = dy_t ? *dy_t : local;
+  if (!dyt.defined()) dyt = transposed<T>(dy, kScratchDgT);
+  return onednn_linear(dyt, xt, at::Tensor());
+}
+
 template <typename T>
 at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::Tensor* dy_t = nullptr,
                        ScratchSlot x_slot = kScratchXT) {
-  const int64_t N = dy.size(0), A = dy.size(1), B = x.size(1);
-  if (N > 0 && use_onednn_for(A, B, N, std::is_same_v<T, float>)) {
-    TORCH_INTERNAL_ASSERT(dy.stride(1) == 1 && x.stride(1) == 1 && (!dy_t || x_slot != kScratchDgT));
-    at::Tensor local;
-    at::Tensor& dyt = dy_t ? *dy_t : local;
-    if (!dyt.defined()) dyt = transposed<T>(dy, kScratchDgT);
-    return onednn_linear(dyt, transposed<T>(x, x_slot), at::Tensor());
-  }
+  TORCH_INTERNAL_ASSERT(x_slot != kScratchDgT);
+  if (weight_grad_on_onednn<T>(dy, x.size(1))) return onednn_weight_grad<T>(dy, transposed<T>(x, x_slot), dy_t);
   return at::mm(dy.t(), x);
 }
 
-// weight_grad with X given by its rows (transpose_rows_into): X^T is built straight from the
+// row(r) points at X's row r (B contiguous elements, anywhere): X^T is built straight from the
 // rows (oneDNN), or X gathered into gather_slot (at::mm).
 template <typename T, typename Row>
 at::Tensor weight_grad_rows(const at::Tensor& dy, const Row& row, int64_t B, at::Tensor* dy_t, ScratchSlot x_slot,
                             ScratchSlot gather_slot) {
-  const int64_t N = dy.size(0), A = dy.size(1);
-  if (N > 0 && use_onednn_for(A, B, N, std::is_same_v<T, float>)) {
-    TORCH_INTERNAL_ASSERT(dy.stride(1) == 1 && x_slot != kScratchDgT);
-    at::Tensor local;
-    at::Tensor& dyt = dy_t ? *dy_t : local;
-    if (!dyt.defined()) dyt = transposed<T>(dy, kScratchDgT);
+  TORCH_INTERNAL_ASSERT(x_slot != kScratchDgT);
+  const int64_t N = dy.size(0);
+  if (weight_grad_on_onednn<T>(dy, B)) {
     at::Tensor xt = scratch(x_slot, {B, N}, dy.options());
     transpose_rows_into<T>(row, N, B, xt.data_ptr<T>(), N);
-    return onednn_linear(dyt, xt, at::Tensor());
+    return onednn_weight_grad<T>(dy, xt, dy_t);
   }
   at::Tensor x = scratch(gather_slot, {N, B}, dy.options());
   T* xp = x.data_ptr<T>();
