@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fastrnn
-from variants import _time3
+from variants import _time3, side_markdown
 
 # case name -> (T, B, I, H) comes from bench.CASES; these are the cases with bfloat16 rows.
 BF16_CASES = ("fastrnns-default", "small-batch")
@@ -89,19 +89,10 @@ def bench_bf16(cell: str, case: str, shape, mode: str, rounds: int, warmup: int,
 def markdown(rows: list[dict]) -> str:
     hdr = ["cell", "case", "shape (T,B,I,H)", "mode", "nn bf16 ms", "fastrnn bf16 ms", "fastrnn fp32 ms",
            "speedup vs nn bf16", "bf16 vs fp32 fastrnn", "rel err nn bf16", "rel err fastrnn bf16", "notes"]
-    lines = ["| " + " | ".join(hdr) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 7 + ["---"]) + "|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['cell']} | {r['case']} | | {r['mode']} | | | | | | | | ERROR: {r['error']} |")
-            continue
-        notes = ([] if r["check_ok"] else ["MISMATCH"]) + (["noisy"] if r["noisy"] else [])
-        if r["contended"]:
-            notes.append(f"contended ({r['other_cpu_cores']:.2f} cores used by others)")
-        lines.append(f"| {r['cell']} | {r['case']} | {r['shape']} | {r['mode']} | {r['torch_bf16_ms']:.2f} | "
-                     f"{r['fastrnn_bf16_ms']:.2f} | {r['fastrnn_fp32_ms']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['speedup_vs_fp32']:.2f}x | {r['torch_bf16_rel_err']:.1e} | {r['fastrnn_bf16_rel_err']:.1e} | "
-                     f"{', '.join(notes)} |")
-    return "\n".join(lines)
+    return side_markdown(hdr, rows, lambda r: [
+        f"{r['torch_bf16_ms']:.2f}", f"{r['fastrnn_bf16_ms']:.2f}", f"{r['fastrnn_fp32_ms']:.2f}",
+        f"{r['speedup']:.2f}x", f"{r['speedup_vs_fp32']:.2f}x", f"{r['torch_bf16_rel_err']:.1e}",
+        f"{r['fastrnn_bf16_rel_err']:.1e}"])
 
 
 NOTE = ("bfloat16: torch.nn.LSTM and fastrnn.LSTM both converted with .to(torch.bfloat16) (same weights), input "

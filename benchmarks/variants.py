@@ -138,18 +138,27 @@ def bench_variant(cell: str, case: str, shape, mode: str, rounds: int, warmup: i
             "other_cpu_cores": others, "contended": others is not None and others > 0.15}
 
 
-def markdown(rows: list[dict]) -> str:
-    hdr = ["cell", "case", "shape (T,B,I,H)", "mode", "eager loop ms", "variant ms", "plain fastrnn ms",
-           "speedup vs loop", "variant / plain", "max rel diff", "notes"]
-    lines = ["| " + " | ".join(hdr) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 6 + ["---"]) + "|"]
+def side_markdown(hdr: list[str], rows: list[dict], cells) -> str:
+    """A side-table in markdown (the variant and bfloat16 tables): hdr's first four columns are
+    cell, case, shape and mode, its last notes, the ones between numbers (cells(row) gives them);
+    error rows and the MISMATCH / noisy / contended notes are the same for every table."""
+    n_num = len(hdr) - 5
+    lines = ["| " + " | ".join(hdr) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * n_num + ["---"]) + "|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['cell']} | {r['case']} | | {r['mode']} | | | | | | | ERROR: {r['error']} |")
+            lines.append(f"| {r['cell']} | {r['case']} | | {r['mode']} |" + " |" * n_num + f" ERROR: {r['error']} |")
             continue
         notes = ([] if r["check_ok"] else ["MISMATCH"]) + (["noisy"] if r["noisy"] else [])
         if r["contended"]:
             notes.append(f"contended ({r['other_cpu_cores']:.2f} cores used by others)")
-        lines.append(f"| {r['cell']} | {r['case']} | {r['shape']} | {r['mode']} | {r['loop_ms']:.2f} | "
-                     f"{r['variant_ms']:.2f} | {r['plain_ms']:.2f} ({r['plain_name']}) | {r['speedup_vs_loop']:.2f}x | "
-                     f"{r['ratio_to_plain']:.2f}x | {r['max_rel_diff']:.1e} | {', '.join(notes)} |")
+        lines.append(f"| {r['cell']} | {r['case']} | {r['shape']} | {r['mode']} | " + " | ".join(cells(r)) +
+                     f" | {', '.join(notes)} |")
     return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    hdr = ["cell", "case", "shape (T,B,I,H)", "mode", "eager loop ms", "variant ms", "plain fastrnn ms",
+           "speedup vs loop", "variant / plain", "max rel diff", "notes"]
+    return side_markdown(hdr, rows, lambda r: [
+        f"{r['loop_ms']:.2f}", f"{r['variant_ms']:.2f}", f"{r['plain_ms']:.2f} ({r['plain_name']})",
+        f"{r['speedup_vs_loop']:.2f}x", f"{r['ratio_to_plain']:.2f}x", f"{r['max_rel_diff']:.1e}"])
