@@ -28,6 +28,12 @@ inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
               t.device());
 }
 
+// On the device of the kernel that runs (CUDA kernels: input's device).
+inline void check_device(const at::Tensor& t, const char* op, const char* name, const at::Device& device) {
+  if (device.is_cpu()) return check_cpu(t, op, name);
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " (input's device), got ", t.device());
+}
+
 inline void check_dim(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(), "-D tensor of shape ",
               shape_str(t.sizes()));
@@ -45,15 +51,20 @@ inline void check_dtype(const at::Tensor& t, const char* op, const char* name, c
                     " must have the same dtype, got ", t.scalar_type(), " and ", ref.scalar_type());
 }
 
-inline void check_floating(const at::Tensor& t, const char* op, const char* name, bool allow_bf16 = false) {
+inline void check_floating(const at::Tensor& t, const char* op, const char* name, bool allow_bf16 = false,
+                           bool allow_half = false) {
   const at::ScalarType s = t.scalar_type();
-  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kDouble || (allow_bf16 && s == at::kBFloat16), op, ": ", name,
-                    allow_bf16 ? " must be float32, float64 or bfloat16, got " : " must be float32 or float64, got ",
+  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kDouble || (allow_bf16 && s == at::kBFloat16) ||
+                        (allow_half && s == at::kHalf),
+                    op, ": ", name,
+                    allow_half   ? " must be float32, float64, float16 or bfloat16, got "
+                    : allow_bf16 ? " must be float32, float64 or bfloat16, got "
+                                 : " must be float32 or float64, got ",
                     s);
 }
 
-// The operands of one op: each defined and on the CPU, the first float32/float64 (or bfloat16
-// where the op has a bfloat16 kernel) and the others
+// The operands of one op: each defined and on the kernel's device (the CPU unless given), the
+// first float32/float64 (or bfloat16 / float16 where the op has such a kernel) and the others
 // of its dtype, each of rank `dim` (-1: checked elsewhere). Checks run in that order over all of
 // them, so the first problem reported is the same whichever tensor has it.
 struct Operand {
@@ -62,13 +73,14 @@ struct Operand {
   int64_t dim;
 };
 
-inline void check_operands(const char* op, std::initializer_list<Operand> operands, bool allow_bf16 = false) {
+inline void check_operands(const char* op, std::initializer_list<Operand> operands, bool allow_bf16 = false,
+                           const at::Device& device = at::Device(at::kCPU), bool allow_half = false) {
   for (const Operand& o : operands) {
     check_defined(o.t, op, o.name);
-    check_cpu(o.t, op, o.name);
+    check_device(o.t, op, o.name, device);
   }
   const Operand& ref = *operands.begin();
-  check_floating(ref.t, op, ref.name, allow_bf16);
+  check_floating(ref.t, op, ref.name, allow_bf16, allow_half);
   for (const Operand& o : operands)
     if (&o != &ref) check_dtype(o.t, op, o.name, ref.t, ref.name);
   for (const Operand& o : operands)

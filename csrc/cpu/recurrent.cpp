@@ -36,6 +36,7 @@
 #include "cpu/phase_timer.h"
 #include "cpu/schedule.h"
 #include "cpu/workspace.h"
+#include "recurrent_shape.h"
 #include "fastrnn/cells.h"
 #include "fastrnn/panel_gemm.h"
 
@@ -43,10 +44,6 @@ namespace fastrnn {
 namespace {
 
 using OptTensor = c10::optional<at::Tensor>;
-
-enum class Cell { LSTM, GRU, RNN };
-
-inline int64_t gates_of(Cell c) { return c == Cell::LSTM ? 4 : (c == Cell::GRU ? 3 : 1); }
 
 struct Args {
   const char* op;
@@ -81,58 +78,15 @@ Args prepare(const char* op, Cell cell, const at::Tensor& input, const at::Tenso
   Args a;
   a.op = op;
   a.cell = cell;
-  a.G = gates_of(cell);
-  check_operands(op, {{input, "input", -1}, {w_ih, "w_ih", 2}, {w_hh, "w_hh", 2}, {hx, "hx", 2}},
-                 /*allow_bf16=*/true);
-
-  const bool packed = batch_sizes.has_value() && batch_sizes->defined();
-  if (packed) {
-    check_dim(input, op, "input (packed, with batch_sizes)", 2);
-  } else {
-    check_dim(input, op, "input", 3);
-  }
-  a.I = input.size(-1);
-  TORCH_CHECK(w_ih.size(0) % a.G == 0 && w_ih.size(0) > 0, op, ": w_ih must have shape [", a.G,
-              "*hidden_size, input_size] with hidden_size > 0, got ", shape_str(w_ih.sizes()));
-  a.H = w_ih.size(0) / a.G;
-  const bool has_proj = w_hr.has_value() && w_hr->defined();
-  TORCH_CHECK(!has_proj || cell == Cell::LSTM, op, ": w_hr (projection) is only supported by the LSTM");
-  if (has_proj) {
-    check_cpu(*w_hr, op, "w_hr");
-    check_dtype(*w_hr, op, "w_hr", input, "input");
-    check_dim(*w_hr, op, "w_hr", 2);
-    a.P = w_hr->size(0);
-    TORCH_CHECK(a.P > 0 && a.P < a.H, op, ": w_hr must have shape [proj_size, hidden_size] with 0 < proj_size < ",
-                "hidden_size = ", a.H, ", got ", shape_str(w_hr->sizes()));
-    check_shape(*w_hr, op, "w_hr", {a.P, a.H}, "[proj_size, hidden_size]");
-  } else {
-    a.P = a.H;
-  }
-  check_shape(w_ih, op, "w_ih", {a.G * a.H, a.I}, "[gates*hidden_size, input.size(-1)]");
-  check_shape(w_hh, op, "w_hh", {a.G * a.H, a.P}, "[gates*hidden_size, proj_size or hidden_size]");
-  using NamedOpt = std::pair<const OptTensor*, const char*>;
-  for (const NamedOpt& n : std::initializer_list<NamedOpt>{{&b_ih, "b_ih"}, {&b_hh, "b_hh"}}) {
-    if (n.first->has_value() && (*n.first)->defined()) {
-      check_cpu(**n.first, op, n.second);
-      check_dtype(**n.first, op, n.second, input, "input");
-      check_shape(**n.first, op, n.second, {a.G * a.H}, "[gates*hidden_size]");
-    }
-  }
-  TORCH_CHECK((b_ih.has_value() && b_ih->defined()) == (b_hh.has_value() && b_hh->defined()), op,
-              ": b_ih and b_hh must be given together or both be None");
-
-  a.sched = make_schedule(op, input, batch_sizes, reverse);
+  RecurrentShape shape = validate_recurrent(op, cell, input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes,
+                                            reverse, at::Device(at::kCPU));
+  a.I = shape.I;
+  a.H = shape.H;
+  a.P = shape.P;
+  a.G = shape.G;
+  a.sched = std::move(shape.sched);
   const Schedule& s = a.sched;
-  check_shape(hx, op, "hx", {s.B, a.P}, "[batch, proj_size or hidden_size]");
-  if (cell == Cell::LSTM) {
-    TORCH_CHECK(cx.has_value() && cx->defined(), op, ": cx must be a tensor for the LSTM");
-    check_cpu(*cx, op, "cx");
-    check_dtype(*cx, op, "cx", input, "input");
-    check_shape(*cx, op, "cx", {s.B, a.H}, "[batch, hidden_size]");
-  }
-  const int64_t big = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.N < big && a.G * a.H < big && a.I < big, op, ": sizes beyond 2^31 are not supported");
-
+  const bool has_proj = w_hr.has_value() && w_hr->defined();
   a.x = input.reshape({s.N, a.I}).contiguous();
   a.w_ih = w_ih.contiguous();
   a.w_hh = w_hh.contiguous();
@@ -803,24 +757,6 @@ struct BackwardOut {
   at::Tensor grad_input, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr, grad_hx, grad_cx;
 };
 
-void check_like(const at::Tensor& t, const Args& a, const char* name, std::vector<int64_t> shape, const char* meaning) {
-  check_defined(t, a.op, name);
-  check_cpu(t, a.op, name);
-  check_dtype(t, a.op, name, a.x, "input");
-  check_shape(t, a.op, name, std::move(shape), meaning);
-}
-
-// The forward's workspace: in the compute dtype (float32 for bfloat16 input).
-void check_workspace(const at::Tensor& t, const Args& a, const char* name, std::vector<int64_t> shape,
-                     const char* meaning) {
-  check_defined(t, a.op, name);
-  check_cpu(t, a.op, name);
-  TORCH_CHECK_VALUE(t.scalar_type() == a.opts.dtype().toScalarType(), a.op, ": ", name, " must be ",
-                    a.opts.dtype().toScalarType(), " for ", a.x.scalar_type(),
-                    " input (the forward's workspace), got ", t.scalar_type());
-  check_shape(t, a.op, name, std::move(shape), meaning);
-}
-
 template <typename T>
 void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
                      const at::Tensor& output_, const at::Tensor& ws0_, const at::Tensor& ws1_, const at::Tensor& ws2_,
@@ -1082,24 +1018,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
 BackwardOut backward(Args a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
                      const c10::optional<at::Tensor>& grad_cy, const at::Tensor& output, const at::Tensor& ws0,
                      const at::Tensor& ws1, const at::Tensor& ws2) {
-  const Schedule& s = a.sched;
-  check_like(grad_output, a, "grad_output", lead_with(a, a.P), "output.shape");
-  check_like(output, a, "output", lead_with(a, a.P), "output.shape");
-  check_like(grad_hy, a, "grad_hy", {s.B, a.P}, "hx.shape");
-  if (a.cell == Cell::LSTM) {
-    TORCH_CHECK(grad_cy.has_value() && grad_cy->defined(), a.op, ": grad_cy must be a tensor");
-    check_like(*grad_cy, a, "grad_cy", {s.B, a.H}, "cx.shape");
-  }
-  const char* nosave = ": the forward was run with train=False, so nothing was saved for backward";
-  if (a.cell != Cell::RNN) {
-    TORCH_CHECK(ws0.numel() == s.N * a.G * a.H && ws1.numel() == s.N * a.H, a.op, nosave);
-    check_workspace(ws0, a, "gates", {s.N, a.G * a.H}, "[rows, gates*hidden_size]");
-    check_workspace(ws1, a, a.cell == Cell::LSTM ? "cells" : "hn", {s.N, a.H}, "[rows, hidden_size]");
-  }
-  if (a.w_hr.defined()) {
-    TORCH_CHECK(ws2.numel() == s.N * a.H, a.op, nosave);
-    check_workspace(ws2, a, "proj_input", {s.N, a.H}, "[rows, hidden_size]");
-  }
+  RecurrentShape shape{a.I, a.H, a.P, a.G, a.sched};
+  validate_recurrent_backward(a.op, a.cell, shape, a.x, at::Device(at::kCPU), a.opts.dtype().toScalarType(),
+                              a.w_hr.defined(), grad_output, grad_hy, grad_cy, output, ws0, ws1, ws2);
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   a.bf16_rec = bf16_recurrent(a);
   if (!a.bf16_rec) convert_w_hh(a);
