@@ -8,7 +8,7 @@ BUILD_STAMP := $(VENV)/.build-stamp
 NATIVE_SRC := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: test bench build clean test-asan example-forecast example-digits example-digits-video example-charlm
+.PHONY: test bench build clean test-asan cuda-check example-forecast example-digits example-digits-video example-charlm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,20 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)
 
 build: $(BUILD_STAMP)
 
-test: $(BUILD_STAMP)
+# The CUDA kernels compile without torch or a GPU: `make cuda-check` builds them with nvcc for
+# sm_80 and sm_90 (object files only), and `make test` runs it first wherever nvcc is on the PATH.
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+CUDA_CHECK_STAMP := build/cuda-check/.stamp
+$(CUDA_CHECK_STAMP): csrc/cuda/kernels.cu csrc/cuda/kernels.cuh
+	@test -n "$(NVCC)" || { echo "cuda-check: nvcc not found"; exit 1; }
+	mkdir -p build/cuda-check
+	$(NVCC) -std=c++17 -O3 -Xcompiler -Wall -Werror all-warnings -gencode arch=compute_80,code=sm_80 \
+		-gencode arch=compute_90,code=sm_90 -c csrc/cuda/kernels.cu -o build/cuda-check/kernels.o
+	touch $@
+
+cuda-check: $(CUDA_CHECK_STAMP)
+
+test: $(BUILD_STAMP) $(if $(NVCC),$(CUDA_CHECK_STAMP))
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(BUILD_STAMP)

@@ -36,7 +36,11 @@ PYBIND11_MODULE(_C, m) {
     d["blas"] = fastrnn::has_blas();
     d["packed_gemm"] = fastrnn::has_packed_gemm();
     d["onednn_gemm"] = fastrnn::has_onednn();
+#ifdef FASTRNN_WITH_CUDA
+    d["cuda"] = true;
+#else
     d["cuda"] = false;
+#endif
     return d;
   });
   m.def(
