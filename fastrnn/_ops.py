@@ -67,8 +67,9 @@ def _check_devices(name, input, **tensors):
 
 
 def _workspace(input, train, *widths):
-    # The kernels' compute dtype: float32 for bfloat16 input (states and gate math in float32).
-    dtype = torch.float32 if input.dtype == torch.bfloat16 else input.dtype
+    # The kernels' compute dtype: float32 for bfloat16 and float16 (CUDA) input (states and gate
+    # math in float32).
+    dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
     n = _rows(input)
     return tuple(input.new_empty((n, w) if (train and w) else (0,), dtype=dtype) for w in widths)
 

@@ -42,26 +42,36 @@ def _needs_grad(*tensors):
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 # The LSTM/GRU/RNN CPU kernels also take bfloat16 (float32 state and gate math, bfloat16 GEMMs).
 _RECURRENT_DTYPES = _NATIVE_DTYPES + (torch.bfloat16,)
+# The CUDA kernels (LSTM/GRU/RNN only) take float16 and bfloat16 as well (float32 gate math).
+_CUDA_DTYPES = _NATIVE_DTYPES + (torch.float16, torch.bfloat16)
+# The ops with CUDA kernels in this build (none in a CPU-only build), read once: the dispatcher
+# query is not traceable by torch.compile.
+_CUDA_OPS = frozenset(op for op in ("lstm_forward", "gru_forward", "rnn_forward", "variant_lstm_forward",
+                                    "variant_gru_forward")
+                      if torch._C._dispatch_has_kernel_for_dispatch_key("fastrnn::" + op, "CUDA"))
 
 
-def _has_kernel(input: torch.Tensor, recurrent: bool = False) -> bool:
-    """Whether fastrnn's kernels run this input. Otherwise the layers call torch's own
-    implementation, exactly as torch.nn would: other devices (CUDA in a CPU-only build),
-    dtypes without a fused kernel (float16; bfloat16 except for the LSTM/GRU/RNN layers,
-    `recurrent`), autocast regions, where torch.nn's RNNs run in the autocast dtype (the
-    recurrent layers handle bfloat16 autocast themselves: _autocast_bf16), and torch.func
-    transforms (grad, jacrev, ...), which refuse the ops' C++ autograd Function."""
+def _has_kernel(input: torch.Tensor, recurrent: bool = False, op: str = "lstm_forward") -> bool:
+    """Whether fastrnn's kernel for `op` runs this input. Otherwise the layers call torch's own
+    implementation (or fastrnn's plain-PyTorch reference, for the cells torch.nn lacks), exactly
+    as torch.nn would: other devices (CUDA in a CPU-only build; CUDA ops without a CUDA kernel:
+    the variant cells), dtypes without a fused kernel (on the CPU float16, and bfloat16 except for
+    the LSTM/GRU/RNN layers, `recurrent`), autocast regions, where torch.nn's RNNs run in the
+    autocast dtype (the recurrent layers handle CPU bfloat16 autocast themselves:
+    _autocast_bf16), and torch.func transforms (grad, jacrev, ...), which refuse the ops' C++
+    autograd Function."""
     device = input.device
-    dtypes = _RECURRENT_DTYPES if recurrent and device.type == "cpu" else _NATIVE_DTYPES
+    if device.type == "cpu":
+        dtypes = _RECURRENT_DTYPES if recurrent else _NATIVE_DTYPES
+    elif device.type == "cuda":
+        dtypes = _CUDA_DTYPES
+    else:  # meta, xpu, mps, ...: torch's implementation (shape-only on meta)
+        return False
     if input.dtype not in dtypes or autocast_enabled(device.type):
         return False
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return False
-    if device.type == "cpu":
-        return True
-    if device.type != "cuda":  # meta, xpu, mps, ...: torch's implementation (shape-only on meta)
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastrnn::lstm_forward", "CUDA")
+    return device.type == "cpu" or op in _CUDA_OPS
 
 
 def _autocast_bf16(input: torch.Tensor) -> bool:
@@ -205,7 +215,8 @@ _BF16_TORCH_MIN_MACS = 16 * 1024 * 1024
 
 
 def _bf16_inference_prefers_torch(input, hx, params, batch_sizes, has_proj):
-    if input.dtype != torch.bfloat16 or batch_sizes is not None or has_proj or torch.compiler.is_compiling():
+    if (input.dtype != torch.bfloat16 or input.device.type != "cpu" or batch_sizes is not None or has_proj
+            or torch.compiler.is_compiling()):
         return False
     if _needs_grad(input, *hx, *params) or hx[1].dim() < 2:
         return False  # (malformed states: _stack's check names them)
@@ -480,7 +491,7 @@ def variant_lstm_layer(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None,
     ln6 = tuple(ln) if ln is not None else (None,) * 6
     if len(ln6) != 6:
         raise ValueError(f"ln: expected 6 tensors (ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b), got {len(ln6)}")
-    if not _has_kernel(input):
+    if not _has_kernel(input, op="variant_lstm_forward"):
         from . import reference as R
         return R.variant_lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln, w_peep, zoneout_mask, zoneout_p,
                                         batch_sizes, reverse)
@@ -496,7 +507,7 @@ def variant_gru_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None, zone
     ln4 = tuple(ln) if ln is not None else (None,) * 4
     if len(ln4) != 4:
         raise ValueError(f"ln: expected 4 tensors (ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b), got {len(ln4)}")
-    if not _has_kernel(input):
+    if not _has_kernel(input, op="variant_gru_forward"):
         from . import reference as R
         return R.variant_gru_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, ln, zoneout_mask, zoneout_p, batch_sizes,
                                        reverse)
