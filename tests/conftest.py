@@ -12,6 +12,9 @@ bfloat16 weight-gradient GEMMs, and the final rounding; the gate math, states an
 accumulation are float32 (~1e-7, negligible). Four roundings: rtol = 4u = 2^-6, relative to the
 tensor's largest element. nn.LSTM/GRU/RNN in bfloat16 meet the same bound (tests/test_bf16.py
 checks it).
+float16 (CUDA kernels; normwise against float64 truth, as bfloat16): 11 significant bits, so
+u = 2^-11 and the same four roundings give rtol = 2^-9. nn.LSTM/GRU/RNN in float16 on cuDNN meet
+the same bound (tests/test_cuda.py checks it).
 """
 import pytest
 import torch
@@ -20,6 +23,7 @@ TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.bfloat16: dict(rtol=2.0 ** -6, atol=2.0 ** -8),
+    torch.float16: dict(rtol=2.0 ** -9, atol=2.0 ** -11),
 }
 
 
