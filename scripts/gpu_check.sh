@@ -9,17 +9,15 @@ export PYTHONUNBUFFERED=1
 export PATH="$PATH:/usr/local/cuda/bin"
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-# The GPU machine's g++ (/opt/gcc) links libstdc++ statically. A second libstdc++ inside _C,
-# beside the shared one torch loads, crashed formatting an integer into an error message
-# (std::ostream facets). Linking the process's shared libstdc++ first keeps _C on that one.
-LINK_STDCXX=""
-for f in /usr/lib/x86_64-linux-gnu/libstdc++.so.6 /lib64/libstdc++.so.6; do
-  [ -e "$f" ] && { LINK_STDCXX="-Ccmake.define.CMAKE_SHARED_LINKER_FLAGS=$f"; break; }
-done
-echo "C++ compiler: $(command -v g++) ($(g++ -dumpfullversion)); ${LINK_STDCXX:-no shared libstdc++ found}"
+# Known issue (2026-11-23): the GPU machine's g++ (/opt/gcc, GCC 13.3) links libstdc++
+# statically, so _C carries its own std::ostream beside the shared libstdc++ torch loads, and
+# formatting an integer into an error message crashes (test_bad_input_is_rejected, in a child
+# process). Passing the shared libstdc++.so.6 first on the link line did not stop it. The check
+# below reports which copy _C uses.
+echo "C++ compiler: $(command -v g++) ($(g++ -dumpfullversion))"
 start=$(date +%s)
 python3 -m pip install -v --no-build-isolation --no-deps -e . -Ccmake.define.FASTRNN_CUDA=ON \
-  -Ccmake.define.FASTRNN_CUDA_ARCHITECTURES=90 -Ccmake.define.FASTRNN_CXX_OPT=-O1 -Cbuild.verbose=true $LINK_STDCXX 2>&1 \
+  -Ccmake.define.FASTRNN_CUDA_ARCHITECTURES=90 -Ccmake.define.FASTRNN_CXX_OPT=-O1 -Cbuild.verbose=true 2>&1 \
   | while IFS= read -r l; do printf '%s %s\n' "$(( $(date +%s) - start ))" "$l"; done >"$OUT/build.log" \
   || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
