@@ -1,7 +1,7 @@
-// Argument validation of the recurrent ops (lstm/gru/rnn _forward and _backward), shared by the
-// CPU and CUDA kernels: every tensor's presence, device, dtype, rank and shape, and the step
-// schedule. Nothing is read from tensor memory except batch_sizes (CPU), whose contents are
-// themselves validated.
+// What the CPU and CUDA kernels of the recurrent ops (lstm/gru/rnn _forward and _backward) share:
+// argument validation (every tensor's presence, device, dtype, rank and shape, and the step
+// schedule; nothing is read from tensor memory except batch_sizes (CPU), whose contents are
+// themselves validated) and the bias folding of the input projection.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -86,6 +86,20 @@ inline RecurrentShape validate_recurrent(const char* op, Cell cell, const at::Te
   const int64_t big = std::numeric_limits<int>::max();
   TORCH_CHECK(s.N < big && a.G * a.H < big && a.I < big, op, ": sizes beyond 2^31 are not supported");
   return a;
+}
+
+// The biases folded into the input projection (b_ih + b_hh); the GRU keeps b_hn apart (returned
+// in b_hn): it sits inside r * (W_hn h + b_hn). Undefined without biases.
+inline at::Tensor folded_bias(Cell cell, int64_t H, const at::Tensor& b_ih, const at::Tensor& b_hh, at::Tensor& b_hn) {
+  if (!b_ih.defined()) return at::Tensor();
+  at::Tensor bias = b_ih.clone();
+  if (cell == Cell::GRU) {
+    bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
+    b_hn = b_hh.narrow(0, 2 * H, H).contiguous();
+  } else {
+    bias.add_(b_hh);
+  }
+  return bias;
 }
 
 // The backward ops' other tensors: gradients and the forward's output in input's dtype, the

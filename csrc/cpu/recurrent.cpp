@@ -481,23 +481,6 @@ struct ForwardOut {
   at::Tensor output, hy, cy, ws0, ws1, ws2;
 };
 
-// The biases folded into the input projection (b_ih + b_hh); the GRU keeps b_hn apart (returned
-// in b_hn): it sits inside r * (W_hn h + b_hn). Undefined without biases.
-at::Tensor folded_bias(const Args& a, at::Tensor& b_hn) {
-  const int64_t H = a.H;
-  at::Tensor bias;
-  if (a.b_ih.defined()) {
-    bias = a.b_ih.clone();
-    if (a.cell == Cell::GRU) {
-      bias.narrow(0, 0, 2 * H).add_(a.b_hh.narrow(0, 0, 2 * H));
-      b_hn = a.b_hh.narrow(0, 2 * H, H).contiguous();
-    } else {
-      bias.add_(a.b_hh);
-    }
-  }
-  return bias;
-}
-
 // The input projection computed a chunk of steps at a time, right before those steps run: the
 // chunk is still in cache when it is read, and no [T*B, G*H] buffer (tens of MB, faulted in
 // page by page on every call) is allocated. A chunk is ~8 MB of projections
@@ -563,7 +546,7 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
 
   PhaseTimer timer("fused forward");
   at::Tensor b_hn;
-  const ChunkedProjection projection(a, folded_bias(a, b_hn));
+  const ChunkedProjection projection(a, folded_bias(a.cell, a.H, a.b_ih, a.b_hh, b_hn));
   at::Tensor wp = gate_panels<T>(a.w_hh_src, G, H, U);
   timer.mark("pack W_hh");
 
@@ -627,7 +610,7 @@ void forward_kernel(const Args& a, bool train, ForwardOut& o) {
 
   PhaseTimer timer("forward");
   at::Tensor b_hn;
-  const ChunkedProjection projection(a, folded_bias(a, b_hn));
+  const ChunkedProjection projection(a, folded_bias(a.cell, a.H, a.b_ih, a.b_hh, b_hn));
 
   o.hy = a.hx.clone();
   if (a.cell == Cell::LSTM) o.cy = a.cx.clone();

@@ -142,20 +142,6 @@ void check_launch(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
 }
 
-// The biases folded into the input projection (b_ih + b_hh); the GRU keeps b_hn apart.
-Tensor folded_bias(const Args& a, Tensor& b_hn) {
-  if (!a.b_ih.defined()) return Tensor();
-  const int64_t H = a.shape.H;
-  Tensor bias = a.b_ih.clone();
-  if (a.cell == Cell::GRU) {
-    bias.narrow(0, 0, 2 * H).add_(a.b_hh.narrow(0, 0, 2 * H));
-    b_hn = a.b_hh.narrow(0, 2 * H, H).contiguous();
-  } else {
-    bias.add_(a.b_hh);
-  }
-  return bias;
-}
-
 struct ForwardOut {
   Tensor output, hy, cy, ws0, ws1, ws2;
 };
@@ -205,7 +191,7 @@ ForwardOut forward_impl(const Args& a, bool train) {
   const at::TensorOptions opts = a.x.options(), aopts = opts.dtype(a.acc);
 
   Tensor b_hn;
-  const Tensor bias = folded_bias(a, b_hn);
+  const Tensor bias = folded_bias(a.cell, a.shape.H, a.b_ih, a.b_hh, b_hn);
   const Tensor xg = bias.defined() ? at::addmm(bias, a.x, a.w_ih.t()) : at::mm(a.x, a.w_ih.t());
 
   ForwardOut o;
