@@ -2,6 +2,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "kernels.cuh"
 
 namespace fastrnn {
@@ -162,7 +166,8 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target)
   if (threadIdx.x == 0) {
     __threadfence();
     atomicAdd(counter, 1u);
-    while (*static_cast<volatile unsigned*>(counter) < target) {
+    // (a signed difference: correct across the counter's wrap at 2^32 arrivals)
+    while (int(*static_cast<volatile unsigned*>(counter) - target) < 0) {
     }
     __threadfence();
   }
@@ -336,24 +341,43 @@ void* kernel_for(const PersistentPlan& pl) {
   }
 }
 
-// The plan for this device, and whether all its blocks fit at once (one per SM at least).
+// A kernel's dynamic shared-memory limit is one setting of the process (per device): calls are
+// serialised from checking the plan to the launch, and the limit only ever goes up, so one thread
+// cannot lower it under another's launch.
+std::mutex& persistent_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+// The plan for the current device, and whether all its blocks fit at once (one per SM at least).
+// Caller holds persistent_mutex(). A failed query leaves no CUDA error pending.
 template <typename T>
-bool fits(const PersistentPlan& pl, int sms) {
+bool fits_locked(const PersistentPlan& pl, int sms) {
   if (pl.kpt == 0) return false;
   const void* k = kernel_for<T>(pl);
-  int max_smem = 0, dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return false;
-  if (pl.smem > size_t(max_smem)) return false;
-  if (cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.smem)) != cudaSuccess) return false;
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, pl.warps * 32, pl.smem) != cudaSuccess) return false;
-  return per_sm >= 1 && pl.blocks <= per_sm * sms;
+  static std::map<std::pair<int, const void*>, size_t> smem_set;  // the limit set so far
+  int max_smem = 0, dev = 0, per_sm = 0;
+  bool ok = cudaGetDevice(&dev) == cudaSuccess &&
+            cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+            pl.smem <= size_t(max_smem);
+  if (ok) {
+    size_t& set = smem_set[{dev, k}];
+    if (pl.smem > set) {
+      ok = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.smem)) == cudaSuccess;
+      if (ok) set = pl.smem;
+    }
+  }
+  ok = ok && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, pl.warps * 32, pl.smem) == cudaSuccess;
+  if (!ok) (void)cudaGetLastError();
+  return ok && per_sm >= 1 && pl.blocks <= per_sm * sms;
 }
 
 int sm_count(int device) {
   int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
   return sms;
 }
 
@@ -384,14 +408,16 @@ cudaError_t gather_rows(T* dst, const T* src_a, const T* src_b, const int* idx, 
 template <typename T>
 bool persistent_fits(CellKind cell, int64_t B, int64_t H, int device) {
   const int sms = sm_count(device);
-  return fits<T>(plan_persistent(cell, B, H, sms), sms);
+  std::lock_guard<std::mutex> lock(persistent_mutex());
+  return fits_locked<T>(plan_persistent(cell, B, H, sms), sms);
 }
 
 template <typename T>
 cudaError_t persistent_forward(const Persistent<T>& a, int device, cudaStream_t stream) {
   const int sms = sm_count(device);
   const PersistentPlan pl = plan_persistent(a.cell, a.B, a.H, sms);
-  if (!fits<T>(pl, sms)) return cudaErrorNotSupported;
+  std::lock_guard<std::mutex> lock(persistent_mutex());
+  if (!fits_locked<T>(pl, sms)) return cudaErrorNotSupported;
   cudaError_t e = cudaMemsetAsync(a.barrier, 0, sizeof(unsigned), stream);
   if (e != cudaSuccess) return e;
   Persistent<T> p = a;
