@@ -43,6 +43,7 @@ test: $(BUILD_STAMP) $(if $(NVCC),$(CUDA_CHECK_STAMP))
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_attention.py
+	$(PY) benchmarks/bench_cuda.py --out benchmarks/results/CUDA.md
 
 # Examples on real data shipped inside packages (README, "Examples"); each writes a PNG to
 # examples/results/ and times the same model on torch.nn layers. EXAMPLE_ARGS=--quick for a smoke run.
