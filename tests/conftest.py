@@ -16,6 +16,8 @@ float16 (CUDA kernels; normwise against float64 truth, as bfloat16): 11 signific
 u = 2^-11 and the same four roundings give rtol = 2^-9. nn.LSTM/GRU/RNN in float16 on cuDNN meet
 the same bound (tests/test_cuda.py checks it).
 """
+import warnings
+
 import pytest
 import torch
 
@@ -51,6 +53,44 @@ def flat(o):
     if isinstance(o, (tuple, list)):
         return [t for x in o for t in flat(x)]
     return [o]
+
+
+def layer_pairs():
+    """{kind: (torch.nn class, fastrnn class)} for the LSTM, GRU and RNN."""
+    import fastrnn
+    from torch import nn
+    return {"LSTM": (nn.LSTM, fastrnn.LSTM), "GRU": (nn.GRU, fastrnn.GRU), "RNN": (nn.RNN, fastrnn.RNN)}
+
+
+def make_pair(kind, *args, dtype=None, device=None, **kw):
+    """(torch.nn layer, fastrnn layer) of kind "LSTM"/"GRU"/"RNN", built with the same arguments,
+    moved to device/dtype when given, and fastrnn's loaded from torch.nn's state_dict."""
+    tcls, fcls = layer_pairs()[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = tcls(*args, **kw)
+        ours = fcls(*args, **kw)
+    if dtype is not None or device is not None:
+        ref, ours = ref.to(device, dtype), ours.to(device, dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+# A layer configuration of the parametrised layer tests:
+# (kind, num_layers, bidirectional, batch_first, bias, proj_size).
+def cfg_id(c):
+    return f"{c[0]}-L{c[1]}{'-bi' if c[2] else ''}{'-bf' if c[3] else ''}{'' if c[4] else '-nobias'}" + (
+        f"-proj{c[5]}" if c[5] else "")
+
+
+def kwargs_of(c, nonlinearity=None):
+    kind, L, bi, bf, bias, proj = c
+    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias)
+    if proj:
+        kw["proj_size"] = proj
+    if nonlinearity:
+        kw["nonlinearity"] = nonlinearity
+    return kw
 
 
 class Tagger(torch.nn.Module):

@@ -17,11 +17,12 @@ from torch.nn.utils.rnn import pack_sequence
 import fastrnn
 from fastrnn import functional as FR
 from fastrnn import reference as R
-from conftest import TOL, assert_close_to_truth, flat
+import conftest
+from conftest import TOL, assert_close_to_truth, flat, make_pair
 
 BF16 = torch.bfloat16
 CELLS = ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"]
-PAIRS = {"LSTM": (nn.LSTM, fastrnn.LSTM), "GRU": (nn.GRU, fastrnn.GRU), "RNN": (nn.RNN, fastrnn.RNN)}
+PAIRS = conftest.layer_pairs()
 
 
 def make_case(cell, T=12, B=5, I=24, H=32, P=16, packed=False):
@@ -161,16 +162,6 @@ def test_opcheck_bf16(cell):
 
 
 # ------------------------------------------------------------------------------------- layers
-def make_pair(kind, *args, **kw):
-    tcls, fcls = PAIRS[kind]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = tcls(*args, **kw)
-        ours = fcls(*args, **kw)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
-
-
 def truth_of(module):
     """A float64 copy of a (bfloat16) torch.nn layer: the truth for its bfloat16 values."""
     import copy

@@ -1,6 +1,5 @@
 """Drop-in layers vs torch.nn: outputs, states and every gradient on the same weights."""
 import itertools
-import warnings
 
 import pytest
 import torch
@@ -8,19 +7,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pack_sequence
 
 import fastrnn
-from conftest import assert_close, flat
+import conftest
+from conftest import assert_close, cfg_id, flat, kwargs_of
 
-PAIRS = {"LSTM": (nn.LSTM, fastrnn.LSTM), "GRU": (nn.GRU, fastrnn.GRU), "RNN": (nn.RNN, fastrnn.RNN)}
+PAIRS = conftest.layer_pairs()
 
 
 def make_pair(kind, *args, dtype=torch.float64, **kw):
-    tcls, fcls = PAIRS[kind]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = tcls(*args, **kw).to(dtype)
-        ours = fcls(*args, **kw).to(dtype)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    return conftest.make_pair(kind, *args, dtype=dtype, **kw)
 
 
 def states_for(kind, ref, B, dtype, unbatched=False):
@@ -66,21 +60,6 @@ CONFIGS = [
     ("RNN", 1, False, False, True, 0),
     ("RNN", 2, True, True, False, 0),
 ]
-
-
-def cfg_id(c):
-    return f"{c[0]}-L{c[1]}{'-bi' if c[2] else ''}{'-bf' if c[3] else ''}{'' if c[4] else '-nobias'}" + (
-        f"-proj{c[5]}" if c[5] else "")
-
-
-def kwargs_of(c, nonlinearity=None):
-    kind, L, bi, bf, bias, proj = c
-    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias)
-    if proj:
-        kw["proj_size"] = proj
-    if nonlinearity:
-        kw["nonlinearity"] = nonlinearity
-    return kw
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
