@@ -2,8 +2,6 @@
 and backward, every dtype, the persistent small-batch kernel, gradcheck in float64, opcheck, and
 bad input. Runs where a GPU is present and fastrnn was built with its CUDA kernels; skipped
 otherwise, with the reason."""
-import contextlib
-import warnings
 
 import pytest
 import torch
@@ -12,7 +10,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
 import fastrnn.functional as FR
-from conftest import TOL, assert_close, assert_close_to_truth, flat
+import conftest
+from conftest import assert_close, assert_close_to_truth, cfg_id, flat, kwargs_of
 
 HAS_GPU = torch.cuda.is_available()
 BUILT = fastrnn._C.build_info()["cuda"]
@@ -23,7 +22,7 @@ pytestmark = [
 ]
 
 DEV = "cuda"
-PAIRS = {"LSTM": (nn.LSTM, fastrnn.LSTM), "GRU": (nn.GRU, fastrnn.GRU), "RNN": (nn.RNN, fastrnn.RNN)}
+PAIRS = conftest.layer_pairs()
 
 
 @pytest.fixture(autouse=True)
@@ -37,13 +36,7 @@ def exact_float32():
 
 
 def make_pair(kind, *args, dtype=torch.float32, **kw):
-    tcls, fcls = PAIRS[kind]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = tcls(*args, **kw).to(DEV, dtype)
-        ours = fcls(*args, **kw).to(DEV, dtype)
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
+    return conftest.make_pair(kind, *args, dtype=dtype, device=DEV, **kw)
 
 
 def cuda_kernels(fn):
@@ -140,21 +133,6 @@ CONFIGS = [
     ("RNN", 1, False, False, True, 0),
     ("RNN", 2, True, True, False, 0),
 ]
-
-
-def cfg_id(c):
-    return f"{c[0]}-L{c[1]}{'-bi' if c[2] else ''}{'-bf' if c[3] else ''}{'' if c[4] else '-nobias'}" + (
-        f"-proj{c[5]}" if c[5] else "")
-
-
-def kwargs_of(c, nonlinearity="tanh"):
-    kind, L, bi, bf, bias, proj = c
-    kw = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias)
-    if proj:
-        kw["proj_size"] = proj
-    if kind == "RNN":
-        kw["nonlinearity"] = nonlinearity
-    return kw
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
@@ -304,6 +282,9 @@ def test_variants_and_attention_run_on_cuda():
 
 # ------------------------------------------------------------------------ gradcheck, opcheck
 def _layer_cases():
+    """(name, fused function, its plain-PyTorch reference, float64 CUDA leaves): every op, both
+    directions, dense and packed, with and without projection."""
+    from fastrnn import reference as R
     g = torch.Generator().manual_seed(1)
 
     def t(*s):
@@ -312,32 +293,49 @@ def _layer_cases():
     T, B, I, H, P = 3, 2, 3, 4, 2
     bsz = torch.tensor([2, 2, 1])
     cases = []
+
+    def case(name, fused, ref, args, **kw):
+        cases.append((name, lambda *a: fused(*a, **kw), lambda *a: ref(*a, **kw), args))
+
     for rev in (False, True):
-        cases.append(("lstm", lambda x, h, c, wi, wh, bi, bh, rev=rev: FR.lstm_layer(x, h, c, wi, wh, bi, bh, reverse=rev),
-                      (t(T, B, I), t(B, H), t(B, H), t(4 * H, I), t(4 * H, H), t(4 * H), t(4 * H))))
-        cases.append(("lstm-proj-packed", lambda x, h, c, wi, wh, bi, bh, wr, rev=rev: FR.lstm_layer(
-            x, h, c, wi, wh, bi, bh, wr, batch_sizes=bsz, reverse=rev),
-            (t(5, I), t(B, P), t(B, H), t(4 * H, I), t(4 * H, P), t(4 * H), t(4 * H), t(P, H))))
-        cases.append(("gru-packed", lambda x, h, wi, wh, bi, bh, rev=rev: FR.gru_layer(x, h, wi, wh, bi, bh, bsz, rev),
-                      (t(5, I), t(B, H), t(3 * H, I), t(3 * H, H), t(3 * H), t(3 * H))))
-        cases.append(("gru", lambda x, h, wi, wh, bi, bh, rev=rev: FR.gru_layer(x, h, wi, wh, bi, bh, reverse=rev),
-                      (t(T, B, I), t(B, H), t(3 * H, I), t(3 * H, H), t(3 * H), t(3 * H))))
+        case("lstm", FR.lstm_layer, R.lstm_layer_ref,
+             (t(T, B, I), t(B, H), t(B, H), t(4 * H, I), t(4 * H, H), t(4 * H), t(4 * H)), reverse=rev)
+        case("lstm-proj-packed", FR.lstm_layer, R.lstm_layer_ref,
+             (t(5, I), t(B, P), t(B, H), t(4 * H, I), t(4 * H, P), t(4 * H), t(4 * H), t(P, H)), batch_sizes=bsz,
+             reverse=rev)
+        case("gru-packed", FR.gru_layer, R.gru_layer_ref,
+             (t(5, I), t(B, H), t(3 * H, I), t(3 * H, H), t(3 * H), t(3 * H)), batch_sizes=bsz, reverse=rev)
+        case("gru", FR.gru_layer, R.gru_layer_ref,
+             (t(T, B, I), t(B, H), t(3 * H, I), t(3 * H, H), t(3 * H), t(3 * H)), reverse=rev)
         for nl in ("tanh", "relu"):
-            cases.append((f"rnn-{nl}", lambda x, h, wi, wh, bi, bh, rev=rev, nl=nl: FR.rnn_layer(
-                x, h, wi, wh, bi, bh, reverse=rev, nonlinearity=nl),
-                (t(T, B, I), t(B, H), t(H, I), t(H, H), t(H), t(H))))
+            case(f"rnn-{nl}", FR.rnn_layer, R.rnn_layer_ref, (t(T, B, I), t(B, H), t(H, I), t(H, H), t(H), t(H)),
+                 reverse=rev, nonlinearity=nl)
     return cases
 
 
 @pytest.mark.parametrize("case", range(12))
+def test_kernel_matches_reference(case):
+    """Each CUDA op against fastrnn's plain-PyTorch reference on the same float64 values: outputs,
+    final states and the gradient of every input, to float64 rounding."""
+    name, fused, ref, args = _layer_cases()[case]
+    out, want = fused(*args), ref(*args)
+    g = torch.Generator(device=DEV).manual_seed(2)
+    cot = [torch.randn(o.shape, device=DEV, dtype=o.dtype, generator=g) for o in want]
+    for a, b in zip(out, want):
+        assert_close(a, b, msg=name)
+    for a, b in zip(torch.autograd.grad(out, args, cot), torch.autograd.grad(want, args, cot)):
+        assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("case", range(12))
 def test_gradcheck_float64(case):
-    name, fn, args = _layer_cases()[case]
-    assert torch.autograd.gradcheck(fn, args), name
+    name, fused, _, args = _layer_cases()[case]
+    assert torch.autograd.gradcheck(fused, args), name
 
 
 def test_double_backward():
-    name, fn, args = _layer_cases()[0]
-    assert torch.autograd.gradgradcheck(fn, args), name
+    name, fused, _, args = _layer_cases()[0]
+    assert torch.autograd.gradgradcheck(fused, args), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
