@@ -39,14 +39,23 @@ constexpr int kThreads = 256;
 
 inline int blocks_for(int64_t n) { return int((n + kThreads - 1) / kThreads); }
 
+// The (row, unit) pair of this thread in a step kernel (one thread per element of [rows, H]);
+// false past the end.
+__device__ __forceinline__ bool row_unit(int64_t rows, int64_t H, int64_t& idx, int64_t& b, int64_t& j) {
+  idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * H) return false;
+  b = idx / H;
+  j = idx % H;
+  return true;
+}
+
 // ------------------------------------------------------------------------------ step forward
 template <typename T>
 __global__ void step_forward_kernel(StepForward<T> a) {
   using A = typename Acc<T>::type;
   const int64_t H = a.H;
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= a.rows * H) return;
-  const int64_t b = idx / H, j = idx % H;
+  int64_t idx, b, j;
+  if (!row_unit(a.rows, H, idx, b, j)) return;
   const int G = gates_per_unit(a.cell);
   const T* xr = a.xg + b * G * H;
   const T* hr = a.hg + b * G * H;
@@ -95,9 +104,8 @@ template <typename T>
 __global__ void step_backward_kernel(StepBackward<T> a) {
   using A = typename Acc<T>::type;
   const int64_t H = a.H;
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= a.rows * H) return;
-  const int64_t b = idx / H, j = idx % H;
+  int64_t idx, b, j;
+  if (!row_unit(a.rows, H, idx, b, j)) return;
   const int G = gates_per_unit(a.cell);
   A dh = to_acc(a.dh[idx]);
   if (a.grad_out) dh += to_acc(a.grad_out[idx]);
@@ -134,6 +142,13 @@ __global__ void step_backward_kernel(StepBackward<T> a) {
     const A d = a.cell == CellKind::RNN_TANH ? dh * (A(1) - y * y) : (y > A(0) || y != y ? dh : A(0));
     dg[j] = from_acc<T>(d);
   }
+}
+
+template <typename T>
+__global__ void add_into_kernel(T* dst, const T* src, int64_t n) {
+  using A = typename Acc<T>::type;
+  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k < n) dst[k] = from_acc<T>(A(to_acc(dst[k])) + A(to_acc(src[k])));
 }
 
 template <typename T>
@@ -406,6 +421,13 @@ cudaError_t gather_rows(T* dst, const T* src_a, const T* src_b, const int* idx, 
 }
 
 template <typename T>
+cudaError_t add_into(T* dst, const T* src, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  add_into_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(dst, src, n);
+  return cudaGetLastError();
+}
+
+template <typename T>
 bool persistent_fits(CellKind cell, int64_t B, int64_t H, int device) {
   const int sms = sm_count(device);
   std::lock_guard<std::mutex> lock(persistent_mutex());
@@ -429,7 +451,8 @@ cudaError_t persistent_forward(const Persistent<T>& a, int device, cudaStream_t 
 #define FASTRNN_INSTANTIATE(T)                                                                                   \
   template cudaError_t step_forward<T>(const StepForward<T>&, cudaStream_t);                                   \
   template cudaError_t step_backward<T>(const StepBackward<T>&, cudaStream_t);                                 \
-  template cudaError_t gather_rows<T>(T*, const T*, const T*, const int*, int64_t, int64_t, cudaStream_t);
+  template cudaError_t gather_rows<T>(T*, const T*, const T*, const int*, int64_t, int64_t, cudaStream_t); \
+  template cudaError_t add_into<T>(T*, const T*, int64_t, cudaStream_t);
 
 FASTRNN_INSTANTIATE(float)
 FASTRNN_INSTANTIATE(double)

@@ -83,6 +83,10 @@ template <typename T>
 cudaError_t gather_rows(T* dst, const T* src_a, const T* src_b, const int* idx, int64_t n, int64_t width,
                         cudaStream_t stream);
 
+// dst[i] += src[i] for i < n (accumulated in Acc<T>).
+template <typename T>
+cudaError_t add_into(T* dst, const T* src, int64_t n, cudaStream_t stream);
+
 // Persistent small-batch inference (dense input, no projection): one launch runs every step.
 // Each block keeps the W_hh rows of its hidden units in registers for the whole sequence and the
 // blocks meet at a grid barrier once a step (after Diamos et al. 2016, "Persistent RNNs").

@@ -299,7 +299,9 @@ BackwardOut backward_impl(const Args& a, const Tensor& grad_output, const Tensor
   Tensor dc = a.cell == Cell::LSTM ? grad_cy.to(a.acc, false, /*copy=*/true).contiguous() : Tensor();
   Tensor dg = at::empty({N, GH}, opts);
   Tensor dg_h = a.cell == Cell::GRU ? at::empty({N, GH}, opts) : dg;
-  Tensor dh_tot = proj ? at::empty({N, P}, opts) : Tensor();
+  // With a projection, the gradient of each output row (grad_output + the recurrent dh) is kept
+  // for dW_hr: grad_output copied once here, dh added a step at a time (a kernel, no dispatcher).
+  Tensor dh_tot = proj ? gout.clone() : Tensor();
   Tensor dhpre = proj ? at::empty({B, H}, opts) : Tensor();
 
   for (int64_t step = T_ - 1; step >= 0; --step) {
@@ -313,9 +315,9 @@ BackwardOut backward_impl(const Args& a, const Tensor& grad_output, const Tensor
     k.H = H;
     k.n_prev = n_prev;
     if (proj) {
-      Tensor tot = dh_tot.narrow(0, r0, bs);
-      at::add_out(tot, gout.narrow(0, r0, bs), dh.narrow(0, 0, bs));
-      gemm_nn<T>(bs, H, P, tot.data_ptr<T>(), a.w_hr.data_ptr<T>(), dhpre.data_ptr<T>());
+      CT* tot = ptr<T>(dh_tot) + r0 * P;
+      check_launch(fc::add_into<CT>(tot, ptr<T>(dh), bs * P, stream), a.op);
+      gemm_nn<T>(bs, H, P, reinterpret_cast<const T*>(tot), a.w_hr.data_ptr<T>(), dhpre.data_ptr<T>());
       k.dh = ptr<T>(dhpre);
     } else {
       k.grad_out = ptr<T>(gout) + r0 * P;
