@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu/schedule.h"
+#include "schedule.h"
 
 namespace fastrnn {
 

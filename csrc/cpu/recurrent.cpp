@@ -34,7 +34,7 @@
 #include "cpu/team.h"
 #include "cpu/transpose.h"
 #include "cpu/phase_timer.h"
-#include "cpu/schedule.h"
+#include "schedule.h"
 #include "cpu/workspace.h"
 #include "recurrent_shape.h"
 #include "fastrnn/cells.h"

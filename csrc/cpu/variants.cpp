@@ -35,7 +35,7 @@
 #include "cpu/pack_cache.h"
 #include "cpu/panel_step.h"
 #include "cpu/phase_timer.h"
-#include "cpu/schedule.h"
+#include "schedule.h"
 #include "cpu/team.h"
 #include "cpu/workspace.h"
 #include "fastrnn/panel_gemm.h"
