@@ -330,6 +330,26 @@ def test_persistent_team_and_per_step_regions_agree(cell, packed, team, monkeypa
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("B", [8, 14, 50])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_panel_row_blocks_and_long_panels(cell, packed, B):
+    """The panel kernels' blocking: rows split into balanced blocks (8 rows as 4 + 4, 14 as
+    5 + 5 + 4), more than 48 rows taken in groups, and backward's dh = dG W_hh over more than
+    2048 gate rows (G*H > 2048) taken 1024 rows of the panel at a time, partial sums carried."""
+    H = {"lstm": 520, "gru": 700}[cell]
+    x, st, w, bsz = make_case(cell, T=3, B=B, I=4, H=H, packed=packed)
+    for reverse in (False, True):
+        outs = run_fused(cell, x, st, w, bsz, reverse)
+        refs = run_ref(cell, x, st, w, bsz, reverse)
+        for o, r in zip(outs, refs):
+            assert_close(o, r)
+        cot = [torch.randn_like(r) for r in refs]
+        for gf, gr in zip(torch.autograd.grad(outs, leaves(x, st, w), cot),
+                          torch.autograd.grad(refs, leaves(x, st, w), cot)):
+            assert_close(gf, gr)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("backend", ["auto", "fused", "onednn"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])

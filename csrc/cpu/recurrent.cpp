@@ -292,8 +292,8 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t j0 = p * U, nu = std::min<int64_t>(U, H - j0);
     const T* wpan = s.wp + p * H * G * U;
-    for (int64_t i0 = 0; i0 < s.bs; i0 += panel::kMR) {
-      const int64_t m = std::min<int64_t>(panel::kMR, s.bs - i0);
+    for (int64_t ib = 0, nb = panel::row_blocks(s.bs); ib < nb; ++ib) {
+      const int64_t i0 = panel::row_block(s.bs, ib), m = panel::row_block(s.bs, ib + 1) - i0;
       panel::product_rows<T, G * UV>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = i0 + i, row = s.off + b;
@@ -316,7 +316,9 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
         } else {
           rnn_forward_row<T>(nu, s.act, xr, hr, hn);
         }
-        std::memcpy(s.out + row * H + j0, hn, sizeof(T) * nu);
+        T* o = s.out + row * H + j0;
+        if (o != hn)  // (hnext is the step's output rows wherever the schedule allows)
+          for (int64_t u = 0; u < nu; ++u) o[u] = hn[u];
       }
     }
   }
@@ -566,13 +568,24 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
                   o.ws0.defined() ? o.ws0.data_ptr<T>() : nullptr, o.ws1.defined() ? o.ws1.data_ptr<T>() : nullptr,
                   b_hn.defined() ? b_hn.data_ptr<T>() : nullptr};
   T* hb = hbuf.data_ptr<T>();
+  // Rows [0, bs_t) of step t start from rows [0, bs_t) of the previous step's output, which are
+  // there wherever batch sizes do not grow from one processed step to the next (everything but a
+  // reversed PackedSequence): each step then writes h_t straight into its output rows, which the
+  // next step reads, and nothing is copied. Otherwise h is double-buffered and copied out.
+  const bool in_place = !s.reverse || s.bs.front() == s.bs.back();
+  T* out_rows = o.output.data_ptr<T>();
   auto step_args = [&](int64_t step) {
     FusedStep<T> x = st;
     const int64_t t = s.time_at(step);
     x.bs = s.bs[t];
     x.off = s.off[t];
-    x.hcur = hb + (step % 2) * B * H;
-    x.hnext = hb + (1 - step % 2) * B * H;
+    if (in_place) {
+      x.hcur = step == 0 ? hb : out_rows + s.off[s.time_at(step - 1)] * H;
+      x.hnext = out_rows + x.off * H;
+    } else {
+      x.hcur = hb + (step % 2) * B * H;
+      x.hnext = hb + (1 - step % 2) * B * H;
+    }
     return x;
   };
   const int64_t slices = std::min<int64_t>(at::get_num_threads(), n_panels);

@@ -381,8 +381,8 @@ FASTRNN_INLINE void fused_v_panels(const FusedV<T>& s, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t j0 = p * U, nu = std::min<int64_t>(U, H - j0);
     const T* wpan = s.wp + p * H * G * U;
-    for (int64_t i0 = 0; i0 < s.bs; i0 += panel::kMR) {
-      const int64_t m = std::min<int64_t>(panel::kMR, s.bs - i0);
+    for (int64_t ib = 0, nb = panel::row_blocks(s.bs); ib < nb; ++ib) {
+      const int64_t i0 = panel::row_block(s.bs, ib), m = panel::row_block(s.bs, ib + 1) - i0;
       panel::product_rows<T, G>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = i0 + i, row = s.off + b;
