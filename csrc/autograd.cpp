@@ -102,6 +102,88 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autograd
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
+// ------------------------------------------------------------------------- bidirectional LSTM
+// lstm_bidir_forward: both directions of a layer in one op (csrc/cpu/recurrent.cpp runs them at
+// once); saved and differentiated as two lstm_forward calls would be, in one node.
+using LstmBidirBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                   Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&,
+    const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+using T12 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using LstmBidirFwdSig = T12(const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&, const OptT&,
+                            const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&,
+                            const OptT&, const Tensor&, const Tensor&, const OptT&, bool);
+
+struct LstmBidirFunction : public torch::autograd::Function<LstmBidirFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                               const OptT& b_ih, const OptT& b_hh, const OptT& w_hr, const Tensor& hx,
+                               const Tensor& cx, const Tensor& w_ih_r, const Tensor& w_hh_r, const OptT& b_ih_r,
+                               const OptT& b_hh_r, const OptT& w_hr_r, const Tensor& hx_r, const Tensor& cx_r,
+                               const OptT& batch_sizes, bool train) {
+    static const auto op = op_handle<LstmBidirFwdSig>("fastrnn::lstm_bidir_forward");
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    T12 r = op.call(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, hx_r, cx_r,
+                    batch_sizes, train);
+    variable_list out = std::apply([](auto&&... t) { return variable_list{t...}; }, r);
+    ctx->mark_non_differentiable({out[3], out[4], out[5], out[9], out[10], out[11]});
+    // Per direction, as LstmFunction saves: the op's tensor inputs, then output and workspace.
+    ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(w_hr), hx, cx, opt(batch_sizes), out[0],
+                            out[3], out[4], out[5], input, w_ih_r, w_hh_r, opt(b_ih_r), opt(b_hh_r), opt(w_hr_r),
+                            hx_r, cx_r, opt(batch_sizes), out[6], out[9], out[10], out[11]});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const variable_list f(s.begin(), s.begin() + 13), r(s.begin() + 13, s.end());  // [input ... workspace]
+    if (at::GradMode::is_enabled()) {
+      variable_list gf = reference_backward("lstm", f, 9, {grads[0], grads[1], grads[2]}, 9, false);
+      variable_list gr = reference_backward("lstm", r, 9, {grads[6], grads[7], grads[8]}, 9, true);
+      const Tensor gi = !gf[0].defined() ? gr[0] : !gr[0].defined() ? gf[0] : gf[0] + gr[0];
+      return {gi,    gf[1], gf[2], gf[3], gf[4], gf[5], gf[6], gf[7], gr[1], gr[2], gr[3],
+              gr[4], gr[5], gr[6], gr[7], Tensor(), Tensor()};
+    }
+    static const auto op = op_handle<LstmBidirBwdSig>("fastrnn::lstm_bidir_backward");
+    auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, ghx, gcx, gw_ih_r, gw_hh_r, gb_ih_r, gb_hh_r, gw_hr_r, ghx_r, gcx_r] =
+        op.call(zeros_if_undefined(grads[0], f[9]), zeros_if_undefined(grads[1], f[6]),
+                zeros_if_undefined(grads[2], f[7]), zeros_if_undefined(grads[6], r[9]),
+                zeros_if_undefined(grads[7], r[6]), zeros_if_undefined(grads[8], r[7]), f[0], f[1], f[2], as_opt(f[5]),
+                f[6], f[7], r[1], r[2], as_opt(r[5]), r[6], r[7], as_opt(f[8]), f[9], f[10], f[11], f[12], r[9],
+                r[10], r[11], r[12]);
+    const bool bias = f[3].defined(), bias_r = r[3].defined();
+    return {gi,
+            gw_ih,
+            gw_hh,
+            bias ? gb_ih : Tensor(),
+            bias ? gb_hh : Tensor(),
+            f[5].defined() ? gw_hr : Tensor(),
+            ghx,
+            gcx,
+            gw_ih_r,
+            gw_hh_r,
+            bias_r ? gb_ih_r : Tensor(),
+            bias_r ? gb_hh_r : Tensor(),
+            r[5].defined() ? gw_hr_r : Tensor(),
+            ghx_r,
+            gcx_r,
+            Tensor(),
+            Tensor()};
+  }
+};
+
+T12 lstm_bidir_forward_autograd(const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const OptT& b_ih,
+                                const OptT& b_hh, const OptT& w_hr, const Tensor& hx, const Tensor& cx,
+                                const Tensor& w_ih_r, const Tensor& w_hh_r, const OptT& b_ih_r, const OptT& b_hh_r,
+                                const OptT& w_hr_r, const Tensor& hx_r, const Tensor& cx_r, const OptT& batch_sizes,
+                                bool train) {
+  variable_list r = LstmBidirFunction::apply(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, w_ih_r, w_hh_r, b_ih_r,
+                                             b_hh_r, w_hr_r, hx_r, cx_r, batch_sizes, train);
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11]};
+}
+
 // ----------------------------------------------------------------------------------------- GRU
 using GruFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptT&,
                                                              const OptT&, const Tensor&, const OptT&, bool, bool);
@@ -319,6 +401,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_gru_forward_a
 
 TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
   m.impl("lstm_forward", &fastrnn::lstm_forward_autograd);
+  m.impl("lstm_bidir_forward", &fastrnn::lstm_bidir_forward_autograd);
   m.impl("gru_forward", &fastrnn::gru_forward_autograd);
   m.impl("rnn_forward", &fastrnn::rnn_forward_autograd);
   m.impl("variant_lstm_forward", &fastrnn::variant_lstm_forward_autograd);

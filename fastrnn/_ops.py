@@ -97,6 +97,24 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, w_hr, 
             input.new_empty((4 * H,)), gw_hr, hx.new_empty(hx.shape), cx.new_empty(cx.shape))
 
 
+@_register_fake("lstm_bidir_forward")
+def _lstm_bidir_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r,
+                             hx_r, cx_r, batch_sizes, train):
+    return (_lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, False, train)
+            + _lstm_forward_fake(input, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, hx_r, cx_r, batch_sizes, True, train))
+
+
+@_register_fake("lstm_bidir_backward")
+def _lstm_bidir_backward_fake(grad_output, grad_hy, grad_cy, grad_output_r, grad_hy_r, grad_cy_r, input, w_ih, w_hh,
+                              w_hr, hx, cx, w_ih_r, w_hh_r, w_hr_r, hx_r, cx_r, batch_sizes, output, gates, cells,
+                              proj_input, output_r, gates_r, cells_r, proj_input_r):
+    f = _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, False,
+                            output, gates, cells, proj_input)
+    r = _lstm_backward_fake(grad_output_r, grad_hy_r, grad_cy_r, input, w_ih_r, w_hh_r, w_hr_r, hx_r, cx_r,
+                            batch_sizes, True, output_r, gates_r, cells_r, proj_input_r)
+    return f + r[1:]
+
+
 @_register_fake("gru_forward")
 def _gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train):
     _check_common("fastrnn.gru_forward", input, w_ih, w_hh, hx, 3)

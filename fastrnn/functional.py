@@ -163,8 +163,11 @@ def _check_lstm_state_pair(hx):
 
 
 def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
-           batch_sizes):
-    """Runs layer_fn over layers and directions; states: list of [L*D, B, *] initial states."""
+           batch_sizes, bidir_fn=None):
+    """Runs layer_fn over layers and directions; states: list of [L*D, B, *] initial states.
+    bidir_fn(x, states_fwd, states_rev, params_fwd, params_rev, batch_sizes) -> (out_fwd,
+    out_rev, finals_fwd, finals_rev), where given, runs both directions of a CPU layer in one op
+    (at once, on a CPU with two threads or more)."""
     D = 2 if bidirectional else 1
     for st in states:  # before any kernel: a state indexed per layer below must have the layers
         if not isinstance(st, torch.Tensor) or st.dim() != 3 or st.size(0) != num_layers * D:
@@ -188,6 +191,15 @@ def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, tra
         if layer > 0 and dropout > 0 and train:
             x = F.dropout(x, dropout, training=True)
         outs = []
+        if D == 2 and bidir_fn is not None and x.device.type == "cpu":
+            k = 2 * layer
+            out_f, out_r, fin_f, fin_r = bidir_fn(x, [s[k] for s in states], [s[k + 1] for s in states],
+                                                  params[k * per:(k + 1) * per], params[(k + 1) * per:(k + 2) * per],
+                                                  batch_sizes)
+            for acc, f0, f1 in zip(finals, fin_f, fin_r):
+                acc += [f0, f1]
+            x = torch.cat([out_f, out_r], dim=-1)
+            continue
         for d in range(D):
             k = layer * D + d
             p = params[k * per:(k + 1) * per]
@@ -244,8 +256,18 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
         w_hr = extra[0] if extra else None
         return lstm_layer(x, st[0], st[1], w_ih, w_hh, b_ih, b_hh, w_hr, bsz, rev)
 
+    def weights(p):  # (w_ih, w_hh, b_ih, b_hh, w_hr) of one direction
+        extra = p[4 if has_biases else 2:]
+        return (p[0], p[1], p[2] if has_biases else None, p[3] if has_biases else None, extra[0] if extra else None)
+
+    def bidir(x, st_f, st_r, p_f, p_r, bsz):
+        train = _needs_grad(x, *st_f, *st_r, *p_f, *p_r)
+        r = _call(_ops.lstm_bidir_forward, train, x, *weights(p_f), st_f[0], st_f[1], *weights(p_r), st_r[0],
+                  st_r[1], bsz, train)
+        return r[0], r[6], (r[1], r[2]), (r[7], r[8])
+
     out, (h, c) = _stack(layer, input, list(hx), params, has_biases, num_layers, dropout, train, bidirectional,
-                         batch_first, batch_sizes)
+                         batch_first, batch_sizes, bidir_fn=bidir)
     return out, h, c
 
 

@@ -716,8 +716,8 @@ def test_ops_reject_none_tensor_with_a_meta_argument():
         args = M.base_args(op, "dense")
         schema = {a.name: str(a.type) for a in getattr(torch.ops.fastrnn, op).default._schema.arguments}
         keys = [k for k, v in args.items() if isinstance(v, torch.Tensor)]
-        # proj_input is not read without a projection (w_hr None): the dense call may omit it
-        for k in (k for k in keys if schema[k] == "Tensor" and k != "proj_input"):
+        # proj_input (_r) is not read without a projection (w_hr None): the dense call may omit it
+        for k in (k for k in keys if schema[k] == "Tensor" and k not in ("proj_input", "proj_input_r")):
             for meta in (False, True):
                 a = dict(args, **{k: None})
                 if meta:

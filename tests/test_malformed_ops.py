@@ -21,7 +21,8 @@ import torch
 
 import fastrnn  # noqa: F401  (registers torch.ops.fastrnn.*)
 
-RECURRENT_OPS = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "rnn_forward", "rnn_backward"]
+RECURRENT_OPS = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "rnn_forward", "rnn_backward",
+                 "lstm_bidir_forward", "lstm_bidir_backward"]
 VARIANT_OPS = ["variant_lstm_forward", "variant_lstm_backward", "variant_gru_forward", "variant_gru_backward"]
 ATTENTION_OPS = ["sdpa_forward", "sdpa_backward", "additive_attention_forward", "additive_attention_backward"]
 OPS = RECURRENT_OPS + VARIANT_OPS + ATTENTION_OPS
@@ -29,7 +30,7 @@ ALLOWED = ("RuntimeError", "ValueError", "TypeError", "NotImplementedError")  # 
 
 T, B, I, H, P = 4, 3, 5, 6, 4
 BATCH_SIZES = [3, 3, 2, 1]  # sums to 9 packed rows, B = 3
-GATES = {"lstm": 4, "gru": 3, "rnn": 1, "variant_lstm": 4, "variant_gru": 3}
+GATES = {"lstm": 4, "lstm_bidir": 4, "gru": 3, "rnn": 1, "variant_lstm": 4, "variant_gru": 3}
 
 
 def cell_kind(op: str) -> tuple[str, str]:
@@ -56,6 +57,8 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
     cell, kind = cell_kind(op)
     if cell.startswith("variant_"):
         return variant_base_args(op, variant, batch)
+    if cell == "lstm_bidir":
+        return bidir_base_args(kind, variant, batch)
     G = GATES[cell]
     proj, packed = variant == "proj", variant == "packed"
     Ph = P if proj else H
@@ -96,6 +99,32 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
     out, hy = ops.rnn_forward(*fwd.values())
     return OrderedDict(grad_output=randn(gen, *out.shape), grad_hy=randn(gen, *hy.shape), input=x, w_ih=w_ih,
                        w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, relu=False, output=out)
+
+
+_DIRECTION_ARGS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "hx", "cx")
+
+
+def bidir_base_args(kind: str, variant: str, batch: int = B) -> "OrderedDict[str, object]":
+    """lstm_bidir_*: the lstm call's arguments for the forward direction, other values of the same
+    shapes for the reverse one (suffix _r)."""
+    f = base_args("lstm_forward", variant, batch)
+    fwd = OrderedDict(input=f["input"])
+    fwd.update((k, f[k]) for k in _DIRECTION_ARGS)
+    fwd.update((k + "_r", None if f[k] is None else f[k].flip(0) * 0.75) for k in _DIRECTION_ARGS)
+    fwd.update(batch_sizes=f["batch_sizes"], train=True)
+    if kind == "forward":
+        return fwd
+    res = torch.ops.fastrnn.lstm_bidir_forward(*fwd.values())
+    gen = torch.Generator().manual_seed(99)
+    grads = [(_randn(gen, *t.shape)).to(t.dtype) for t in (res[0], res[1], res[2], res[6], res[7], res[8])]
+    bwd = OrderedDict(zip(["grad_output", "grad_hy", "grad_cy", "grad_output_r", "grad_hy_r", "grad_cy_r"], grads))
+    bwd["input"] = f["input"]
+    for sfx in ("", "_r"):
+        bwd.update((k + sfx, fwd[k + sfx]) for k in ("w_ih", "w_hh", "w_hr", "hx", "cx"))
+    bwd["batch_sizes"] = f["batch_sizes"]
+    bwd.update(zip(["output", "gates", "cells", "proj_input", "output_r", "gates_r", "cells_r", "proj_input_r"],
+                   [res[0], *res[3:6], res[6], *res[9:12]]))
+    return bwd
 
 
 AH, AL, AS, AE, AEV, AD = 2, 5, 6, 4, 3, 7  # heads, query len, key len, query/key dim, value dim, additive hidden
@@ -263,7 +292,7 @@ def _variants(op):
     cell = cell_kind(op)[0]
     if cell.startswith("variant_"):
         return ["dense", "packed"]
-    return ["dense", "proj", "packed", "bf16"] if cell == "lstm" else ["dense", "packed", "bf16"]
+    return ["dense", "proj", "packed", "bf16"] if cell in ("lstm", "lstm_bidir") else ["dense", "packed", "bf16"]
 
 
 def build_cases() -> list[Case]:
@@ -278,7 +307,7 @@ def build_cases() -> list[Case]:
             for arg, value in args.items():
                 if not isinstance(value, torch.Tensor):
                     continue
-                if arg == "proj_input" and variant != "proj":
+                if arg in ("proj_input", "proj_input_r") and variant != "proj":
                     continue  # unused without w_hr (an empty tensor is passed), so not checked
                 if packed and arg != "batch_sizes" and arg not in ("input", "hx"):
                     # the packed variant adds coverage for packed-specific arguments; per-argument
@@ -349,10 +378,12 @@ def build_cases() -> list[Case]:
             if cell.startswith("variant_"):
                 for what, p in (("above_one", 1.5), ("negative", -0.25), ("nan", float("nan"))):
                     cases.append(Case(op, variant, "zoneout_p", what, "error", _set("zoneout_p", p)))
-            if kind == "backward" and cell in ("lstm", "gru", "variant_lstm", "variant_gru"):
-                ws = ["gates", "cells", "proj_input"] if cell == "lstm" else ["gates", "hn"]
+            if kind == "backward" and cell in ("lstm", "lstm_bidir", "gru", "variant_lstm", "variant_gru"):
+                ws = ["gates", "cells", "proj_input"] if cell.startswith("lstm") else ["gates", "hn"]
                 if variant != "proj":
                     ws = ws[:2]
+                if cell == "lstm_bidir":
+                    ws = ws + [w + "_r" for w in ws]
                 if cell.startswith("variant_"):
                     ws = ["gates", "cells" if cell == "variant_lstm" else "hn", "norm", "stats"]
                 for w in ws:

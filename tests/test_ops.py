@@ -400,3 +400,84 @@ def test_single_step_matches_reference(cell, bias, B, dtype, isa):
     ps = leaves(x, st, w)
     for gf, gr in zip(torch.autograd.grad(outs, ps, cot), torch.autograd.grad(refs, ps, cot)):
         assert_close(gf, gr)
+
+
+# ------------------------------------------------------------------ bidirectional LSTM layer op
+def _bidir_case(T, B, I, H, P=None, packed=False, dtype=torch.float64, bias=True):
+    cell = "lstm_proj" if P else "lstm"
+    x, st, w, bsz = make_case(cell, T=T, B=B, I=I, H=H, P=P or 3, dtype=dtype, bias=bias, packed=packed)
+    _, st_r, w_r, _ = make_case(cell, T=T, B=B, I=I, H=H, P=P or 3, dtype=dtype, bias=bias, packed=packed)
+    return x, (st, w), (st_r, w_r), bsz
+
+
+def _bidir_args(x, f, r, bsz, train):
+    def one(st, w):
+        return [w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w.get("w_hr"), st["hx"], st["cx"]]
+    return (x, *one(*f), *one(*r), bsz, train)
+
+
+# Sizes on both sides of the threshold above which the two directions run at once (1M
+# multiply-adds a direction): the sequential and the concurrent path.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("variant", ["dense", "proj", "packed", "nobias"])
+def test_bidir_op_matches_two_directions(variant, size, threads):
+    """lstm_bidir_forward / lstm_bidir_backward give what lstm_forward (reverse False, then True)
+    and lstm_backward give, every output and gradient, float64."""
+    T, B, I, H = (4, 3, 5, 6) if size == "small" else (30, 16, 40, 48)
+    x, f, r, bsz = _bidir_case(T, B, I, H, P=4 if variant == "proj" else None, packed=variant == "packed",
+                               bias=variant != "nobias")
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        res = torch.ops.fastrnn.lstm_bidir_forward(*_bidir_args(x, f, r, bsz, True))
+        ref = []
+        for (st, w), rev in ((f, False), (r, True)):
+            ref += run_fused("lstm_proj" if variant == "proj" else "lstm", x, st, w, bsz, rev)
+        for o, e in zip((res[0], res[1], res[2], res[6], res[7], res[8]), ref):
+            assert_close(o, e)
+        cot = [torch.randn_like(e) for e in ref]
+        inputs = leaves(x, *f) + [t for t in leaves(x, *r) if t is not x]
+        got = torch.autograd.grad((res[0], res[1], res[2], res[6], res[7], res[8]), inputs, cot)
+        want = torch.autograd.grad(ref, inputs, cot)
+        for a, b in zip(got, want):
+            assert_close(a, b)
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("variant", ["dense", "proj", "packed"])
+def test_bidir_op_gradcheck(variant):
+    x, f, r, bsz = _bidir_case(3, 2, 2, 3, P=2 if variant == "proj" else None, packed=variant == "packed")
+    args = _bidir_args(x, f, r, bsz, True)
+    idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*vals):
+        a = list(args)
+        for i, v in zip(idx, vals):
+            a[i] = v
+        out = torch.ops.fastrnn.lstm_bidir_forward(*a)
+        return out[0], out[1], out[2], out[6], out[7], out[8]
+
+    vals = [args[i] for i in idx]
+    assert torch.autograd.gradcheck(fn, vals, eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradgradcheck(fn, vals, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_bidir_opcheck(packed):
+    x, f, r, bsz = _bidir_case(3, 2, 3, 4, packed=packed)
+    ops = torch.ops.fastrnn
+    for train in (True, False):
+        args = _bidir_args(x, f, r, bsz, train)
+        if not train:
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(ops.lstm_bidir_forward.default, args)
+    res = ops.lstm_bidir_forward(*_bidir_args(x, f, r, bsz, True))
+    d = lambda t: t.detach() if t is not None else None  # noqa: E731
+    (st, w), (st_r, w_r) = f, r
+    args = (torch.randn_like(res[0]), torch.randn_like(res[1]), torch.randn_like(res[2]), torch.randn_like(res[6]),
+            torch.randn_like(res[7]), torch.randn_like(res[8]), d(x), d(w["w_ih"]), d(w["w_hh"]), None, d(st["hx"]),
+            d(st["cx"]), d(w_r["w_ih"]), d(w_r["w_hh"]), None, d(st_r["hx"]), d(st_r["cx"]), bsz,
+            *[d(t) for t in (res[0], res[3], res[4], res[5], res[6], res[9], res[10], res[11])])
+    torch.library.opcheck(ops.lstm_bidir_backward.default, args)

@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -301,11 +302,22 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
         const T* hr = C + i * G * U;
         T* hn = s.hnext + b * H + j0;
         if constexpr (G == 4) {
-          if (s.save)
-            lstm_forward_row<true, T>(nu, xr, H, hr, U, s.c + b * H + j0, hn, s.ws0 + row * GH + j0, H,
-                                      s.ws1 + row * H + j0);
-          else
-            lstm_forward_row<false, T>(nu, xr, H, hr, U, s.c + b * H + j0, hn, nullptr, H, nullptr);
+          // A full panel of float units is one vector a gate: the gate math on vectors, no loop
+          // (measured, 16 rows x 8 panels: 3.9 -> 3.3 us a step).
+          using V = std::conditional_t<std::is_same_v<T, float>, typename panel::Vec<T>::type, T>;
+          if (s.save) {
+            if (nu == U)
+              lstm_forward_row<true, T, V>(U, xr, H, hr, U, s.c + b * H + j0, hn, s.ws0 + row * GH + j0, H,
+                                           s.ws1 + row * H + j0);
+            else
+              lstm_forward_row<true, T>(nu, xr, H, hr, U, s.c + b * H + j0, hn, s.ws0 + row * GH + j0, H,
+                                        s.ws1 + row * H + j0);
+          } else {
+            if (nu == U)
+              lstm_forward_row<false, T, V>(U, xr, H, hr, U, s.c + b * H + j0, hn, nullptr, H, nullptr);
+            else
+              lstm_forward_row<false, T>(nu, xr, H, hr, U, s.c + b * H + j0, hn, nullptr, H, nullptr);
+          }
         } else if constexpr (G == 3) {
           const T* bh = s.bhn ? s.bhn + j0 : nullptr;
           if (s.save)
@@ -1011,12 +1023,19 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   }
 }
 
-BackwardOut backward(Args a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
-                     const c10::optional<at::Tensor>& grad_cy, const at::Tensor& output, const at::Tensor& ws0,
-                     const at::Tensor& ws1, const at::Tensor& ws2) {
+void validate_backward(const Args& a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                       const c10::optional<at::Tensor>& grad_cy, const at::Tensor& output, const at::Tensor& ws0,
+                       const at::Tensor& ws1, const at::Tensor& ws2) {
   RecurrentShape shape{a.I, a.H, a.P, a.G, a.sched};
   validate_recurrent_backward(a.op, a.cell, shape, a.x, at::Device(at::kCPU), a.opts.dtype().toScalarType(),
                               a.w_hr.defined(), grad_output, grad_hy, grad_cy, output, ws0, ws1, ws2);
+}
+
+// check = false: the caller has validated the arguments (validate_backward).
+BackwardOut backward(Args a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
+                     const c10::optional<at::Tensor>& grad_cy, const at::Tensor& output, const at::Tensor& ws0,
+                     const at::Tensor& ws1, const at::Tensor& ws2, bool check = true) {
+  if (check) validate_backward(a, grad_output, grad_hy, grad_cy, output, ws0, ws1, ws2);
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   a.bf16_rec = bf16_recurrent(a);
   if (!a.bf16_rec) convert_w_hh(a);
@@ -1098,9 +1117,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {g.grad_input, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_hx};
 }
 
+// ----------------------------------------------------------------------------------------
+// Bidirectional LSTM layers: both directions at once, each on its own thread of one parallel
+// region. Inside, a direction runs on that thread alone (nested parallel_for runs inline; oneDNN
+// and MKL run single-threaded inside a region), which beats running the directions one after
+// the other on both threads: no barrier between steps, no GEMM split in two. Measured (2
+// threads, this machine, forward + backward of both directions, sequential vs concurrent):
+// T=100, B=16, H=256: I=256 29.9 -> 26.8 ms, I=512 45.4 -> 41.4 ms; T=50, B=16, I=H=128 6.1 ->
+// 4.6 ms; T=100, B=64, I=H=512 416 -> 388 ms; inference 6-30% faster. Every argument is
+// validated before either direction starts.
+// ----------------------------------------------------------------------------------------
+constexpr double kConcurrentMinMacs = 1024.0 * 1024;  // per direction; smaller layers run in turn
+
+template <typename Run>
+void both_directions(const Args& a, const Run& run) {
+  const double macs = double(a.sched.N) * double(a.G * a.H) * double(a.I + a.P);
+  if (at::get_num_threads() < 2 || at::in_parallel_region() || macs < kConcurrentMinMacs) {
+    run(0);
+    run(1);
+    return;
+  }
+  // The worker thread takes the caller's thread-local state (dispatch keys: the op runs below
+  // autograd; grad mode; autocast exclusion), which OpenMP does not carry over.
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, 2, 1, [&](int64_t d0, int64_t d1) {
+    at::ThreadLocalStateGuard guard(tls);
+    for (int64_t d = d0; d < d1; ++d) run(d);
+  });
+}
+
+using T12 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                       at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+T12 lstm_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih,
+                       const OptT& b_hh, const OptT& w_hr, const at::Tensor& hx, const at::Tensor& cx,
+                       const at::Tensor& w_ih_r, const at::Tensor& w_hh_r, const OptT& b_ih_r, const OptT& b_hh_r,
+                       const OptT& w_hr_r, const at::Tensor& hx_r, const at::Tensor& cx_r, const OptT& batch_sizes,
+                       bool train) {
+  const Args a[2] = {prepare("fastrnn.lstm_bidir_forward", Cell::LSTM, input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx,
+                             batch_sizes, false),
+                     prepare("fastrnn.lstm_bidir_forward (reverse direction: the *_r arguments)", Cell::LSTM, input,
+                             w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, hx_r, cx_r, batch_sizes, true)};
+  ForwardOut o[2];
+  both_directions(a[0], [&](int64_t d) { o[d] = forward(a[d], train); });
+  return {o[0].output, o[0].hy, o[0].cy, o[0].ws0, o[0].ws1, o[0].ws2,
+          o[1].output, o[1].hy, o[1].cy, o[1].ws0, o[1].ws1, o[1].ws2};
+}
+
+// grad_input is the sum of both directions'.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+                    const at::Tensor& grad_output_r, const at::Tensor& grad_hy_r, const at::Tensor& grad_cy_r,
+                    const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& w_hr,
+                    const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
+                    const OptT& w_hr_r, const at::Tensor& hx_r, const at::Tensor& cx_r, const OptT& batch_sizes,
+                    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+                    const at::Tensor& proj_input, const at::Tensor& output_r, const at::Tensor& gates_r,
+                    const at::Tensor& cells_r, const at::Tensor& proj_input_r) {
+  const Args a[2] = {prepare("fastrnn.lstm_bidir_backward", Cell::LSTM, input, w_ih, w_hh, c10::nullopt, c10::nullopt,
+                             w_hr, hx, cx, batch_sizes, false),
+                     prepare("fastrnn.lstm_bidir_backward (reverse direction: the *_r arguments)", Cell::LSTM, input,
+                             w_ih_r, w_hh_r, c10::nullopt, c10::nullopt, w_hr_r, hx_r, cx_r, batch_sizes, true)};
+  const at::Tensor* in[2][7] = {{&grad_output, &grad_hy, &grad_cy, &output, &gates, &cells, &proj_input},
+                                {&grad_output_r, &grad_hy_r, &grad_cy_r, &output_r, &gates_r, &cells_r, &proj_input_r}};
+  for (int d = 0; d < 2; ++d)
+    validate_backward(a[d], *in[d][0], *in[d][1], *in[d][2], *in[d][3], *in[d][4], *in[d][5], *in[d][6]);
+  BackwardOut g[2];
+  both_directions(a[0], [&](int64_t d) {
+    g[d] = backward(a[d], *in[d][0], *in[d][1], *in[d][2], *in[d][3], *in[d][4], *in[d][5], *in[d][6], false);
+  });
+  return {g[0].grad_input.add_(g[1].grad_input),
+          g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_w_hr, g[0].grad_hx, g[0].grad_cx,
+          g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_w_hr, g[1].grad_hx, g[1].grad_cx};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
+  m.impl("lstm_bidir_forward", &lstm_bidir_forward);
+  m.impl("lstm_bidir_backward", &lstm_bidir_backward);
   m.impl("lstm_forward", &lstm_forward);
   m.impl("lstm_backward", &lstm_backward);
   m.impl("gru_forward", &gru_forward);

@@ -21,41 +21,69 @@
 namespace fastrnn {
 namespace math {
 
+// The float math below is written once for a float and for a GCC vector of floats (F): the
+// LSTM row runs either as a loop the compiler vectorises, or a whole vector of units at a time
+// (the fused CPU kernel's panels), with the same operations in the same order either way.
+// splat(F, s): s as an F; pow2(n): 2^n for integral-valued n in float's exponent range.
+FASTRNN_INLINE float splat(float, float s) { return s; }
+FASTRNN_INLINE float pow2(float n) {
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return scale;
+}
+#if defined(__GNUC__) && !defined(__CUDACC__)
+template <typename F>
+FASTRNN_INLINE F splat(F, float s) {
+  return F{} + s;
+}
+template <typename F>
+FASTRNN_INLINE F pow2(F n) {
+  typedef int32_t I __attribute__((vector_size(sizeof(F))));
+  I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  F scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return scale;
+}
+#endif
+
 // Branch-free float exp (Cephes polynomial, ~1 ulp on the clamped range) so that the
 // gate loops vectorise; std::exp calls do not. Past float's range it is inf, as std::exp:
 // sigmoid(-inf) must be exactly 0, or a state that overflowed to inf gives 1e-38 * inf = inf
 // where torch.nn gives 0 * inf = NaN.
-FASTRNN_INLINE float exp_approx(float x) {
-  const bool overflow = x > 88.7228391f;
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+template <typename F>
+FASTRNN_INLINE F exp_approx(F x) {
+  const auto overflow = x > 88.7228391f;
+  x = x < -87.3f ? splat(x, -87.3f) : (x > 88.3f ? splat(x, 88.3f) : x);
   // round-to-nearest of x*log2(e) with the 1.5*2^23 trick (no libm call).
   const float magic = 12582912.0f;
-  float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  F n = (x * 1.44269504088896341f + magic) - magic;
+  F r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  F p = splat(x, 1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return overflow ? HUGE_VALF : p * scale;
+  return overflow ? splat(x, HUGE_VALF) : p * pow2(n);
 }
 
-FASTRNN_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+template <typename F>
+FASTRNN_INLINE F sigmoid(F x) {
+  return 1.0f / (1.0f + exp_approx(-x));
+}
 
-FASTRNN_INLINE float tanh(float x) {
+template <typename F>
+FASTRNN_INLINE F tanh(F x) {
   // (1 - e)/(1 + e) with e = exp(-2|x|) loses relative accuracy near 0; the odd
   // Taylor series takes over there. Both sides are computed so the loop stays branch-free.
-  float ax = x < 0.0f ? -x : x;
-  float e = exp_approx(-2.0f * ax);
-  float big = (1.0f - e) / (1.0f + e);
-  float x2 = ax * ax;
-  float small = ax * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * -0.0539682540f)));
-  float y = ax < 0.0625f ? small : big;
+  F ax = x < 0.0f ? -x : x;
+  F e = exp_approx(-2.0f * ax);
+  F big = (1.0f - e) / (1.0f + e);
+  F x2 = ax * ax;
+  F small = ax * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * -0.0539682540f)));
+  F y = ax < 0.0625f ? small : big;
   return x < 0.0f ? -y : y;
 }
 
@@ -79,25 +107,39 @@ enum class Nonlinearity : int { Tanh = 0, Relu = 1 };
 //   c [n]: in c_{t-1}, out c_t      r [n]: out o * tanh(c_t)  (h_t, or the input of W_hr)
 //   gates (gate k at gates[k*gs + j]), cell [n]: activations saved for backward (only when Save)
 // ---------------------------------------------------------------------------------------
-template <bool Save, typename T>
+// V = T: one unit per iteration (a loop the compiler vectorises); V = a vector of L floats: L
+// units per iteration, n a multiple of L (the fused kernel's full panels).
+template <typename V, typename T>
+FASTRNN_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V, typename T>
+FASTRNN_INLINE void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <bool Save, typename T, typename V = T>
 FASTRNN_INLINE void lstm_forward_row(int64_t n, const T* FASTRNN_RESTRICT xg, int64_t xs,
                                      const T* FASTRNN_RESTRICT hg, int64_t hs, T* FASTRNN_RESTRICT c,
                                      T* FASTRNN_RESTRICT r, T* FASTRNN_RESTRICT gates, int64_t gs,
                                      T* FASTRNN_RESTRICT cell) {
-  for (int64_t j = 0; j < n; ++j) {
-    T i = math::sigmoid(xg[j] + hg[j]);
-    T f = math::sigmoid(xg[xs + j] + hg[hs + j]);
-    T g = math::tanh(xg[2 * xs + j] + hg[2 * hs + j]);
-    T o = math::sigmoid(xg[3 * xs + j] + hg[3 * hs + j]);
-    T cn = f * c[j] + i * g;
-    c[j] = cn;
-    r[j] = o * math::tanh(cn);
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  for (int64_t j = 0; j < n; j += L) {
+    V i = math::sigmoid(load<V>(xg + j) + load<V>(hg + j));
+    V f = math::sigmoid(load<V>(xg + xs + j) + load<V>(hg + hs + j));
+    V g = math::tanh(load<V>(xg + 2 * xs + j) + load<V>(hg + 2 * hs + j));
+    V o = math::sigmoid(load<V>(xg + 3 * xs + j) + load<V>(hg + 3 * hs + j));
+    V cn = f * load<V>(c + j) + i * g;
+    store(c + j, cn);
+    store(r + j, o * math::tanh(cn));
     if (Save) {
-      gates[j] = i;
-      gates[gs + j] = f;
-      gates[2 * gs + j] = g;
-      gates[3 * gs + j] = o;
-      cell[j] = cn;
+      store(gates + j, i);
+      store(gates + gs + j, f);
+      store(gates + 2 * gs + j, g);
+      store(gates + 3 * gs + j, o);
+      store(cell + j, cn);
     }
   }
 }
