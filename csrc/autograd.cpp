@@ -271,6 +271,108 @@ std::tuple<Tensor, Tensor> rnn_forward_autograd(const Tensor& input, const Tenso
   return {r[0], r[1]};
 }
 
+// ------------------------------------------------------------------ bidirectional GRU and RNN
+// gru_bidir_forward (flag = train; workspace gates, hn) and rnn_bidir_forward (flag = relu; no
+// workspace), as LstmBidirFunction.
+using GruRnnBidirBwdRet = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                     Tensor>;
+using GruBidirFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
+    const OptT&, const OptT&, const Tensor&, const OptT&, bool);
+using RnnBidirFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                  const OptT&, const OptT&, const Tensor&,
+                                                                  const Tensor&, const Tensor&, const OptT&,
+                                                                  const OptT&, const Tensor&, const OptT&, bool);
+using GruBidirBwdSig = GruRnnBidirBwdRet(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, const Tensor&, const Tensor&);
+using RnnBidirBwdSig = GruRnnBidirBwdRet(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, const OptT&, bool, const Tensor&, const Tensor&);
+
+template <bool Gru>
+struct GruRnnBidirFunction : public torch::autograd::Function<GruRnnBidirFunction<Gru>> {
+  static constexpr size_t kOuts = Gru ? 4 : 2;    // outputs a direction
+  static constexpr size_t kSaved = Gru ? 10 : 8;  // saved a direction: 7 inputs, output, workspace
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                               const OptT& b_ih, const OptT& b_hh, const Tensor& hx, const Tensor& w_ih_r,
+                               const Tensor& w_hh_r, const OptT& b_ih_r, const OptT& b_hh_r, const Tensor& hx_r,
+                               const OptT& batch_sizes, bool flag) {
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    variable_list out;
+    if constexpr (Gru) {
+      static const auto op = op_handle<GruBidirFwdSig>("fastrnn::gru_bidir_forward");
+      out = std::apply([](auto&&... t) { return variable_list{t...}; },
+                       op.call(input, w_ih, w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes,
+                               flag));
+      ctx->mark_non_differentiable({out[2], out[3], out[6], out[7]});
+    } else {
+      static const auto op = op_handle<RnnBidirFwdSig>("fastrnn::rnn_bidir_forward");
+      out = std::apply([](auto&&... t) { return variable_list{t...}; },
+                       op.call(input, w_ih, w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes,
+                               flag));
+    }
+    variable_list saved = {input, w_ih, w_hh, opt(b_ih), opt(b_hh), hx, opt(batch_sizes), out[0]};
+    if (Gru) saved.insert(saved.end(), {out[2], out[3]});
+    const variable_list rev = {input, w_ih_r, w_hh_r, opt(b_ih_r), opt(b_hh_r), hx_r, opt(batch_sizes), out[kOuts]};
+    saved.insert(saved.end(), rev.begin(), rev.end());
+    if (Gru) saved.insert(saved.end(), {out[6], out[7]});
+    ctx->save_for_backward(saved);
+    ctx->saved_data["flag"] = flag;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const variable_list f(s.begin(), s.begin() + kSaved), r(s.begin() + kSaved, s.end());
+    const bool flag = ctx->saved_data["flag"].toBool(), relu = !Gru && flag;
+    const Tensor &go = grads[0], &ghy = grads[1], &go_r = grads[kOuts], &ghy_r = grads[kOuts + 1];
+    if (at::GradMode::is_enabled()) {
+      const char* kind = Gru ? "gru" : "rnn";
+      variable_list gf = reference_backward(kind, f, 7, {go, ghy}, 7, false, relu);
+      variable_list gr = reference_backward(kind, r, 7, {go_r, ghy_r}, 7, true, relu);
+      const Tensor gi = !gf[0].defined() ? gr[0] : !gr[0].defined() ? gf[0] : gf[0] + gr[0];
+      return {gi, gf[1], gf[2], gf[3], gf[4], gf[5], gr[1], gr[2], gr[3], gr[4], gr[5], Tensor(), Tensor()};
+    }
+    GruRnnBidirBwdRet g;
+    const Tensor a0 = zeros_if_undefined(go, f[7]), a1 = zeros_if_undefined(ghy, f[5]),
+                 a2 = zeros_if_undefined(go_r, r[7]), a3 = zeros_if_undefined(ghy_r, r[5]);
+    if constexpr (Gru) {
+      static const auto op = op_handle<GruBidirBwdSig>("fastrnn::gru_bidir_backward");
+      g = op.call(a0, a1, a2, a3, f[0], f[1], f[2], f[5], r[1], r[2], r[5], as_opt(f[6]), f[7], f[8], f[9], r[7],
+                  r[8], r[9]);
+    } else {
+      static const auto op = op_handle<RnnBidirBwdSig>("fastrnn::rnn_bidir_backward");
+      g = op.call(a0, a1, a2, a3, f[0], f[1], f[2], f[5], r[1], r[2], r[5], as_opt(f[6]), relu, f[7], r[7]);
+    }
+    auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx, gw_ih_r, gw_hh_r, gb_ih_r, gb_hh_r, ghx_r] = g;
+    const bool bias = f[3].defined(), bias_r = r[3].defined();
+    return {gi,      gw_ih,   gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), ghx,
+            gw_ih_r, gw_hh_r, bias_r ? gb_ih_r : Tensor(), bias_r ? gb_hh_r : Tensor(), ghx_r, Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_bidir_forward_autograd(
+    const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const OptT& b_ih, const OptT& b_hh, const Tensor& hx,
+    const Tensor& w_ih_r, const Tensor& w_hh_r, const OptT& b_ih_r, const OptT& b_hh_r, const Tensor& hx_r,
+    const OptT& batch_sizes, bool train) {
+  variable_list r = GruRnnBidirFunction<true>::apply(input, w_ih, w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r,
+                                                     b_hh_r, hx_r, batch_sizes, train);
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_bidir_forward_autograd(
+    const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const OptT& b_ih, const OptT& b_hh, const Tensor& hx,
+    const Tensor& w_ih_r, const Tensor& w_hh_r, const OptT& b_ih_r, const OptT& b_hh_r, const Tensor& hx_r,
+    const OptT& batch_sizes, bool relu) {
+  variable_list r = GruRnnBidirFunction<false>::apply(input, w_ih, w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r,
+                                                      b_hh_r, hx_r, batch_sizes, relu);
+  return {r[0], r[1], r[2], r[3]};
+}
+
 // ------------------------------------------------------------------------------ variant cells
 // The zoneout mask and zoneout_p are constants of the forward (the mask is a random draw), so they
 // get no gradient; DropConnect never reaches these ops (it is an autograd-visible product on W_hh).
@@ -402,6 +504,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_gru_forward_a
 TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
   m.impl("lstm_forward", &fastrnn::lstm_forward_autograd);
   m.impl("lstm_bidir_forward", &fastrnn::lstm_bidir_forward_autograd);
+  m.impl("gru_bidir_forward", &fastrnn::gru_bidir_forward_autograd);
+  m.impl("rnn_bidir_forward", &fastrnn::rnn_bidir_forward_autograd);
   m.impl("gru_forward", &fastrnn::gru_forward_autograd);
   m.impl("rnn_forward", &fastrnn::rnn_forward_autograd);
   m.impl("variant_lstm_forward", &fastrnn::variant_lstm_forward_autograd);

@@ -32,7 +32,7 @@ TORCH_LIBRARY(fastrnn, m) {
       "rnn_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor w_ih, Tensor w_hh, Tensor hx, "
       "Tensor? batch_sizes, bool reverse, bool relu, Tensor output) -> (Tensor grad_input, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx)");
-  // Both directions of a bidirectional LSTM layer in one call (run at once where the CPU has
+  // Both directions of a bidirectional layer in one call (run at once where the CPU has
   // two threads): the arguments of lstm_forward / lstm_backward for the forward direction, then
   // the same for the reverse direction (suffix _r); input and batch_sizes are shared. The
   // backward's grad_input is the sum of both directions'.
@@ -51,6 +51,28 @@ TORCH_LIBRARY(fastrnn, m) {
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih_r, "
       "Tensor grad_w_hh_r, Tensor grad_b_ih_r, Tensor grad_b_hh_r, Tensor grad_w_hr_r, Tensor grad_hx_r, "
       "Tensor grad_cx_r)");
+  // The same for the GRU and the Elman RNN.
+  m.def(
+      "gru_bidir_forward(Tensor input, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor hx, "
+      "Tensor w_ih_r, Tensor w_hh_r, Tensor? b_ih_r, Tensor? b_hh_r, Tensor hx_r, Tensor? batch_sizes, bool train) "
+      "-> (Tensor output, Tensor hy, Tensor gates, Tensor hn, Tensor output_r, Tensor hy_r, Tensor gates_r, "
+      "Tensor hn_r)");
+  m.def(
+      "gru_bidir_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_output_r, Tensor grad_hy_r, Tensor input, "
+      "Tensor w_ih, Tensor w_hh, Tensor hx, Tensor w_ih_r, Tensor w_hh_r, Tensor hx_r, Tensor? batch_sizes, "
+      "Tensor output, Tensor gates, Tensor hn, Tensor output_r, Tensor gates_r, Tensor hn_r) -> (Tensor grad_input, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx, Tensor grad_w_ih_r, "
+      "Tensor grad_w_hh_r, Tensor grad_b_ih_r, Tensor grad_b_hh_r, Tensor grad_hx_r)");
+  m.def(
+      "rnn_bidir_forward(Tensor input, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor hx, "
+      "Tensor w_ih_r, Tensor w_hh_r, Tensor? b_ih_r, Tensor? b_hh_r, Tensor hx_r, Tensor? batch_sizes, bool relu) "
+      "-> (Tensor output, Tensor hy, Tensor output_r, Tensor hy_r)");
+  m.def(
+      "rnn_bidir_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_output_r, Tensor grad_hy_r, Tensor input, "
+      "Tensor w_ih, Tensor w_hh, Tensor hx, Tensor w_ih_r, Tensor w_hh_r, Tensor hx_r, Tensor? batch_sizes, "
+      "bool relu, Tensor output, Tensor output_r) -> (Tensor grad_input, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx, Tensor grad_w_ih_r, Tensor grad_w_hh_r, "
+      "Tensor grad_b_ih_r, Tensor grad_b_hh_r, Tensor grad_hx_r)");
 
   // Attention. sdpa_*: query [B, H, L, E], key [B, H, S, E], value [B, H, S, Ev]; attn_mask bool
   // (true = attend) or query's dtype (added), broadcastable to [B, H, L, S]; lse [B, H, L] is the

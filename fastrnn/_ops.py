@@ -147,6 +147,37 @@ _register_fake("gru_backward")(_gru_rnn_backward_fake(3))
 _register_fake("rnn_backward")(_gru_rnn_backward_fake(1))
 
 
+@_register_fake("gru_bidir_forward")
+def _gru_bidir_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes,
+                            train):
+    return (_gru_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, False, train)
+            + _gru_forward_fake(input, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes, True, train))
+
+
+@_register_fake("rnn_bidir_forward")
+def _rnn_bidir_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes,
+                            relu):
+    return (_rnn_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, False, relu)
+            + _rnn_forward_fake(input, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes, True, relu))
+
+
+def _gru_rnn_bidir_backward_fake(gates_per_h):
+    one = _gru_rnn_backward_fake(gates_per_h)
+
+    def fake(grad_output, grad_hy, grad_output_r, grad_hy_r, input, w_ih, w_hh, hx, w_ih_r, w_hh_r, hx_r,
+             batch_sizes, *rest):
+        # rest: (gru) output, gates, hn, output_r, gates_r, hn_r; (rnn) relu, output, output_r
+        saved, saved_r = (rest[:3], rest[3:]) if gates_per_h == 3 else ((rest[0], rest[1]), (rest[0], rest[2]))
+        f = one(grad_output, grad_hy, input, w_ih, w_hh, hx, batch_sizes, False, *saved)
+        r = one(grad_output_r, grad_hy_r, input, w_ih_r, w_hh_r, hx_r, batch_sizes, True, *saved_r)
+        return f + r[1:]
+    return fake
+
+
+_register_fake("gru_bidir_backward")(_gru_rnn_bidir_backward_fake(3))
+_register_fake("rnn_bidir_backward")(_gru_rnn_bidir_backward_fake(1))
+
+
 # ------------------------------------------------------------------------------------ attention
 def _check_attention_devices(name, ref, **tensors):
     for arg, t in tensors.items():

@@ -162,6 +162,15 @@ def _check_lstm_state_pair(hx):
                            f"{len(hx) if isinstance(hx, (tuple, list)) else 1}")
 
 
+def _direction_weights(p, has_biases, lstm=False):
+    """(w_ih, w_hh, b_ih, b_hh[, w_hr]) of one direction from its slice of the flat params."""
+    b = (p[2], p[3]) if has_biases else (None, None)
+    if not lstm:
+        return (p[0], p[1], *b)
+    extra = p[4 if has_biases else 2:]
+    return (p[0], p[1], *b, extra[0] if extra else None)
+
+
 def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
            batch_sizes, bidir_fn=None):
     """Runs layer_fn over layers and directions; states: list of [L*D, B, *] initial states.
@@ -256,14 +265,10 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
         w_hr = extra[0] if extra else None
         return lstm_layer(x, st[0], st[1], w_ih, w_hh, b_ih, b_hh, w_hr, bsz, rev)
 
-    def weights(p):  # (w_ih, w_hh, b_ih, b_hh, w_hr) of one direction
-        extra = p[4 if has_biases else 2:]
-        return (p[0], p[1], p[2] if has_biases else None, p[3] if has_biases else None, extra[0] if extra else None)
-
     def bidir(x, st_f, st_r, p_f, p_r, bsz):
         train = _needs_grad(x, *st_f, *st_r, *p_f, *p_r)
-        r = _call(_ops.lstm_bidir_forward, train, x, *weights(p_f), st_f[0], st_f[1], *weights(p_r), st_r[0],
-                  st_r[1], bsz, train)
+        r = _call(_ops.lstm_bidir_forward, train, x, *_direction_weights(p_f, has_biases, True), st_f[0], st_f[1],
+                  *_direction_weights(p_r, has_biases, True), st_r[0], st_r[1], bsz, train)
         return r[0], r[6], (r[1], r[2]), (r[7], r[8])
 
     out, (h, c) = _stack(layer, input, list(hx), params, has_biases, num_layers, dropout, train, bidirectional,
@@ -282,8 +287,14 @@ def gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional
     def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
         return gru_layer(x, st[0], w_ih, w_hh, b_ih, b_hh, bsz, rev)
 
+    def bidir(x, st_f, st_r, p_f, p_r, bsz):
+        train = _needs_grad(x, *st_f, *st_r, *p_f, *p_r)
+        r = _call(_ops.gru_bidir_forward, train, x, *_direction_weights(p_f, has_biases), st_f[0],
+                  *_direction_weights(p_r, has_biases), st_r[0], bsz, train)
+        return r[0], r[4], (r[1],), (r[5],)
+
     out, (h,) = _stack(layer, input, [hx], params, has_biases, num_layers, dropout, train, bidirectional,
-                       batch_first, batch_sizes)
+                       batch_first, batch_sizes, bidir_fn=bidir)
     return out, h
 
 
@@ -302,8 +313,14 @@ def rnn(input, hx, params, has_biases, num_layers, dropout, train, bidirectional
     def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
         return rnn_layer(x, st[0], w_ih, w_hh, b_ih, b_hh, bsz, rev, nonlinearity)
 
+    def bidir(x, st_f, st_r, p_f, p_r, bsz):
+        train = _needs_grad(x, *st_f, *st_r, *p_f, *p_r)
+        r = _call(_ops.rnn_bidir_forward, train, x, *_direction_weights(p_f, has_biases), st_f[0],
+                  *_direction_weights(p_r, has_biases), st_r[0], bsz, nonlinearity == "relu")
+        return r[0], r[2], (r[1],), (r[3],)
+
     out, (h,) = _stack(layer, input, [hx], params, has_biases, num_layers, dropout, train, bidirectional,
-                       batch_first, batch_sizes)
+                       batch_first, batch_sizes, bidir_fn=bidir)
     return out, h
 
 

@@ -22,7 +22,8 @@ import torch
 import fastrnn  # noqa: F401  (registers torch.ops.fastrnn.*)
 
 RECURRENT_OPS = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "rnn_forward", "rnn_backward",
-                 "lstm_bidir_forward", "lstm_bidir_backward"]
+                 "lstm_bidir_forward", "lstm_bidir_backward", "gru_bidir_forward", "gru_bidir_backward",
+                 "rnn_bidir_forward", "rnn_bidir_backward"]
 VARIANT_OPS = ["variant_lstm_forward", "variant_lstm_backward", "variant_gru_forward", "variant_gru_backward"]
 ATTENTION_OPS = ["sdpa_forward", "sdpa_backward", "additive_attention_forward", "additive_attention_backward"]
 OPS = RECURRENT_OPS + VARIANT_OPS + ATTENTION_OPS
@@ -30,7 +31,7 @@ ALLOWED = ("RuntimeError", "ValueError", "TypeError", "NotImplementedError")  # 
 
 T, B, I, H, P = 4, 3, 5, 6, 4
 BATCH_SIZES = [3, 3, 2, 1]  # sums to 9 packed rows, B = 3
-GATES = {"lstm": 4, "lstm_bidir": 4, "gru": 3, "rnn": 1, "variant_lstm": 4, "variant_gru": 3}
+GATES = {"lstm": 4, "lstm_bidir": 4, "gru": 3, "gru_bidir": 3, "rnn_bidir": 1, "rnn": 1, "variant_lstm": 4, "variant_gru": 3}
 
 
 def cell_kind(op: str) -> tuple[str, str]:
@@ -57,8 +58,8 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
     cell, kind = cell_kind(op)
     if cell.startswith("variant_"):
         return variant_base_args(op, variant, batch)
-    if cell == "lstm_bidir":
-        return bidir_base_args(kind, variant, batch)
+    if cell.endswith("_bidir"):
+        return bidir_base_args(cell, kind, variant, batch)
     G = GATES[cell]
     proj, packed = variant == "proj", variant == "packed"
     Ph = P if proj else H
@@ -101,30 +102,31 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
                        w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, relu=False, output=out)
 
 
-_DIRECTION_ARGS = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "hx", "cx")
-
-
-def bidir_base_args(kind: str, variant: str, batch: int = B) -> "OrderedDict[str, object]":
-    """lstm_bidir_*: the lstm call's arguments for the forward direction, other values of the same
-    shapes for the reverse one (suffix _r)."""
-    f = base_args("lstm_forward", variant, batch)
+def bidir_base_args(cell: str, kind: str, variant: str, batch: int = B) -> "OrderedDict[str, object]":
+    """*_bidir_*: the single-direction op's arguments for the forward direction, other values of the
+    same shapes for the reverse one (suffix _r); input, batch_sizes and the flag shared. The
+    backward's arguments are looked up by their schema names."""
+    base = cell[:-len("_bidir")]
+    f = base_args(base + "_forward", variant, batch)
+    shared = ("input", "batch_sizes", "reverse", "train", "relu")
+    per_direction = [k for k in f if k not in shared]
     fwd = OrderedDict(input=f["input"])
-    fwd.update((k, f[k]) for k in _DIRECTION_ARGS)
-    fwd.update((k + "_r", None if f[k] is None else f[k].flip(0) * 0.75) for k in _DIRECTION_ARGS)
-    fwd.update(batch_sizes=f["batch_sizes"], train=True)
+    fwd.update((k, f[k]) for k in per_direction)
+    fwd.update((k + "_r", None if f[k] is None else f[k].flip(0) * 0.75) for k in per_direction)
+    fwd["batch_sizes"] = f["batch_sizes"]
+    flag = "relu" if base == "rnn" else "train"
+    fwd[flag] = f[flag]
     if kind == "forward":
         return fwd
-    res = torch.ops.fastrnn.lstm_bidir_forward(*fwd.values())
+    res = getattr(torch.ops.fastrnn, cell + "_forward")(*fwd.values())
+    outs = [a.name for a in getattr(torch.ops.fastrnn, base + "_forward").default._schema.returns]
+    vals = dict(fwd)
     gen = torch.Generator().manual_seed(99)
-    grads = [(_randn(gen, *t.shape)).to(t.dtype) for t in (res[0], res[1], res[2], res[6], res[7], res[8])]
-    bwd = OrderedDict(zip(["grad_output", "grad_hy", "grad_cy", "grad_output_r", "grad_hy_r", "grad_cy_r"], grads))
-    bwd["input"] = f["input"]
-    for sfx in ("", "_r"):
-        bwd.update((k + sfx, fwd[k + sfx]) for k in ("w_ih", "w_hh", "w_hr", "hx", "cx"))
-    bwd["batch_sizes"] = f["batch_sizes"]
-    bwd.update(zip(["output", "gates", "cells", "proj_input", "output_r", "gates_r", "cells_r", "proj_input_r"],
-                   [res[0], *res[3:6], res[6], *res[9:12]]))
-    return bwd
+    for i, name in enumerate(outs):
+        for sfx, t in (("", res[i]), ("_r", res[len(outs) + i])):
+            vals[name + sfx] = t
+            vals["grad_" + name + sfx] = _randn(gen, *t.shape).to(t.dtype)
+    return OrderedDict((k, vals[k]) for k in schema_names(cell + "_backward"))
 
 
 AH, AL, AS, AE, AEV, AD = 2, 5, 6, 4, 3, 7  # heads, query len, key len, query/key dim, value dim, additive hidden
@@ -378,11 +380,11 @@ def build_cases() -> list[Case]:
             if cell.startswith("variant_"):
                 for what, p in (("above_one", 1.5), ("negative", -0.25), ("nan", float("nan"))):
                     cases.append(Case(op, variant, "zoneout_p", what, "error", _set("zoneout_p", p)))
-            if kind == "backward" and cell in ("lstm", "lstm_bidir", "gru", "variant_lstm", "variant_gru"):
+            if kind == "backward" and cell in ("lstm", "lstm_bidir", "gru", "gru_bidir", "variant_lstm", "variant_gru"):
                 ws = ["gates", "cells", "proj_input"] if cell.startswith("lstm") else ["gates", "hn"]
                 if variant != "proj":
                     ws = ws[:2]
-                if cell == "lstm_bidir":
+                if cell.endswith("_bidir"):
                     ws = ws + [w + "_r" for w in ws]
                 if cell.startswith("variant_"):
                     ws = ["gates", "cells" if cell == "variant_lstm" else "hn", "norm", "stats"]

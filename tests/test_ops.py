@@ -402,62 +402,76 @@ def test_single_step_matches_reference(cell, bias, B, dtype, isa):
         assert_close(gf, gr)
 
 
-# ------------------------------------------------------------------ bidirectional LSTM layer op
-def _bidir_case(T, B, I, H, P=None, packed=False, dtype=torch.float64, bias=True):
-    cell = "lstm_proj" if P else "lstm"
-    x, st, w, bsz = make_case(cell, T=T, B=B, I=I, H=H, P=P or 3, dtype=dtype, bias=bias, packed=packed)
-    _, st_r, w_r, _ = make_case(cell, T=T, B=B, I=I, H=H, P=P or 3, dtype=dtype, bias=bias, packed=packed)
+# ------------------------------------------------------------- bidirectional layer ops (*_bidir_*)
+def _bidir_case(cell, T, B, I, H, packed=False, dtype=torch.float64, bias=True):
+    P = min(4, H - 1)  # (lstm_proj)
+    x, st, w, bsz = make_case(cell, T=T, B=B, I=I, H=H, P=P, dtype=dtype, bias=bias, packed=packed)
+    _, st_r, w_r, _ = make_case(cell, T=T, B=B, I=I, H=H, P=P, dtype=dtype, bias=bias, packed=packed)
     return x, (st, w), (st_r, w_r), bsz
 
 
-def _bidir_args(x, f, r, bsz, train):
+def _bidir_args(cell, x, f, r, bsz, train):
+    """The *_bidir_forward arguments; the last is train (LSTM, GRU) or relu (RNN)."""
+    kind = cell.split("_")[0]
+
     def one(st, w):
-        return [w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w.get("w_hr"), st["hx"], st["cx"]]
-    return (x, *one(*f), *one(*r), bsz, train)
+        ws = [w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"]]
+        return ws + [w.get("w_hr"), st["hx"], st["cx"]] if kind == "lstm" else ws + [st["hx"]]
+    return (x, *one(*f), *one(*r), bsz, cell == "rnn_relu" if kind == "rnn" else train)
+
+
+# The differentiable outputs (output and final states) of each direction, by index.
+BIDIR_OUTS = {"lstm": ((0, 1, 2), (6, 7, 8)), "gru": ((0, 1), (4, 5)), "rnn": ((0, 1), (2, 3))}
+
+
+def _bidir_op(cell):
+    return getattr(torch.ops.fastrnn, cell.split("_")[0] + "_bidir_forward")
 
 
 # Sizes on both sides of the threshold above which the two directions run at once (1M
 # multiply-adds a direction): the sequential and the concurrent path.
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("size", ["small", "large"])
-@pytest.mark.parametrize("variant", ["dense", "proj", "packed", "nobias"])
-def test_bidir_op_matches_two_directions(variant, size, threads):
-    """lstm_bidir_forward / lstm_bidir_backward give what lstm_forward (reverse False, then True)
-    and lstm_backward give, every output and gradient, float64."""
+@pytest.mark.parametrize("variant", ["dense", "packed", "nobias"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"])
+def test_bidir_op_matches_two_directions(cell, variant, size, threads):
+    """*_bidir_forward and their backward give what the single-direction ops (reverse False, then
+    True) give, every output and gradient, float64."""
     T, B, I, H = (4, 3, 5, 6) if size == "small" else (30, 16, 40, 48)
-    x, f, r, bsz = _bidir_case(T, B, I, H, P=4 if variant == "proj" else None, packed=variant == "packed",
-                               bias=variant != "nobias")
+    kind = cell.split("_")[0]
+    x, f, r, bsz = _bidir_case(cell, T, B, I, H, packed=variant == "packed", bias=variant != "nobias")
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        res = torch.ops.fastrnn.lstm_bidir_forward(*_bidir_args(x, f, r, bsz, True))
+        res = _bidir_op(cell)(*_bidir_args(cell, x, f, r, bsz, True))
+        got_out = [res[i] for i in BIDIR_OUTS[kind][0] + BIDIR_OUTS[kind][1]]
         ref = []
         for (st, w), rev in ((f, False), (r, True)):
-            ref += run_fused("lstm_proj" if variant == "proj" else "lstm", x, st, w, bsz, rev)
-        for o, e in zip((res[0], res[1], res[2], res[6], res[7], res[8]), ref):
+            ref += run_fused(cell, x, st, w, bsz, rev)
+        for o, e in zip(got_out, ref):
             assert_close(o, e)
         cot = [torch.randn_like(e) for e in ref]
         inputs = leaves(x, *f) + [t for t in leaves(x, *r) if t is not x]
-        got = torch.autograd.grad((res[0], res[1], res[2], res[6], res[7], res[8]), inputs, cot)
-        want = torch.autograd.grad(ref, inputs, cot)
-        for a, b in zip(got, want):
+        for a, b in zip(torch.autograd.grad(got_out, inputs, cot), torch.autograd.grad(ref, inputs, cot)):
             assert_close(a, b)
     finally:
         torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("variant", ["dense", "proj", "packed"])
-def test_bidir_op_gradcheck(variant):
-    x, f, r, bsz = _bidir_case(3, 2, 2, 3, P=2 if variant == "proj" else None, packed=variant == "packed")
-    args = _bidir_args(x, f, r, bsz, True)
+@pytest.mark.parametrize("variant", ["dense", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"])
+def test_bidir_op_gradcheck(cell, variant):
+    kind = cell.split("_")[0]
+    x, f, r, bsz = _bidir_case(cell, 3, 2, 2, 3, packed=variant == "packed")
+    args = _bidir_args(cell, x, f, r, bsz, True)
     idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def fn(*vals):
         a = list(args)
         for i, v in zip(idx, vals):
             a[i] = v
-        out = torch.ops.fastrnn.lstm_bidir_forward(*a)
-        return out[0], out[1], out[2], out[6], out[7], out[8]
+        out = _bidir_op(cell)(*a)
+        return tuple(out[i] for i in BIDIR_OUTS[kind][0] + BIDIR_OUTS[kind][1])
 
     vals = [args[i] for i in idx]
     assert torch.autograd.gradcheck(fn, vals, eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -465,19 +479,22 @@ def test_bidir_op_gradcheck(variant):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_bidir_opcheck(packed):
-    x, f, r, bsz = _bidir_case(3, 2, 3, 4, packed=packed)
-    ops = torch.ops.fastrnn
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_bidir_opcheck(cell, packed):
+    kind = cell.split("_")[0]
+    x, f, r, bsz = _bidir_case(cell, 3, 2, 3, 4, packed=packed)
     for train in (True, False):
-        args = _bidir_args(x, f, r, bsz, train)
+        args = _bidir_args(cell, x, f, r, bsz, train)
         if not train:
             args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(ops.lstm_bidir_forward.default, args)
-    res = ops.lstm_bidir_forward(*_bidir_args(x, f, r, bsz, True))
-    d = lambda t: t.detach() if t is not None else None  # noqa: E731
-    (st, w), (st_r, w_r) = f, r
-    args = (torch.randn_like(res[0]), torch.randn_like(res[1]), torch.randn_like(res[2]), torch.randn_like(res[6]),
-            torch.randn_like(res[7]), torch.randn_like(res[8]), d(x), d(w["w_ih"]), d(w["w_hh"]), None, d(st["hx"]),
-            d(st["cx"]), d(w_r["w_ih"]), d(w_r["w_hh"]), None, d(st_r["hx"]), d(st_r["cx"]), bsz,
-            *[d(t) for t in (res[0], res[3], res[4], res[5], res[6], res[9], res[10], res[11])])
-    torch.library.opcheck(ops.lstm_bidir_backward.default, args)
+        torch.library.opcheck(_bidir_op(cell).default, args)
+    # the backward op, its arguments by schema name
+    res = _bidir_op(cell)(*_bidir_args(cell, x, f, r, bsz, True))
+    fwd_names = [a.name for a in _bidir_op(cell).default._schema.arguments]
+    vals = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
+            for k, v in zip(fwd_names, _bidir_args(cell, x, f, r, bsz, True))}
+    for ret, t in zip(_bidir_op(cell).default._schema.returns, res):
+        vals[ret.name] = t.detach()
+        vals["grad_" + ret.name] = torch.randn_like(t)
+    bwd = getattr(torch.ops.fastrnn, kind + "_bidir_backward").default
+    torch.library.opcheck(bwd, tuple(vals[a.name] for a in bwd._schema.arguments))

@@ -1128,6 +1128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // validated before either direction starts.
 // ----------------------------------------------------------------------------------------
 constexpr double kConcurrentMinMacs = 1024.0 * 1024;  // per direction; smaller layers run in turn
+// The reverse direction's op name in error messages.
+#define FASTRNN_REVERSE(op) op " (reverse direction: the *_r arguments)"
 
 template <typename Run>
 void both_directions(const Args& a, const Run& run) {
@@ -1156,7 +1158,7 @@ T12 lstm_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at
                        bool train) {
   const Args a[2] = {prepare("fastrnn.lstm_bidir_forward", Cell::LSTM, input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx,
                              batch_sizes, false),
-                     prepare("fastrnn.lstm_bidir_forward (reverse direction: the *_r arguments)", Cell::LSTM, input,
+                     prepare(FASTRNN_REVERSE("fastrnn.lstm_bidir_forward"), Cell::LSTM, input,
                              w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, hx_r, cx_r, batch_sizes, true)};
   ForwardOut o[2];
   both_directions(a[0], [&](int64_t d) { o[d] = forward(a[d], train); });
@@ -1177,7 +1179,7 @@ lstm_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, co
                     const at::Tensor& cells_r, const at::Tensor& proj_input_r) {
   const Args a[2] = {prepare("fastrnn.lstm_bidir_backward", Cell::LSTM, input, w_ih, w_hh, c10::nullopt, c10::nullopt,
                              w_hr, hx, cx, batch_sizes, false),
-                     prepare("fastrnn.lstm_bidir_backward (reverse direction: the *_r arguments)", Cell::LSTM, input,
+                     prepare(FASTRNN_REVERSE("fastrnn.lstm_bidir_backward"), Cell::LSTM, input,
                              w_ih_r, w_hh_r, c10::nullopt, c10::nullopt, w_hr_r, hx_r, cx_r, batch_sizes, true)};
   const at::Tensor* in[2][7] = {{&grad_output, &grad_hy, &grad_cy, &output, &gates, &cells, &proj_input},
                                 {&grad_output_r, &grad_hy_r, &grad_cy_r, &output_r, &gates_r, &cells_r, &proj_input_r}};
@@ -1192,9 +1194,105 @@ lstm_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, co
           g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_w_hr, g[1].grad_hx, g[1].grad_cx};
 }
 
+// GRU and Elman RNN: as the LSTM's, without cell state and projection.
+using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using T8 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using T11 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                       at::Tensor, at::Tensor, at::Tensor>;
+
+// The two directions' Args of a GRU/RNN bidirectional op (biases only for a forward); op_r names
+// the reverse direction in error messages.
+void prepare_pair(Args* a, const char* op, const char* op_r, Cell cell, const at::Tensor& input,
+                  const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih, const OptT& b_hh,
+                  const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r, const OptT& b_ih_r,
+                  const OptT& b_hh_r, const at::Tensor& hx_r, const OptT& batch_sizes, bool relu) {
+  a[0] = prepare(op, cell, input, w_ih, w_hh, b_ih, b_hh, c10::nullopt, hx, c10::nullopt, batch_sizes, false);
+  a[1] = prepare(op_r, cell, input, w_ih_r, w_hh_r, b_ih_r, b_hh_r, c10::nullopt, hx_r, c10::nullopt, batch_sizes,
+                 true);
+  a[0].relu = a[1].relu = relu;
+}
+
+
+// Both directions' backward (validated first); grad_input summed.
+void bidir_backward(Args* a, const at::Tensor* grads, const at::Tensor* saved, BackwardOut* g) {
+  const at::Tensor none = at::empty({0}, a[0].x.options());
+  for (int d = 0; d < 2; ++d)
+    validate_backward(a[d], grads[2 * d], grads[2 * d + 1], c10::nullopt, saved[3 * d], saved[3 * d + 1],
+                      saved[3 * d + 2], none);
+  both_directions(a[0], [&](int64_t d) {
+    g[d] = backward(a[d], grads[2 * d], grads[2 * d + 1], c10::nullopt, saved[3 * d], saved[3 * d + 1],
+                    saved[3 * d + 2], none, false);
+  });
+  g[0].grad_input.add_(g[1].grad_input);
+}
+
+T8 gru_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih,
+                     const OptT& b_hh, const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
+                     const OptT& b_ih_r, const OptT& b_hh_r, const at::Tensor& hx_r, const OptT& batch_sizes,
+                     bool train) {
+  Args a[2];
+  prepare_pair(a, "fastrnn.gru_bidir_forward", FASTRNN_REVERSE("fastrnn.gru_bidir_forward"), Cell::GRU, input, w_ih,
+               w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes, false);
+  ForwardOut o[2];
+  both_directions(a[0], [&](int64_t d) { o[d] = forward(a[d], train); });
+  return {o[0].output, o[0].hy, o[0].ws0, o[0].ws1, o[1].output, o[1].hy, o[1].ws0, o[1].ws1};
+}
+
+T11 gru_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_output_r,
+                       const at::Tensor& grad_hy_r, const at::Tensor& input, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh, const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
+                       const at::Tensor& hx_r, const OptT& batch_sizes, const at::Tensor& output,
+                       const at::Tensor& gates, const at::Tensor& hn, const at::Tensor& output_r,
+                       const at::Tensor& gates_r, const at::Tensor& hn_r) {
+  Args a[2];
+  prepare_pair(a, "fastrnn.gru_bidir_backward", FASTRNN_REVERSE("fastrnn.gru_bidir_backward"), Cell::GRU, input, w_ih,
+               w_hh, c10::nullopt, c10::nullopt, hx, w_ih_r, w_hh_r, c10::nullopt, c10::nullopt, hx_r, batch_sizes,
+               false);
+  const at::Tensor grads[4] = {grad_output, grad_hy, grad_output_r, grad_hy_r};
+  const at::Tensor saved[6] = {output, gates, hn, output_r, gates_r, hn_r};
+  BackwardOut g[2];
+  bidir_backward(a, grads, saved, g);
+  return {g[0].grad_input, g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_hx,
+          g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_hx};
+}
+
+T4 rnn_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih,
+                     const OptT& b_hh, const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
+                     const OptT& b_ih_r, const OptT& b_hh_r, const at::Tensor& hx_r, const OptT& batch_sizes,
+                     bool relu) {
+  Args a[2];
+  prepare_pair(a, "fastrnn.rnn_bidir_forward", FASTRNN_REVERSE("fastrnn.rnn_bidir_forward"), Cell::RNN, input, w_ih,
+               w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes, relu);
+  ForwardOut o[2];
+  both_directions(a[0], [&](int64_t d) { o[d] = forward(a[d], false); });
+  return {o[0].output, o[0].hy, o[1].output, o[1].hy};
+}
+
+T11 rnn_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_output_r,
+                       const at::Tensor& grad_hy_r, const at::Tensor& input, const at::Tensor& w_ih,
+                       const at::Tensor& w_hh, const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
+                       const at::Tensor& hx_r, const OptT& batch_sizes, bool relu, const at::Tensor& output,
+                       const at::Tensor& output_r) {
+  Args a[2];
+  prepare_pair(a, "fastrnn.rnn_bidir_backward", FASTRNN_REVERSE("fastrnn.rnn_bidir_backward"), Cell::RNN, input, w_ih,
+               w_hh, c10::nullopt, c10::nullopt, hx, w_ih_r, w_hh_r, c10::nullopt, c10::nullopt, hx_r, batch_sizes,
+               relu);
+  const at::Tensor none = at::empty({0}, input.options());
+  const at::Tensor grads[4] = {grad_output, grad_hy, grad_output_r, grad_hy_r};
+  const at::Tensor saved[6] = {output, none, none, output_r, none, none};
+  BackwardOut g[2];
+  bidir_backward(a, grads, saved, g);
+  return {g[0].grad_input, g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_hx,
+          g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_hx};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
+  m.impl("gru_bidir_forward", &gru_bidir_forward);
+  m.impl("gru_bidir_backward", &gru_bidir_backward);
+  m.impl("rnn_bidir_forward", &rnn_bidir_forward);
+  m.impl("rnn_bidir_backward", &rnn_bidir_backward);
   m.impl("lstm_bidir_forward", &lstm_bidir_forward);
   m.impl("lstm_bidir_backward", &lstm_bidir_backward);
   m.impl("lstm_forward", &lstm_forward);
