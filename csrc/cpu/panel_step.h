@@ -40,10 +40,11 @@ class PanelGemm {
     if (m == 0 || p0 >= p1) return;
     panel_gemm(panel::GemmArgs<T>{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate}, p0, p1);
   }
-  // All panels, split over threads where that pays (team.h's threads_pay).
-  void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate) const {
+  // All panels, split over threads where that pays (team.h's threads_pay); bias [N] (or null)
+  // added to every row of C (without accumulate).
+  void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate, const T* bias = nullptr) const {
     if (m == 0) return;
-    const panel::GemmArgs<T> g{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate};
+    const panel::GemmArgs<T> g{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate, bias};
     constexpr int64_t NR = panel::kGemmV * panel::Vec<T>::L;
     if (!threads_pay(double(m) * double(K_) * double(N_), double(K_) * double(N_) * double(sizeof(T)))) {
       panel_gemm(g, 0, n_panels_);

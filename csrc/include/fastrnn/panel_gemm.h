@@ -162,6 +162,7 @@ struct GemmArgs {
   T* c;
   int64_t ldc;
   bool accumulate;
+  const T* bias = nullptr;  // [N], added to every row of C (not with accumulate)
 };
 
 // A panel longer than kGemmKC rows of K (kGemmKC * NR * 4 bytes = 256 KiB in float32) no longer
@@ -198,6 +199,8 @@ FASTRNN_INLINE void gemm_impl(const GemmArgs<T>& g, int64_t p0, int64_t p1) {
         const T* trow = tile + i * NR;
         if (g.accumulate)
           for (int64_t q = 0; q < nc; ++q) crow[q] += trow[q];
+        else if (g.bias)
+          for (int64_t q = 0; q < nc; ++q) crow[q] = trow[q] + g.bias[c0 + q];
         else
           std::memcpy(crow, trow, sizeof(T) * nc);
       }
