@@ -964,7 +964,15 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     }
   // grad_input = dG_x W_ih: oneDNN takes the weight as [N, K] (W_ih^T, transposed once); at::mm
   // takes W_ih as it is.
-  const bool onednn_gi = !a.lowp && use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
+  // Or on the panel kernel, W_ih packed for the call (as the forward's projection: measured, this
+  // machine, 2 threads, 1600x1024 @ 1024x256 ... see below), for float32/float64 with enough rows.
+  std::unique_ptr<PanelGemm<T>> gi_panel;
+  {
+    const int o = gemm_backend_override().load();
+    if (!a.lowp && (o == 0 || o == 4) && N >= kPanelProjectionMinRows && a.I > 0 && GH * a.I <= kPanelMaxWeightElems)
+      gi_panel = std::make_unique<PanelGemm<T>>(a.w_ih, /*trans_b=*/false, a.I, GH, /*cache_layout=*/-1);
+  }
+  const bool onednn_gi = !gi_panel && !a.lowp && use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
   at::Tensor w_ih_t = onednn_gi ? transposed<T>(a.w_ih) : at::Tensor();
   g.grad_input = empty_big({N, a.I}, a.x.options());
   g.grad_b_ih = at::zeros({GH}, a.opts);
@@ -1023,6 +1031,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     at::Tensor gi_rows = g.grad_input.narrow(0, row0, rows);
     if (a.lowp)
       at::mm_out(gi_rows, dgx_b, a.w_ih);  // bfloat16 rows, rounded once
+    else if (gi_panel)
+      gi_panel->run(dgxp, rows, GH, gi_rows.data_ptr<T>(), a.I, false);
     else if (onednn_gi)
       gi_rows.copy_(onednn_linear(dgx_c, w_ih_t, at::Tensor()));
     else
