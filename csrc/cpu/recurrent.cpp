@@ -901,11 +901,12 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   // of the product streams them (measured per chunk, 2 threads, against oneDNN: T=100, B=16,
   // I=H=256 dW_hh 2.43 -> 2.07 ms, dW_ih 2.06 -> 1.72, grad_input 2.11 -> 1.67; B=64, I=H=512
   // dW_hh 8.5 -> 8.0, dW_ih 7.7 -> 7.0, grad_input 7.7 -> 7.4; with a 26 MB dG at I=H=1024 the
-  // weight gradients ran 15% slower than oneDNN's). X and h_prev fill at least half a panel.
+  // weight gradients ran 15% slower than oneDNN's). X and h_prev at least a panel wide (at I = H =
+  // 32, half-empty panels: training T=5, B=1024 ran 2.75 -> 3.05-3.55 ms).
   constexpr int64_t kNR = panel::kGemmV * panel::Vec<T>::L;
   const int backend = gemm_backend_override().load();
   const bool panel_products = !a.lowp && (backend == 0 || backend == 4) && N >= kPanelProjectionMinRows &&
-                              2 * a.I >= kNR && 2 * P >= kNR && GH * a.I <= kPanelMaxWeightElems;
+                              a.I >= kNR && P >= kNR && GH * a.I <= kPanelMaxWeightElems;
   const bool panel_wgrad = panel_products;
   const bool chunked =
       N > 0 && (panel_products || use_onednn_for(GH, std::max(a.I, P), N, std::is_same_v<T, float>));
