@@ -45,13 +45,31 @@ class PanelGemm {
   void run(const T* a, int64_t m, int64_t lda, T* c, int64_t ldc, bool accumulate, const T* bias = nullptr) const {
     if (m == 0) return;
     const panel::GemmArgs<T> g{a, lda, m, K_, N_, packed_.data_ptr<T>(), c, ldc, accumulate, bias};
-    constexpr int64_t NR = panel::kGemmV * panel::Vec<T>::L;
     if (!threads_pay(double(m) * double(K_) * double(N_), double(K_) * double(N_) * double(sizeof(T)))) {
       panel_gemm(g, 0, n_panels_);
       return;
     }
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, m * K_ * NR));
-    at::parallel_for(0, n_panels_, grain, [&](int64_t p0, int64_t p1) { panel_gemm(g, p0, p1); });
+    run_split(g, n_panels_);
+  }
+
+  // g over panels [0, n_panels) split over threads: by panels, and where the panels are few for
+  // the threads (or do not divide evenly among them) and A has rows to spare, by blocks of A's
+  // rows too (each block reads the whole panel again, so only above 96 rows: a block of >= 48
+  // rows keeps the micro-kernel's rate). 5 panels on 2 threads ran as 3 + 2.
+  static void run_split(const panel::GemmArgs<T>& g, int64_t n_panels) {
+    const int64_t threads = at::get_num_threads(), max_split = std::max<int64_t>(1, g.m / 48);
+    int64_t split = g.m >= 96 ? std::min(max_split, (4 * threads + n_panels - 1) / n_panels) : 1;
+    while ((n_panels * split) % threads != 0 && split < max_split && g.m >= 96) ++split;
+    at::parallel_for(0, n_panels * split, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p = t / split, m0 = g.m * (t % split) / split, m1 = g.m * (t % split + 1) / split;
+        panel::GemmArgs<T> sub = g;
+        sub.a = g.a + m0 * g.lda;
+        sub.c = g.c + m0 * g.ldc;
+        sub.m = m1 - m0;
+        panel_gemm(sub, p, p + 1);
+      }
+    });
   }
 
  private:

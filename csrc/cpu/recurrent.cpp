@@ -812,17 +812,8 @@ void panel_weight_grad(const at::Tensor& dgt, const Row& row, int64_t rows, int6
     }
   });
   if (!accumulate) out = empty_big({GH, C}, dgt.options());
-  // Tasks: (panel, block of GH rows), at least two a thread, blocks of 48+ rows.
-  const int64_t splits = std::clamp<int64_t>((2 * at::get_num_threads() + n_panels - 1) / n_panels, 1,
-                                             std::max<int64_t>(1, GH / 48));
-  const T* a = dgt.data_ptr<T>();
-  T* c = out.data_ptr<T>();
-  at::parallel_for(0, n_panels * splits, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p = t / splits, m0 = GH * (t % splits) / splits, m1 = GH * (t % splits + 1) / splits;
-      panel_gemm(panel::GemmArgs<T>{a + m0 * rows, rows, m1 - m0, rows, C, pk, c + m0 * C, C, accumulate}, p, p + 1);
-    }
-  });
+  const panel::GemmArgs<T> g{dgt.data_ptr<T>(), rows, GH, rows, C, pk, out.data_ptr<T>(), C, accumulate};
+  PanelGemm<T>::run_split(g, n_panels);
 }
 
 template <typename T>
