@@ -56,6 +56,28 @@ def leaves(x, st, w):
     return [t for t in [x, *st.values(), *w.values()] if t is not None]
 
 
+def check_both_directions(cell, x, st, w, bsz, dtype=None):
+    """The fused op against the float64 reference in both directions: every output, and every
+    input's gradient for random cotangents on all outputs. dtype: run the fused op on copies cast
+    to it (checked against the truth with that dtype's bound)."""
+    if dtype is None or dtype == torch.float64:
+        xd, std, wd, check = x, st, w, assert_close
+    else:
+        cast = lambda t: t.detach().to(dtype).requires_grad_()  # noqa: E731
+        xd, std, wd = cast(x), {k: cast(v) for k, v in st.items()}, {k: None if v is None else cast(v)
+                                                                      for k, v in w.items()}
+        check = assert_close_to_truth
+    for reverse in (False, True):
+        outs = run_fused(cell, xd, std, wd, bsz, reverse)
+        refs = run_ref(cell, x, st, w, bsz, reverse)
+        for o, r in zip(outs, refs):
+            check(o, r)
+        cot = [torch.randn_like(r) for r in refs]
+        for gf, gr in zip(torch.autograd.grad(outs, leaves(xd, std, wd), [c.to(o.dtype) for c, o in zip(cot, outs)]),
+                          torch.autograd.grad(refs, leaves(x, st, w), cot)):
+            check(gf, gr)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -316,16 +338,7 @@ def test_persistent_team_and_per_step_regions_agree(cell, packed, team, monkeypa
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        x, st, w, bsz = make_case(cell, T=7, B=5, I=12, H=80, packed=packed)
-        for reverse in (False, True):
-            outs = run_fused(cell, x, st, w, bsz, reverse)
-            refs = run_ref(cell, x, st, w, bsz, reverse)
-            for o, r in zip(outs, refs):
-                assert_close(o, r)
-            cot = [torch.randn_like(r) for r in refs]
-            for gf, gr in zip(torch.autograd.grad(outs, leaves(x, st, w), cot),
-                              torch.autograd.grad(refs, leaves(x, st, w), cot)):
-                assert_close(gf, gr)
+        check_both_directions(cell, *make_case(cell, T=7, B=5, I=12, H=80, packed=packed))
     finally:
         torch.set_num_threads(n)
 
@@ -338,16 +351,7 @@ def test_panel_row_blocks_and_long_panels(cell, packed, B):
     5 + 5 + 4), more than 48 rows taken in groups, and backward's dh = dG W_hh over more than
     2048 gate rows (G*H > 2048) taken 1024 rows of the panel at a time, partial sums carried."""
     H = {"lstm": 520, "gru": 700}[cell]
-    x, st, w, bsz = make_case(cell, T=3, B=B, I=4, H=H, packed=packed)
-    for reverse in (False, True):
-        outs = run_fused(cell, x, st, w, bsz, reverse)
-        refs = run_ref(cell, x, st, w, bsz, reverse)
-        for o, r in zip(outs, refs):
-            assert_close(o, r)
-        cot = [torch.randn_like(r) for r in refs]
-        for gf, gr in zip(torch.autograd.grad(outs, leaves(x, st, w), cot),
-                          torch.autograd.grad(refs, leaves(x, st, w), cot)):
-            assert_close(gf, gr)
+    check_both_directions(cell, *make_case(cell, T=3, B=B, I=4, H=H, packed=packed))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -393,18 +397,7 @@ def test_panel_chunk_products(cell, packed, dtype, monkeypatch):
     # Weights at torch.nn's init scale (~1/sqrt(H)): make_case's 0.5 saturates every gate at this
     # width, where the gradients cancel (the same errors on every GEMM backend).
     w = {k: None if v is None else (v.detach() * 0.2).requires_grad_() for k, v in w.items()}
-    cast = lambda t: t.detach().to(dtype).requires_grad_()  # noqa: E731
-    xd, std, wd = cast(x), {k: cast(v) for k, v in st.items()}, {k: cast(v) for k, v in w.items() if v is not None}
-    check = assert_close if dtype == torch.float64 else assert_close_to_truth
-    for reverse in (False, True):
-        outs = run_fused(cell, xd, std, wd, bsz, reverse)
-        refs = run_ref(cell, x, st, w, bsz, reverse)
-        for o, r in zip(outs, refs):
-            check(o, r)
-        cot = [torch.randn_like(r) for r in refs]
-        for gf, gr in zip(torch.autograd.grad(outs, leaves(xd, std, wd), [c.to(dtype) for c in cot]),
-                          torch.autograd.grad(refs, leaves(x, st, w), cot)):
-            check(gf, gr)
+    check_both_directions(cell, x, st, w, bsz, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
