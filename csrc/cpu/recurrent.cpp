@@ -512,6 +512,8 @@ struct XgChunk {
 // keeps the packing between calls (pack_cache.h); training packs for the call (the weight
 // changes every step, and a cached copy would cost a second copy).
 constexpr int64_t kPanelProjectionMinRows = 32;
+// Below this input size oneDNN's GEMM wins (5120x32 @ 32x128: 110 us against 142).
+constexpr int64_t kPanelProjectionMinK = 64;
 
 template <typename T>
 class ChunkedProjection {
@@ -522,7 +524,7 @@ class ChunkedProjection {
     if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) steps_ = std::max<int64_t>(1, std::atoll(forced));
     const int o = gemm_backend_override().load();
     const int64_t GH = a.G * a.H;
-    if (!a.lowp && (o == 0 || o == 4) && a.sched.N >= kPanelProjectionMinRows && a.I > 0 &&
+    if (!a.lowp && (o == 0 || o == 4) && a.sched.N >= kPanelProjectionMinRows && a.I >= kPanelProjectionMinK &&
         GH * a.I <= kPanelMaxWeightElems)
       panel_ = std::make_unique<PanelGemm<T>>(a.w_ih, /*trans_b=*/true, GH, a.I, train ? -1 : 2000);
   }
