@@ -519,3 +519,22 @@ def test_bidir_opcheck(cell, packed):
         vals["grad_" + ret.name] = torch.randn_like(t)
     bwd = getattr(torch.ops.fastrnn, kind + "_bidir_backward").default
     torch.library.opcheck(bwd, tuple(vals[a.name] for a in bwd._schema.arguments))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_bidir_op_names_the_reverse_direction_in_errors(cell):
+    """A malformed reverse-direction argument (the *_r ones) is rejected before either direction
+    runs, and the message says which direction it was."""
+    kind = cell.split("_")[0]
+    x, f, r, bsz = _bidir_case(cell, 3, 2, 3, 4)
+    args = list(_bidir_args(cell, x, f, r, bsz, False))
+    names = [a.name for a in _bidir_op(cell).default._schema.arguments]
+    good = _bidir_op(cell)(*args)
+    assert good[0].shape[:2] == (3, 2)
+    args[names.index("w_hh_r")] = args[names.index("w_hh_r")][:, :-1]  # one column short
+    with pytest.raises(RuntimeError, match=r"reverse direction.*w_hh"):
+        _bidir_op(cell)(*args)
+    bad_fwd = list(_bidir_args(cell, x, f, r, bsz, False))
+    bad_fwd[names.index("hx")] = bad_fwd[names.index("hx")][:1]  # batch 1, input batch 2
+    with pytest.raises(RuntimeError, match=rf"fastrnn\.{kind}_bidir_forward: .*hx"):
+        _bidir_op(cell)(*bad_fwd)

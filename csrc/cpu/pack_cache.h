@@ -48,7 +48,7 @@ template <typename Pack>
 at::Tensor cached_packing(const at::Tensor& w, int64_t layout, const Pack& pack) {
   std::mutex& mu = pack_cache().mu;
   std::vector<PackCacheEntry>& cache = pack_cache().entries;
-  constexpr size_t kMaxEntries = 16;
+  constexpr size_t kMaxEntries = 64;
   const size_t bytes = w.nbytes();
   {
     std::lock_guard<std::mutex> lock(mu);

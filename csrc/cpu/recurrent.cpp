@@ -278,6 +278,20 @@ struct FusedStep {
   const T* bhn;    // [H] or null
 };
 
+// The LSTM gate math of one row of a panel (nu of its U units; xr and the saved gates: rows of
+// 4H, gate k at k*H; hr: the row's 4*U products). A full
+// panel of float units is one vector a gate, with no loop (measured, 16 rows x 8 panels: 3.9 ->
+// 3.3 us a step); partial panels and double run the loop.
+template <bool Save, typename T>
+FASTRNN_INLINE void lstm_panel_row(int64_t nu, int64_t U, const T* xr, int64_t H, const T* hr, T* c, T* h,
+                                   T* gates, T* cell) {
+  using V = std::conditional_t<std::is_same_v<T, float>, typename panel::Vec<T>::type, T>;
+  if (nu == U)
+    lstm_forward_row<Save, T, V>(U, xr, H, hr, U, c, h, gates, H, cell);
+  else
+    lstm_forward_row<Save, T>(nu, xr, H, hr, U, c, h, gates, H, cell);
+}
+
 // A panel holds UV vectors of units per gate: G * UV accumulators per row keep the FMA units busy.
 template <int G>
 constexpr int units_vectors() {
@@ -302,22 +316,11 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
         const T* hr = C + i * G * U;
         T* hn = s.hnext + b * H + j0;
         if constexpr (G == 4) {
-          // A full panel of float units is one vector a gate: the gate math on vectors, no loop
-          // (measured, 16 rows x 8 panels: 3.9 -> 3.3 us a step).
-          using V = std::conditional_t<std::is_same_v<T, float>, typename panel::Vec<T>::type, T>;
-          if (s.save) {
-            if (nu == U)
-              lstm_forward_row<true, T, V>(U, xr, H, hr, U, s.c + b * H + j0, hn, s.ws0 + row * GH + j0, H,
-                                           s.ws1 + row * H + j0);
-            else
-              lstm_forward_row<true, T>(nu, xr, H, hr, U, s.c + b * H + j0, hn, s.ws0 + row * GH + j0, H,
-                                        s.ws1 + row * H + j0);
-          } else {
-            if (nu == U)
-              lstm_forward_row<false, T, V>(U, xr, H, hr, U, s.c + b * H + j0, hn, nullptr, H, nullptr);
-            else
-              lstm_forward_row<false, T>(nu, xr, H, hr, U, s.c + b * H + j0, hn, nullptr, H, nullptr);
-          }
+          if (s.save)
+            lstm_panel_row<true, T>(nu, U, xr, H, hr, s.c + b * H + j0, hn, s.ws0 + row * GH + j0,
+                                    s.ws1 + row * H + j0);
+          else
+            lstm_panel_row<false, T>(nu, U, xr, H, hr, s.c + b * H + j0, hn, nullptr, nullptr);
         } else if constexpr (G == 3) {
           const T* bh = s.bhn ? s.bhn + j0 : nullptr;
           if (s.save)
@@ -882,8 +885,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   // (measured at T=100, B=64, I=H=512). oneDNN wants K-contiguous operands for these long-K
   // products, so each chunk's dG and X are transposed (at the chunk's size). Products on neither
   // the panel kernel (below) nor oneDNN take one chunk and at::mm, which needs no transposes.
-  // On oneDNN, a chunk's dG is ~8 MB, or up to 32 MB where the weight gradients are large: each chunk's
-  // GEMMs write a whole [GH, I] and [GH, P] product (fresh from oneDNN) that is then added up, so
+  // On oneDNN, a chunk's dG is ~8 MB, or up to 32 MB where the weight gradients are large: each
+  // chunk's GEMMs write a whole [GH, I] and [GH, P] product (fresh from oneDNN) then added up, so
   // a chunk should hold more rows of dG than the gradients have (measured, T=50, B=32, I=H=1024:
   // 8 MB chunks, 4 of them, 41 ms each for dW_ih and dW_hh plus 5 ms of sums; one chunk, ~30).
   const int64_t step_bytes = std::max<int64_t>(1, B * GH * int64_t(sizeof(T)));
@@ -900,7 +903,6 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   const int backend = gemm_backend_override().load();
   const bool panel_products = !a.lowp && (backend == 0 || backend == 4) && N >= kPanelProjectionMinRows &&
                               a.I >= kNR && P >= kNR && GH * a.I <= kPanelMaxWeightElems;
-  const bool panel_wgrad = panel_products;
   const bool chunked =
       N > 0 && (panel_products || use_onednn_for(GH, std::max(a.I, P), N, std::is_same_v<T, float>));
   const int64_t chunk_bytes =
@@ -1049,7 +1051,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       const at::Tensor dgh_b = a.cell == Cell::GRU ? lp_dgh.narrow(0, 0, rows).copy_(dgh_c) : dgx_b;
       gw_hh = at::mm(dgh_b.t(), lp_hprev.narrow(0, 0, rows).copy_(hprev)).to(at::kFloat);
       gw_ih = at::mm(dgx_b.t(), a.x.narrow(0, row0, rows)).to(at::kFloat);
-    } else if (panel_wgrad) {
+    } else if (panel_products) {
       // Both gradients accumulate in place over the chunks.
       at::Tensor dgt = transposed<T>(dgh_c, kScratchDgT);
       panel_weight_grad<T>(dgt, hprev_row, rows, P, kScratchHT, g.grad_w_hh, !first);
@@ -1066,7 +1068,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       gw_ih = weight_grad<T>(dgx_c, a.x.narrow(0, row0, rows), &dgx_t);
     }
     timer.mark("dW_ih");
-    if (panel_wgrad) {
+    if (panel_products) {
       // (accumulated in place)
     } else if (first) {
       g.grad_w_hh = gw_hh;
@@ -1232,6 +1234,32 @@ void both_directions(const Args& a, const Run& run) {
   });
 }
 
+// Both directions' forward.
+void bidir_forward(const Args* a, bool train, ForwardOut* o) {
+  both_directions(a[0], [&](int64_t d) { o[d] = forward(a[d], train); });
+}
+
+// One direction's arguments of a bidirectional backward op: the incoming gradients (grad_cy for
+// the LSTM only), the forward's output and its workspace (empty where the cell has none).
+struct DirectionGrads {
+  at::Tensor grad_output, grad_hy;
+  c10::optional<at::Tensor> grad_cy;
+  at::Tensor output, ws0, ws1, ws2;
+};
+
+// Both directions' backward, every argument validated before either starts; grad_input summed
+// into g[0].
+void bidir_backward(const Args* a, const DirectionGrads* in, BackwardOut* g) {
+  for (int d = 0; d < 2; ++d)
+    validate_backward(a[d], in[d].grad_output, in[d].grad_hy, in[d].grad_cy, in[d].output, in[d].ws0, in[d].ws1,
+                      in[d].ws2);
+  both_directions(a[0], [&](int64_t d) {
+    const DirectionGrads& x = in[d];
+    g[d] = backward(a[d], x.grad_output, x.grad_hy, x.grad_cy, x.output, x.ws0, x.ws1, x.ws2, false);
+  });
+  g[0].grad_input.add_(g[1].grad_input);
+}
+
 using T12 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                        at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -1245,7 +1273,7 @@ T12 lstm_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at
                      prepare(FASTRNN_REVERSE("fastrnn.lstm_bidir_forward"), Cell::LSTM, input,
                              w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, hx_r, cx_r, batch_sizes, true)};
   ForwardOut o[2];
-  both_directions(a[0], [&](int64_t d) { o[d] = forward(a[d], train); });
+  bidir_forward(a, train, o);
   return {o[0].output, o[0].hy, o[0].cy, o[0].ws0, o[0].ws1, o[0].ws2,
           o[1].output, o[1].hy, o[1].cy, o[1].ws0, o[1].ws1, o[1].ws2};
 }
@@ -1265,15 +1293,11 @@ lstm_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, co
                              w_hr, hx, cx, batch_sizes, false),
                      prepare(FASTRNN_REVERSE("fastrnn.lstm_bidir_backward"), Cell::LSTM, input,
                              w_ih_r, w_hh_r, c10::nullopt, c10::nullopt, w_hr_r, hx_r, cx_r, batch_sizes, true)};
-  const at::Tensor* in[2][7] = {{&grad_output, &grad_hy, &grad_cy, &output, &gates, &cells, &proj_input},
-                                {&grad_output_r, &grad_hy_r, &grad_cy_r, &output_r, &gates_r, &cells_r, &proj_input_r}};
-  for (int d = 0; d < 2; ++d)
-    validate_backward(a[d], *in[d][0], *in[d][1], *in[d][2], *in[d][3], *in[d][4], *in[d][5], *in[d][6]);
+  const DirectionGrads in[2] = {{grad_output, grad_hy, grad_cy, output, gates, cells, proj_input},
+                                {grad_output_r, grad_hy_r, grad_cy_r, output_r, gates_r, cells_r, proj_input_r}};
   BackwardOut g[2];
-  both_directions(a[0], [&](int64_t d) {
-    g[d] = backward(a[d], *in[d][0], *in[d][1], *in[d][2], *in[d][3], *in[d][4], *in[d][5], *in[d][6], false);
-  });
-  return {g[0].grad_input.add_(g[1].grad_input),
+  bidir_backward(a, in, g);
+  return {g[0].grad_input,
           g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_w_hr, g[0].grad_hx, g[0].grad_cx,
           g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_w_hr, g[1].grad_hx, g[1].grad_cx};
 }
@@ -1297,19 +1321,6 @@ void prepare_pair(Args* a, const char* op, const char* op_r, Cell cell, const at
 }
 
 
-// Both directions' backward (validated first); grad_input summed.
-void bidir_backward(Args* a, const at::Tensor* grads, const at::Tensor* saved, BackwardOut* g) {
-  const at::Tensor none = at::empty({0}, a[0].x.options());
-  for (int d = 0; d < 2; ++d)
-    validate_backward(a[d], grads[2 * d], grads[2 * d + 1], c10::nullopt, saved[3 * d], saved[3 * d + 1],
-                      saved[3 * d + 2], none);
-  both_directions(a[0], [&](int64_t d) {
-    g[d] = backward(a[d], grads[2 * d], grads[2 * d + 1], c10::nullopt, saved[3 * d], saved[3 * d + 1],
-                    saved[3 * d + 2], none, false);
-  });
-  g[0].grad_input.add_(g[1].grad_input);
-}
-
 T8 gru_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih,
                      const OptT& b_hh, const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
                      const OptT& b_ih_r, const OptT& b_hh_r, const at::Tensor& hx_r, const OptT& batch_sizes,
@@ -1318,7 +1329,7 @@ T8 gru_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at::
   prepare_pair(a, "fastrnn.gru_bidir_forward", FASTRNN_REVERSE("fastrnn.gru_bidir_forward"), Cell::GRU, input, w_ih,
                w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes, false);
   ForwardOut o[2];
-  both_directions(a[0], [&](int64_t d) { o[d] = forward(a[d], train); });
+  bidir_forward(a, train, o);
   return {o[0].output, o[0].hy, o[0].ws0, o[0].ws1, o[1].output, o[1].hy, o[1].ws0, o[1].ws1};
 }
 
@@ -1332,10 +1343,11 @@ T11 gru_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy,
   prepare_pair(a, "fastrnn.gru_bidir_backward", FASTRNN_REVERSE("fastrnn.gru_bidir_backward"), Cell::GRU, input, w_ih,
                w_hh, c10::nullopt, c10::nullopt, hx, w_ih_r, w_hh_r, c10::nullopt, c10::nullopt, hx_r, batch_sizes,
                false);
-  const at::Tensor grads[4] = {grad_output, grad_hy, grad_output_r, grad_hy_r};
-  const at::Tensor saved[6] = {output, gates, hn, output_r, gates_r, hn_r};
+  const at::Tensor none = at::empty({0}, input.options());
+  const DirectionGrads in[2] = {{grad_output, grad_hy, c10::nullopt, output, gates, hn, none},
+                                {grad_output_r, grad_hy_r, c10::nullopt, output_r, gates_r, hn_r, none}};
   BackwardOut g[2];
-  bidir_backward(a, grads, saved, g);
+  bidir_backward(a, in, g);
   return {g[0].grad_input, g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_hx,
           g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_hx};
 }
@@ -1348,7 +1360,7 @@ T4 rnn_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at::
   prepare_pair(a, "fastrnn.rnn_bidir_forward", FASTRNN_REVERSE("fastrnn.rnn_bidir_forward"), Cell::RNN, input, w_ih,
                w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes, relu);
   ForwardOut o[2];
-  both_directions(a[0], [&](int64_t d) { o[d] = forward(a[d], false); });
+  bidir_forward(a, false, o);
   return {o[0].output, o[0].hy, o[1].output, o[1].hy};
 }
 
@@ -1362,10 +1374,10 @@ T11 rnn_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy,
                w_hh, c10::nullopt, c10::nullopt, hx, w_ih_r, w_hh_r, c10::nullopt, c10::nullopt, hx_r, batch_sizes,
                relu);
   const at::Tensor none = at::empty({0}, input.options());
-  const at::Tensor grads[4] = {grad_output, grad_hy, grad_output_r, grad_hy_r};
-  const at::Tensor saved[6] = {output, none, none, output_r, none, none};
+  const DirectionGrads in[2] = {{grad_output, grad_hy, c10::nullopt, output, none, none, none},
+                                {grad_output_r, grad_hy_r, c10::nullopt, output_r, none, none, none}};
   BackwardOut g[2];
-  bidir_backward(a, grads, saved, g);
+  bidir_backward(a, in, g);
   return {g[0].grad_input, g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_hx,
           g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_hx};
 }
