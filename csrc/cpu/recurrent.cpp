@@ -640,9 +640,27 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
     timer.mark("projection");
     st.xg = chunk.rows.data_ptr<T>();
     st.xg_row0 = chunk.row0;
-    run_panel_steps(c0, c1, n_panels, H, NR, split, step_args,
-                    [](const FusedStep<T>& x, int64_t p0, int64_t p1) { fused_step(x, p0, p1); });
-    timer.mark("time loop");
+    const int64_t row_sl =
+        row_slices(B, double(GH) * double(H) * double(sizeof(T)), double(c1 - c0) * double(B) * double(GH * H));
+    if (row_sl > 1) {
+      // Each thread its rows, every step and every panel (team.h, row split).
+      run_row_slices(B, row_sl, [&](int64_t r0, int64_t r1) {
+        for (int64_t step = c0; step < c1; ++step) {
+          FusedStep<T> x = step_args(step);
+          x.bs = std::min(x.bs, r1) - r0;
+          if (x.bs <= 0) continue;
+          x.off += r0;
+          x.hcur += r0 * H;
+          x.hnext += r0 * H;
+          if (x.c) x.c += r0 * H;
+          fused_step(x, 0, n_panels);
+        }
+      });
+    } else {
+      run_panel_steps(c0, c1, n_panels, H, NR, split, step_args,
+                      [](const FusedStep<T>& x, int64_t p0, int64_t p1) { fused_step(x, p0, p1); });
+    }
+    timer.mark(row_sl > 1 ? "time loop, rows split" : "time loop");
   }
 
   // h_n of each row is its output at its last processed step.
@@ -951,7 +969,29 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
                     threads_pay(double(B) * double(GH) * double(P), double(GH) * double(P) * double(sizeof(T)));
 
   // Runs processing steps [c_lo, c_hi) backwards; their rows start at row0.
-  auto run_steps = [&](int64_t c_lo, int64_t c_hi, int64_t row0) {
+  auto run_steps = [&](int64_t c_lo, int64_t c_hi, int64_t row0) -> bool {
+    const int64_t row_sl =
+        rec_panel && !proj
+            ? row_slices(B, double(GH) * double(P) * double(sizeof(T)), double(c_hi - c_lo) * double(B) * double(GH * P))
+            : 1;
+    if (row_sl > 1) {
+      // Each thread its rows through every step, as the fused forward's row split (team.h): a
+      // row's dh, dc and dG depend on that row alone.
+      const bool gru = a.cell == Cell::GRU;
+      run_row_slices(B, row_sl, [&](int64_t r0, int64_t r1) {
+        for (int64_t step = c_hi - 1; step >= c_lo; --step) {
+          const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
+          const int64_t e = std::min(bs, r1);
+          if (e <= r0) continue;
+          for (int64_t i = r0 * P; i < e * P; ++i) dhp[i] += go[off * P + i];
+          const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dhp, dhp, dcp, dgxp, dghp, row0};
+          backward_rows(rows, r0, e);
+          rec_panel->run_panels(dghp + (off + r0 - row0) * GH, e - r0, GH, dhp + r0 * P, P, gru, 0,
+                                rec_panel->panels());
+        }
+      });
+      return true;
+    }
     if (team && c_hi - c_lo > 1) {
       // As in the fused forward: one parallel region, two barriers a step (the row pass writes
       // dG that every panel reads; the panel pass writes columns of dh that every row reads).
@@ -971,7 +1011,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
           barrier.arrive_and_wait(s1 - s0, target += slices);
         }
       });
-      return;
+      return false;
     }
     for (int64_t step = c_hi - 1; step >= c_lo; --step) {
       const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
@@ -998,6 +1038,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       else
         rec.run(dg, bs, GH, dhp, P, a.cell == Cell::GRU ? T(1) : T(0));
     }
+    return false;
   };
 
   // For h_prev: the row each row's step started from, or -1 - b for row b of the initial state.
@@ -1024,8 +1065,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     const int64_t t_a = s.time_at(c_lo), t_b = s.time_at(c_hi - 1);
     const int64_t t_lo = std::min(t_a, t_b), t_hi = std::max(t_a, t_b);
     const int64_t row0 = s.off[t_lo], rows = s.off[t_hi] + s.bs[t_hi] - row0;
-    run_steps(c_lo, c_hi, row0);
-    timer.mark("steps");
+    timer.mark(run_steps(c_lo, c_hi, row0) ? "steps, rows split" : "steps");
     if (rows == 0) continue;
     // h_prev of the chunk's rows, read where it lies (the output rows of the previous step, or
     // the initial state).

@@ -24,6 +24,44 @@ inline bool threads_pay(double step_macs, double weight_bytes) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Row split. A row of the batch depends only on its own row of the previous step, so threads
+// that each own a fixed range of rows run every step of a chunk with no barrier at all; each
+// reads the whole W_hh, so this pays where W_hh stays in a core's L2 beside its rows, and each
+// thread gets rows enough to share a weight load among (the micro-kernel's blocks of 4 rows and
+// up). It replaces the panel split there: no barrier per step (~1 us), and a W_hh of a few panels
+// (H = 16 or 32) no longer leaves threads idle. FASTRNN_ROW_SPLIT=0 / 1 turns it off / forces it
+// wherever the batch allows (tests and measurements).
+// ---------------------------------------------------------------------------------------
+constexpr double kRowSplitMaxWeightBytes = 384.0 * 1024;
+constexpr int64_t kRowSplitMinRows = 4;
+constexpr double kRowSplitMinMacs = 1024.0 * 1024;  // a chunk's work, against one fork and join
+
+inline int row_split_override() {
+  static const int o = [] {
+    const char* e = std::getenv("FASTRNN_ROW_SPLIT");
+    return e && *e ? std::atoi(e) : -1;
+  }();
+  return o;
+}
+
+// How many row slices a chunk of steps runs on (1: not split by rows); B rows, weight_bytes of
+// W_hh, chunk_macs multiply-adds in the chunk's recurrent products.
+inline int64_t row_slices(int64_t B, double weight_bytes, double chunk_macs) {
+  const int64_t threads = at::get_num_threads();
+  const int o = row_split_override();
+  if (threads < 2 || o == 0 || at::in_parallel_region()) return 1;
+  if (o == 1) return std::max<int64_t>(1, std::min(threads, B));
+  if (weight_bytes > kRowSplitMaxWeightBytes || chunk_macs < kRowSplitMinMacs) return 1;
+  return std::max<int64_t>(1, std::min(threads, B / kRowSplitMinRows));
+}
+
+// Runs rows(r0, r1) for `slices` near-equal ranges of [0, B), each on its own thread.
+template <typename Rows>
+void run_row_slices(int64_t B, int64_t slices, const Rows& rows) {
+  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) { rows(B * s0 / slices, B * s1 / slices); });
+}
+
+// ---------------------------------------------------------------------------------------
 // A persistent team for the time loop. With ATen's OpenMP backend every chunk of a
 // parallel_for runs on its own thread of one team, all at once, so the chunks can meet at a
 // barrier between steps. Work is counted in slices (the chunks' index ranges), so the barrier
