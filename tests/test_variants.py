@@ -503,17 +503,19 @@ def test_compile_fullgraph_layer_norm_lstm():
         assert_close(p.grad, e)
 
 
-@pytest.mark.parametrize("team", [True, False], ids=["team", "per-step"])
+@pytest.mark.parametrize("loop", ["team", "per-step", "rows"])
 @pytest.mark.parametrize("cell,features", PATHS)
-def test_persistent_team_and_per_step_loops_agree(cell, features, team, monkeypatch):
+def test_persistent_team_and_per_step_loops_agree(cell, features, loop, monkeypatch):
     """Small products run on W_hh packed in panels, split over a persistent team of threads (one
-    parallel region for the whole loop) or, with FASTRNN_NO_TEAM, one call per step."""
-    if not team:
+    parallel region for the whole loop) or, with FASTRNN_NO_TEAM, one call per step; with 16 rows
+    (and a W_hh this small) each thread takes 8 rows through every step (team.h's row split)."""
+    if loop == "per-step":
         monkeypatch.setenv("FASTRNN_NO_TEAM", "1")
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        x, st, kw, bsz = make_case(cell, features, T=6, B=7, I=5, H=40, packed=True)
+        T, B = (16, 16) if loop == "rows" else (6, 7)
+        x, st, kw, bsz = make_case(cell, features, T=T, B=B, I=5, H=40, packed=True)
         for reverse in (False, True):
             outs = run(cell, "fused", x, st, kw, bsz, reverse)
             refs = run(cell, "ref", x, st, kw, bsz, reverse)

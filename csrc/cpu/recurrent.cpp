@@ -642,20 +642,8 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
     st.xg_row0 = chunk.row0;
     const int64_t row_sl =
         row_slices(B, double(GH) * double(H) * double(sizeof(T)), double(c1 - c0) * double(B) * double(GH * H));
-    if (row_sl > 1) {
-      // Each thread its rows, every step and every panel (team.h, row split).
-      run_row_slices(B, row_sl, [&](int64_t r0, int64_t r1) {
-        for (int64_t step = c0; step < c1; ++step) {
-          FusedStep<T> x = step_args(step);
-          x.bs = std::min(x.bs, r1) - r0;
-          if (x.bs <= 0) continue;
-          x.off += r0;
-          x.hcur += r0 * H;
-          x.hnext += r0 * H;
-          if (x.c) x.c += r0 * H;
-          fused_step(x, 0, n_panels);
-        }
-      });
+    if (row_sl > 1) {  // each thread its rows, every step and every panel (team.h)
+      run_row_split_steps(c0, c1, B, H, row_sl, step_args, [&](const FusedStep<T>& x) { fused_step(x, 0, n_panels); });
     } else {
       run_panel_steps(c0, c1, n_panels, H, NR, split, step_args,
                       [](const FusedStep<T>& x, int64_t p0, int64_t p1) { fused_step(x, p0, p1); });

@@ -61,6 +61,26 @@ void run_row_slices(int64_t B, int64_t slices, const Rows& rows) {
   at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) { rows(B * s0 / slices, B * s1 / slices); });
 }
 
+// The row split of a fused forward's steps [c0, c1) (B rows, H wide): step_args(step) gives a
+// step's arguments for all its rows (.bs rows from .off; .hcur, .hnext, .c: [B, H] rows),
+// kernel(args) runs every panel of them. Each thread narrows them to its own rows.
+template <typename StepArgs, typename Kernel>
+void run_row_split_steps(int64_t c0, int64_t c1, int64_t B, int64_t H, int64_t slices, const StepArgs& step_args,
+                         const Kernel& kernel) {
+  run_row_slices(B, slices, [&](int64_t r0, int64_t r1) {
+    for (int64_t step = c0; step < c1; ++step) {
+      auto x = step_args(step);
+      x.bs = std::min<int64_t>(x.bs, r1) - r0;
+      if (x.bs <= 0) continue;
+      x.off += r0;
+      x.hcur += r0 * H;
+      x.hnext += r0 * H;
+      if (x.c) x.c += r0 * H;
+      kernel(x);
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------
 // A persistent team for the time loop. With ATen's OpenMP backend every chunk of a
 // parallel_for runs on its own thread of one team, all at once, so the chunks can meet at a

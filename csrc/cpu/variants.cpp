@@ -597,7 +597,16 @@ void forward_kernel(const VArgs& a, bool train, VForwardOut& o) {
       x.hnext = hb + (1 - step % 2) * B * H;
       return x;
     };
-    // Threads only where they pay (team.h), as the plain cells' fused forward.
+    // Threads only where they pay (team.h), as the plain cells' fused forward: by rows where
+    // W_hh is small, else by panels.
+    const int64_t row_sl =
+        row_slices(B, double(GH) * double(H) * double(sizeof(T)), double(c1 - c0) * double(B) * double(GH * H));
+    if (row_sl > 1) {
+      PhaseTimer timer("variant forward");
+      run_row_split_steps(c0, c1, B, H, row_sl, step_args, [&](const FusedV<T>& x) { fused_v(x, 0, fpanels); });
+      timer.mark("time loop, rows split");
+      return;
+    }
     const bool split = threads_pay(double(B) * double(GH) * double(H), double(GH) * double(H) * double(sizeof(T)));
     run_panel_steps(c0, c1, fpanels, H, a.G * int64_t(panel::Vec<T>::L), split, step_args,
                     [](const FusedV<T>& x, int64_t p0, int64_t p1) { fused_v(x, p0, p1); });
