@@ -94,7 +94,7 @@ def test_threads_churning_the_packed_weight_cache():
 
 
 # ------------------------------------------------------------------------------ thread count
-@pytest.mark.parametrize("layout", ["H96-bi", "H96", "H16"])
+@pytest.mark.parametrize("layout", ["H96-bi", "H96", "H16", "H200"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 @pytest.mark.parametrize("name", ["lstm", "gru", "rnn"])
@@ -102,13 +102,13 @@ def test_results_do_not_depend_on_num_threads(name, dtype, packed, layout):
     """torch.set_num_threads(1) vs 2: sizes large enough that the kernels split rows and panels
     over threads (bidirectional: a direction a thread; unidirectional at B=24 with a small W_hh:
     each thread its rows through every step, team.h's row split, also where H=16 is a single
-    panel). float64 agrees to conftest's 1e-10; float32 forward values agree bitwise and
+    panel; H=200 at B=5: 13 panels of W_hh split in half panels, the middle one by rows). float64 agrees to conftest's 1e-10; float32 forward values agree bitwise and
     gradients to float32 rounding (torch's own reductions sum in a thread-dependent order)."""
     torch.manual_seed(0)
     kind = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU, "rnn": fastrnn.RNN}[name]
     hidden = int(layout.split("-")[0][1:])
     model = kind(48, hidden, num_layers=2, bidirectional=layout.endswith("-bi")).to(dtype)
-    x = _inputs(1, 48, packed, dtype, T=16, B=64 if hidden == 16 else 24)
+    x = _inputs(1, 48, packed, dtype, T=16, B={16: 64, 200: 5}.get(hidden, 24))
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -994,8 +994,10 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
           const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dhp, dhp, dcp, dgxp, dghp, row0};
           backward_rows(rows, r0, r1);
           barrier.arrive_and_wait(s1 - s0, target += slices);
-          const int64_t np = rec_panel->panels();
-          rec_panel->run_panels(dghp + (off - row0) * GH, bs, GH, dhp, P, gru, np * s0 / slices, np * s1 / slices);
+          for (int64_t sl = s0; sl < s1; ++sl)
+            panel_share(bs, sl, slices, rec_panel->panels(), [&](int64_t q0, int64_t q1, int64_t p0, int64_t p1) {
+              rec_panel->run_panels(dghp + (off + q0 - row0) * GH, q1 - q0, GH, dhp + q0 * P, P, gru, p0, p1);
+            });
           barrier.arrive_and_wait(s1 - s0, target += slices);
         }
       });
