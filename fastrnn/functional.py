@@ -196,13 +196,14 @@ def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, tra
         out = _caller_owned(out)
         return (out.transpose(0, 1) if dense_batch_first else out), [f.unsqueeze(0) for f in fin]
     finals = [[] for _ in states]
+    layer_states = [s.unbind(0) for s in states]  # one call, not one index per layer and direction
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and train:
             x = F.dropout(x, dropout, training=True)
         outs = []
         if D == 2 and bidir_fn is not None and x.device.type == "cpu":
             k = 2 * layer
-            out_f, out_r, fin_f, fin_r = bidir_fn(x, [s[k] for s in states], [s[k + 1] for s in states],
+            out_f, out_r, fin_f, fin_r = bidir_fn(x, [s[k] for s in layer_states], [s[k + 1] for s in layer_states],
                                                   params[k * per:(k + 1) * per], params[(k + 1) * per:(k + 2) * per],
                                                   batch_sizes)
             for acc, f0, f1 in zip(finals, fin_f, fin_r):
@@ -215,7 +216,7 @@ def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, tra
             w_ih, w_hh = p[0], p[1]
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
             extra = p[4 if has_biases else 2:]
-            out, *fin = layer_fn(x, [s[k] for s in states], w_ih, w_hh, b_ih, b_hh, extra, batch_sizes, d == 1)
+            out, *fin = layer_fn(x, [s[k] for s in layer_states], w_ih, w_hh, b_ih, b_hh, extra, batch_sizes, d == 1)
             outs.append(out)
             for acc, f in zip(finals, fin):
                 acc.append(f)
