@@ -1,0 +1,59 @@
+"""Off-grid sweep: torch.nn against fastrnn on shapes outside the standard grid (odd sizes, large
+batches with small hidden sizes, stacked and bidirectional layers), interleaved as bench.py does
+(its Spec, make_modules and time_pair), 9 rounds a side, medians. Prints one line per shape and
+mode; the README's "Off the grid" numbers come from it.
+
+    .venv/bin/python benchmarks/offgrid.py            # every shape
+    .venv/bin/python benchmarks/offgrid.py 0 1 11     # shapes by index
+"""
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+# cell, T, B, I, H, layers, bidirectional
+SHAPES = [
+    ("LSTM", 5, 1024, 32, 32, 1, False),
+    ("LSTM", 100, 16, 100, 300, 1, False),
+    ("LSTM", 50, 4, 64, 64, 1, False),
+    ("LSTM", 200, 32, 40, 128, 1, False),
+    ("LSTM", 30, 128, 300, 200, 1, False),
+    ("LSTM", 20, 256, 64, 96, 1, False),
+    ("LSTM", 100, 2, 512, 512, 1, False),
+    ("LSTM", 10, 64, 128, 1024, 1, False),
+    ("LSTM", 50, 8, 80, 48, 3, False),
+    ("LSTM", 64, 32, 128, 128, 2, True),
+    ("LSTM", 300, 1, 40, 100, 1, False),
+    ("LSTM", 16, 512, 16, 16, 1, False),
+    ("GRU", 5, 1024, 32, 32, 1, False),
+    ("GRU", 100, 16, 100, 300, 1, False),
+    ("RNN", 100, 16, 100, 300, 1, False),
+    ("GRU", 50, 64, 256, 256, 2, True),
+]
+
+
+def main(argv):
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    pick = {int(a) for a in argv}
+    print(f"threads {torch.get_num_threads()}; nn ms, fastrnn ms, speedup (nn / fastrnn)")
+    for i, (cell, T, B, I, H, L, bi) in enumerate(SHAPES):
+        if pick and i not in pick:
+            continue
+        spec = bench.Spec("offgrid", cell, T, B, I, H, L, bi)
+        base, fast = bench.make_modules(spec)
+        x = bench.make_input(spec)
+        for mode in ("inference", "training"):
+            xm = x.detach().clone().requires_grad_(mode == "training")
+            ta, tb, _ = bench.time_pair(bench.make_runner(base, xm, mode), bench.make_runner(fast, xm, mode), 9, 2,
+                                        0.05)
+            a, b = statistics.median(ta), statistics.median(tb)
+            print(f"{i:2d} {cell} {spec.shape:22s} {mode:9s} nn {a * 1e3:8.3f}  fastrnn {b * 1e3:8.3f}  {a / b:5.2f}x",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
