@@ -153,24 +153,11 @@ struct LstmBidirFunction : public torch::autograd::Function<LstmBidirFunction> {
                 zeros_if_undefined(grads[7], r[6]), zeros_if_undefined(grads[8], r[7]), f[0], f[1], f[2], as_opt(f[5]),
                 f[6], f[7], r[1], r[2], as_opt(r[5]), r[6], r[7], as_opt(f[8]), f[9], f[10], f[11], f[12], r[9],
                 r[10], r[11], r[12]);
-    const bool bias = f[3].defined(), bias_r = r[3].defined();
-    return {gi,
-            gw_ih,
-            gw_hh,
-            bias ? gb_ih : Tensor(),
-            bias ? gb_hh : Tensor(),
-            f[5].defined() ? gw_hr : Tensor(),
-            ghx,
-            gcx,
-            gw_ih_r,
-            gw_hh_r,
-            bias_r ? gb_ih_r : Tensor(),
-            bias_r ? gb_hh_r : Tensor(),
-            r[5].defined() ? gw_hr_r : Tensor(),
-            ghx_r,
-            gcx_r,
-            Tensor(),
-            Tensor()};
+    // A gradient for each optional argument only where it was given (f[3] b_ih, f[5] w_hr).
+    auto given = [](const Tensor& arg, const Tensor& grad) { return arg.defined() ? grad : Tensor(); };
+    return {gi, gw_ih, gw_hh, given(f[3], gb_ih), given(f[3], gb_hh), given(f[5], gw_hr), ghx, gcx,
+            /* reverse direction: */ gw_ih_r, gw_hh_r, given(r[3], gb_ih_r), given(r[3], gb_hh_r),
+            given(r[5], gw_hr_r), ghx_r, gcx_r, Tensor(), Tensor()};
   }
 };
 

@@ -4,6 +4,7 @@ kernels.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -102,8 +103,10 @@ def test_results_do_not_depend_on_num_threads(name, dtype, packed, layout):
     """torch.set_num_threads(1) vs 2: sizes large enough that the kernels split rows and panels
     over threads (bidirectional: a direction a thread; unidirectional at B=24 with a small W_hh:
     each thread its rows through every step, team.h's row split, also where H=16 is a single
-    panel; H=200 at B=5: 13 panels of W_hh split in half panels, the middle one by rows). float64 agrees to conftest's 1e-10; float32 forward values agree bitwise and
-    gradients to float32 rounding (torch's own reductions sum in a thread-dependent order)."""
+    panel; H=200 at B=5: 13 panels of W_hh split in half panels, the middle one by rows).
+    float64 agrees to conftest's 1e-10, and the 2-thread results also with torch.nn's; float32
+    forward values agree bitwise and gradients to float32 rounding (torch's own reductions sum in
+    a thread-dependent order)."""
     torch.manual_seed(0)
     kind = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU, "rnn": fastrnn.RNN}[name]
     hidden = int(layout.split("-")[0][1:])
@@ -122,6 +125,15 @@ def test_results_do_not_depend_on_num_threads(name, dtype, packed, layout):
         if dtype == torch.float32 and i < n_out:
             assert torch.equal(a, b), f"forward output {i} depends on the thread count"
         assert_close(a, b, msg=f"result {i}")
+    if dtype == F64:  # the split kernels against torch.nn (parameters in the same order)
+        torch.set_num_threads(2)
+        try:
+            ref = _step(fastrnn.to_torch(copy.deepcopy(model)), x, 5)
+        finally:
+            torch.set_num_threads(n)
+        assert len(ref) == len(two)
+        for i, (a, b) in enumerate(zip(two, ref)):
+            assert_close(a, b, msg=f"result {i} against torch.nn")
 
 
 # ------------------------------------------------------------------------------ reproducibility

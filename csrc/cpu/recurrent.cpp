@@ -1363,23 +1363,37 @@ T8 gru_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at::
   return {o[0].output, o[0].hy, o[0].ws0, o[0].ws1, o[1].output, o[1].hy, o[1].ws0, o[1].ws1};
 }
 
+// The backward of a GRU/RNN bidirectional op (the GRU's workspace: gates and hn; the RNN has none:
+// undefined tensors, passed on as empty ones once the arguments are validated).
+T11 gru_rnn_bidir_backward(const char* op, const char* op_r, Cell cell, bool relu, const at::Tensor& grad_output,
+                           const at::Tensor& grad_hy, const at::Tensor& grad_output_r, const at::Tensor& grad_hy_r,
+                           const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
+                           const at::Tensor& hx_r, const OptT& batch_sizes, const at::Tensor& output,
+                           const at::Tensor& gates, const at::Tensor& hn, const at::Tensor& output_r,
+                           const at::Tensor& gates_r, const at::Tensor& hn_r) {
+  Args a[2];
+  prepare_pair(a, op, op_r, cell, input, w_ih, w_hh, c10::nullopt, c10::nullopt, hx, w_ih_r, w_hh_r, c10::nullopt,
+               c10::nullopt, hx_r, batch_sizes, relu);
+  const at::Tensor none = at::empty({0}, input.options());
+  auto ws = [&](const at::Tensor& t) { return t.defined() ? t : none; };
+  const DirectionGrads in[2] = {{grad_output, grad_hy, c10::nullopt, output, ws(gates), ws(hn), none},
+                                {grad_output_r, grad_hy_r, c10::nullopt, output_r, ws(gates_r), ws(hn_r), none}};
+  BackwardOut g[2];
+  bidir_backward(a, in, g);
+  return {g[0].grad_input, g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_hx,
+          g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_hx};
+}
+
 T11 gru_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_output_r,
                        const at::Tensor& grad_hy_r, const at::Tensor& input, const at::Tensor& w_ih,
                        const at::Tensor& w_hh, const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
                        const at::Tensor& hx_r, const OptT& batch_sizes, const at::Tensor& output,
                        const at::Tensor& gates, const at::Tensor& hn, const at::Tensor& output_r,
                        const at::Tensor& gates_r, const at::Tensor& hn_r) {
-  Args a[2];
-  prepare_pair(a, "fastrnn.gru_bidir_backward", FASTRNN_REVERSE("fastrnn.gru_bidir_backward"), Cell::GRU, input, w_ih,
-               w_hh, c10::nullopt, c10::nullopt, hx, w_ih_r, w_hh_r, c10::nullopt, c10::nullopt, hx_r, batch_sizes,
-               false);
-  const at::Tensor none = at::empty({0}, input.options());
-  const DirectionGrads in[2] = {{grad_output, grad_hy, c10::nullopt, output, gates, hn, none},
-                                {grad_output_r, grad_hy_r, c10::nullopt, output_r, gates_r, hn_r, none}};
-  BackwardOut g[2];
-  bidir_backward(a, in, g);
-  return {g[0].grad_input, g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_hx,
-          g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_hx};
+  return gru_rnn_bidir_backward("fastrnn.gru_bidir_backward", FASTRNN_REVERSE("fastrnn.gru_bidir_backward"), Cell::GRU,
+                                false, grad_output, grad_hy, grad_output_r, grad_hy_r, input, w_ih, w_hh, hx, w_ih_r,
+                                w_hh_r, hx_r, batch_sizes, output, gates, hn, output_r, gates_r, hn_r);
 }
 
 T4 rnn_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih,
@@ -1399,17 +1413,10 @@ T11 rnn_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy,
                        const at::Tensor& w_hh, const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
                        const at::Tensor& hx_r, const OptT& batch_sizes, bool relu, const at::Tensor& output,
                        const at::Tensor& output_r) {
-  Args a[2];
-  prepare_pair(a, "fastrnn.rnn_bidir_backward", FASTRNN_REVERSE("fastrnn.rnn_bidir_backward"), Cell::RNN, input, w_ih,
-               w_hh, c10::nullopt, c10::nullopt, hx, w_ih_r, w_hh_r, c10::nullopt, c10::nullopt, hx_r, batch_sizes,
-               relu);
-  const at::Tensor none = at::empty({0}, input.options());
-  const DirectionGrads in[2] = {{grad_output, grad_hy, c10::nullopt, output, none, none, none},
-                                {grad_output_r, grad_hy_r, c10::nullopt, output_r, none, none, none}};
-  BackwardOut g[2];
-  bidir_backward(a, in, g);
-  return {g[0].grad_input, g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_hx,
-          g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_hx};
+  const at::Tensor none;  // (no workspace)
+  return gru_rnn_bidir_backward("fastrnn.rnn_bidir_backward", FASTRNN_REVERSE("fastrnn.rnn_bidir_backward"), Cell::RNN,
+                                relu, grad_output, grad_hy, grad_output_r, grad_hy_r, input, w_ih, w_hh, hx, w_ih_r,
+                                w_hh_r, hx_r, batch_sizes, output, none, none, output_r, none, none);
 }
 
 }  // namespace
