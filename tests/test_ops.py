@@ -56,11 +56,15 @@ def leaves(x, st, w):
     return [t for t in [x, *st.values(), *w.values()] if t is not None]
 
 
-def check_both_directions(cell, x, st, w, bsz, dtype=None):
+def check_both_directions(cell, x, st, w, bsz, dtype=None, scale_relative=False):
     """The fused op against the float64 reference in both directions: every output, and every
     input's gradient for random cotangents on all outputs. dtype: run the fused op on copies cast
-    to it (checked against the truth with that dtype's bound)."""
-    if dtype is None or dtype == torch.float64:
+    to it (checked against the truth with that dtype's bound). scale_relative: float64 too is
+    checked relative to each tensor's largest element (assert_close_to_truth), for gradients that
+    sum thousands of terms, where the reference's own rounding exceeds the elementwise atol."""
+    if (dtype is None or dtype == torch.float64) and scale_relative:
+        xd, std, wd, check = x, st, w, assert_close_to_truth
+    elif dtype is None or dtype == torch.float64:
         xd, std, wd, check = x, st, w, assert_close
     else:
         cast = lambda t: t.detach().to(dtype).requires_grad_()  # noqa: E731
@@ -349,9 +353,12 @@ def test_persistent_team_and_per_step_regions_agree(cell, packed, team, monkeypa
 def test_panel_row_blocks_and_long_panels(cell, packed, B):
     """The panel kernels' blocking: rows split into balanced blocks (8 rows as 4 + 4, 14 as
     5 + 5 + 4), more than 48 rows taken in groups, and backward's dh = dG W_hh over more than
-    2048 gate rows (G*H > 2048) taken 1024 rows of the panel at a time, partial sums carried."""
+    2048 gate rows (G*H > 2048) taken 1024 rows of the panel at a time, partial sums carried.
+    The gradients here sum 2100 terms of magnitude up to ~100: torch's float64 reference itself
+    moves by 2.3e-12 between 1 and 2 threads (measured on an Intel Xeon, GRU, B=50), above the
+    elementwise atol of 1e-12, so the bound is 1e-10 of each tensor's scale."""
     H = {"lstm": 520, "gru": 700}[cell]
-    check_both_directions(cell, *make_case(cell, T=3, B=B, I=4, H=H, packed=packed))
+    check_both_directions(cell, *make_case(cell, T=3, B=B, I=4, H=H, packed=packed), scale_relative=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -538,3 +545,4 @@ def test_bidir_op_names_the_reverse_direction_in_errors(cell):
     bad_fwd[names.index("hx")] = bad_fwd[names.index("hx")][:1]  # batch 1, input batch 2
     with pytest.raises(RuntimeError, match=rf"fastrnn\.{kind}_bidir_forward: .*hx"):
         _bidir_op(cell)(*bad_fwd)
+
