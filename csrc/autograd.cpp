@@ -485,6 +485,173 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_gru_forward_a
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
+
+// ------------------------------------------------------------------------------ whole stacks
+// recurrent_stack: a stacked (and/or bidirectional) LSTM, GRU or RNN in one call, with the
+// arguments of torch._VF.lstm / gru / rnn_tanh / rnn_relu. CompositeImplicitAutograd: it loops
+// over the per-layer ops above, so autograd, double backward, the fake kernels and
+// torch.compile all come from them; what it removes is Python's per-layer and per-call work
+// (fastrnn.functional._stack did this loop in Python: ~4 us a layer on top of the op).
+enum class StackMode { LSTM, GRU, RNN_TANH, RNN_RELU };
+
+StackMode stack_mode(c10::string_view mode) {
+  if (mode == "LSTM") return StackMode::LSTM;
+  if (mode == "GRU") return StackMode::GRU;
+  if (mode == "RNN_TANH") return StackMode::RNN_TANH;
+  if (mode == "RNN_RELU") return StackMode::RNN_RELU;
+  TORCH_CHECK_VALUE(false, "fastrnn.recurrent_stack: mode must be one of 'LSTM', 'GRU', 'RNN_TANH', 'RNN_RELU', got '",
+                    std::string(mode), "'");
+}
+
+// Whether a layer call must save its workspace: grad mode on and some input requires grad.
+bool any_requires_grad(at::ArrayRef<Tensor> ts) {
+  for (const Tensor& t : ts)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+void check_stack_state(const char* name, const Tensor& st, int64_t LD) {
+  // sym_size: under torch.export a size() call would specialise the batch dimension too.
+  TORCH_CHECK(st.dim() == 3 && st.sym_size(0) == LD, "fastrnn.recurrent_stack: ", name,
+              ": expected initial states of shape [num_layers * num_directions = ", LD, ", batch, hidden], got ",
+              st.sizes());
+}
+
+std::tuple<Tensor, Tensor, Tensor> recurrent_stack(c10::string_view mode_name, const Tensor& input, const Tensor& hx,
+                                                   const OptT& cx_opt, at::TensorList params, bool has_biases,
+                                                   int64_t num_layers, double dropout, bool train, bool bidirectional,
+                                                   bool batch_first, const OptT& batch_sizes) {
+  const StackMode mode = stack_mode(mode_name);
+  TORCH_CHECK(input.defined() && hx.defined(), "fastrnn.recurrent_stack: ", input.defined() ? "hx" : "input",
+              " must be a tensor, got None");
+  const bool lstm = mode == StackMode::LSTM, relu = mode == StackMode::RNN_RELU;
+  const Tensor cx = opt(cx_opt);
+  const bool packed = batch_sizes.has_value() && batch_sizes->defined();
+  TORCH_CHECK_VALUE(num_layers >= 1, "fastrnn.recurrent_stack: num_layers must be at least 1, got ", num_layers);
+  TORCH_CHECK_VALUE(dropout >= 0.0 && dropout <= 1.0, "fastrnn.recurrent_stack: dropout must be a probability in "
+                    "[0, 1], got ", dropout);
+  TORCH_CHECK(input.dim() == (packed ? 2 : 3), "fastrnn.recurrent_stack: input: expected ",
+              packed ? "packed data [N, input_size] with batch_sizes" : "a 3-D tensor [T, B, input_size]", ", got ",
+              input.dim(), "-D");
+  const int64_t D = bidirectional ? 2 : 1, LD = num_layers * D;
+  check_stack_state("hx", hx, LD);
+  if (lstm) {
+    TORCH_CHECK(cx.defined(), "fastrnn.recurrent_stack: cx (the initial cell state) is required for mode 'LSTM'");
+    check_stack_state("cx", cx, LD);
+  } else {
+    TORCH_CHECK(!cx.defined(), "fastrnn.recurrent_stack: cx is only taken for mode 'LSTM', got one for mode '",
+                std::string(mode_name), "'");
+  }
+  const int64_t base = has_biases ? 4 : 2;
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK_VALUE(n == LD * base || (lstm && n == LD * (base + 1)), "fastrnn.recurrent_stack: params: expected ",
+                    LD * base, lstm ? " (or, with proj_size, " + std::to_string(LD * (base + 1)) + ")" : "",
+                    " tensors for num_layers * num_directions = ", LD, (has_biases ? " with" : " without"),
+                    " biases, got ", n);
+  const int64_t per = n / LD;
+  for (int64_t k = 0; k < n; ++k)
+    TORCH_CHECK(params[k].defined(), "fastrnn.recurrent_stack: params[", k, "] is undefined");
+
+  static const auto lstm_op = op_handle<LstmFwdSig>("fastrnn::lstm_forward");
+  static const auto gru_op = op_handle<GruFwdSig>("fastrnn::gru_forward");
+  static const auto rnn_op = op_handle<RnnFwdSig>("fastrnn::rnn_forward");
+  static const auto lstm_bidir_op = op_handle<LstmBidirFwdSig>("fastrnn::lstm_bidir_forward");
+  static const auto gru_bidir_op = op_handle<GruBidirFwdSig>("fastrnn::gru_bidir_forward");
+  static const auto rnn_bidir_op = op_handle<RnnBidirFwdSig>("fastrnn::rnn_bidir_forward");
+
+  // One direction's weights: w_ih, w_hh, b_ih, b_hh, w_hr (the last three optional).
+  struct Dir {
+    Tensor w_ih, w_hh;
+    OptT b_ih, b_hh, w_hr;
+  };
+  auto dir = [&](int64_t k) {
+    const Tensor* p = params.data() + k * per;
+    Dir d{p[0], p[1], c10::nullopt, c10::nullopt, c10::nullopt};
+    if (has_biases) {
+      d.b_ih = p[2];
+      d.b_hh = p[3];
+    }
+    if (per == base + 1) d.w_hr = p[base];
+    return d;
+  };
+  const std::vector<Tensor> hs = hx.unbind(0);
+  const std::vector<Tensor> cs = lstm ? cx.unbind(0) : std::vector<Tensor>();
+  const bool dense_batch_first = batch_first && !packed;
+  Tensor x = dense_batch_first ? input.transpose(0, 1) : input;
+  const bool cpu = input.device().is_cpu();
+  std::vector<Tensor> hy(LD), cy(lstm ? LD : 0);
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    if (layer > 0 && dropout > 0 && train) x = at::dropout(x, dropout, true);
+    const int64_t k0 = layer * D;
+    const std::vector<Tensor> layer_params(params.begin() + k0 * per, params.begin() + (k0 + D) * per);
+    const bool ws = at::GradMode::is_enabled() &&
+                     (x.requires_grad() || any_requires_grad(layer_params) ||
+                      any_requires_grad(at::ArrayRef<Tensor>(hs).slice(k0, D)) ||
+                      (lstm && any_requires_grad(at::ArrayRef<Tensor>(cs).slice(k0, D))));
+    // Without a graph to record, the layer ops run below autograd, as fastrnn.functional._call did.
+    c10::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!ws) below.emplace();
+    if (D == 2 && cpu) {
+      const Dir f = dir(k0), r = dir(k0 + 1);
+      Tensor of, orv;
+      if (lstm) {
+        T12 o = lstm_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, f.w_hr, hs[k0], cs[k0], r.w_ih, r.w_hh, r.b_ih,
+                                   r.b_hh, r.w_hr, hs[k0 + 1], cs[k0 + 1], batch_sizes, ws);
+        of = std::get<0>(o);
+        orv = std::get<6>(o);
+        hy[k0] = std::get<1>(o);
+        cy[k0] = std::get<2>(o);
+        hy[k0 + 1] = std::get<7>(o);
+        cy[k0 + 1] = std::get<8>(o);
+      } else if (mode == StackMode::GRU) {
+        auto o = gru_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, hs[k0], r.w_ih, r.w_hh, r.b_ih, r.b_hh,
+                                   hs[k0 + 1], batch_sizes, ws);
+        of = std::get<0>(o);
+        hy[k0] = std::get<1>(o);
+        orv = std::get<4>(o);
+        hy[k0 + 1] = std::get<5>(o);
+      } else {
+        auto o = rnn_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, hs[k0], r.w_ih, r.w_hh, r.b_ih, r.b_hh,
+                                   hs[k0 + 1], batch_sizes, relu);
+        of = std::get<0>(o);
+        hy[k0] = std::get<1>(o);
+        orv = std::get<2>(o);
+        hy[k0 + 1] = std::get<3>(o);
+      }
+      x = at::cat({of, orv}, -1);
+      continue;
+    }
+    std::vector<Tensor> outs;
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t k = k0 + d;
+      const Dir w = dir(k);
+      if (lstm) {
+        auto o = lstm_op.call(x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, hs[k], cs[k], batch_sizes, d == 1, ws);
+        outs.push_back(std::get<0>(o));
+        hy[k] = std::get<1>(o);
+        cy[k] = std::get<2>(o);
+      } else if (mode == StackMode::GRU) {
+        auto o = gru_op.call(x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, hs[k], batch_sizes, d == 1, ws);
+        outs.push_back(std::get<0>(o));
+        hy[k] = std::get<1>(o);
+      } else {
+        auto o = rnn_op.call(x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, hs[k], batch_sizes, d == 1, relu);
+        outs.push_back(std::get<0>(o));
+        hy[k] = std::get<1>(o);
+      }
+    }
+    x = D == 1 ? outs[0] : at::cat(outs, -1);
+  }
+  // The output a layer op returns is also saved for its backward (the h_{t-1} of every step):
+  // with a graph the caller gets a copy, so that editing it in place (nn.ReLU(inplace=True),
+  // out += residual) before backward works, as with torch.nn (a torch.cat already is one).
+  if (D == 1 && x.requires_grad()) x = x.clone();
+  if (dense_batch_first) x = x.transpose(0, 1);
+  Tensor h_n = LD == 1 ? hy[0].unsqueeze(0) : at::stack(hy);
+  Tensor c_n = lstm ? (LD == 1 ? cy[0].unsqueeze(0) : at::stack(cy)) : at::empty({0}, hx.options());
+  return {x, h_n, c_n};
+}
+
 }  // namespace
 }  // namespace fastrnn
 
@@ -498,3 +665,5 @@ TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
   m.impl("variant_lstm_forward", &fastrnn::variant_lstm_forward_autograd);
   m.impl("variant_gru_forward", &fastrnn::variant_gru_forward_autograd);
 }
+
+TORCH_LIBRARY_IMPL(fastrnn, CompositeImplicitAutograd, m) { m.impl("recurrent_stack", &fastrnn::recurrent_stack); }

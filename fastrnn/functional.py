@@ -95,6 +95,10 @@ def _recurrent_args(input, hx, params, autocast_ok):
     """(run the fused kernels, input, hx, params): under bfloat16 autocast, everything cast.
     autocast_ok=False: torch.nn does not return bfloat16 for this layer under autocast
     (_autocast_bf16), so torch's implementation runs."""
+    if input.is_cpu and not torch.is_autocast_enabled("cpu"):  # the common case, in a few cheap tests
+        fused = input.dtype in _RECURRENT_DTYPES and (
+            torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
+        return fused, input, hx, params
     if autocast_ok and _autocast_bf16(input):
         return True, _bf16(input), tuple(_bf16(h) for h in hx), [_bf16(p) for p in params]
     return _has_kernel(input, recurrent=True), input, hx, params
@@ -162,21 +166,11 @@ def _check_lstm_state_pair(hx):
                            f"{len(hx) if isinstance(hx, (tuple, list)) else 1}")
 
 
-def _direction_weights(p, has_biases, lstm=False):
-    """(w_ih, w_hh, b_ih, b_hh[, w_hr]) of one direction from its slice of the flat params."""
-    b = (p[2], p[3]) if has_biases else (None, None)
-    if not lstm:
-        return (p[0], p[1], *b)
-    extra = p[4 if has_biases else 2:]
-    return (p[0], p[1], *b, extra[0] if extra else None)
-
-
 def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
-           batch_sizes, bidir_fn=None):
+           batch_sizes):
     """Runs layer_fn over layers and directions; states: list of [L*D, B, *] initial states.
-    bidir_fn(x, states_fwd, states_rev, params_fwd, params_rev, batch_sizes) -> (out_fwd,
-    out_rev, finals_fwd, finals_rev), where given, runs both directions of a CPU layer in one op
-    (at once, on a CPU with two threads or more)."""
+    (The variant cells' stack; the LSTM, GRU and RNN run the same loop in C++: the
+    fastrnn::recurrent_stack op.)"""
     D = 2 if bidirectional else 1
     for st in states:  # before any kernel: a state indexed per layer below must have the layers
         if not isinstance(st, torch.Tensor) or st.dim() != 3 or st.size(0) != num_layers * D:
@@ -201,15 +195,6 @@ def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, tra
         if layer > 0 and dropout > 0 and train:
             x = F.dropout(x, dropout, training=True)
         outs = []
-        if D == 2 and bidir_fn is not None and x.device.type == "cpu":
-            k = 2 * layer
-            out_f, out_r, fin_f, fin_r = bidir_fn(x, [s[k] for s in layer_states], [s[k + 1] for s in layer_states],
-                                                  params[k * per:(k + 1) * per], params[(k + 1) * per:(k + 2) * per],
-                                                  batch_sizes)
-            for acc, f0, f1 in zip(finals, fin_f, fin_r):
-                acc += [f0, f1]
-            x = torch.cat([out_f, out_r], dim=-1)
-            continue
         for d in range(D):
             k = layer * D + d
             p = params[k * per:(k + 1) * per]
@@ -262,19 +247,8 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
         return _torch_fallback(torch._VF.lstm, input, hx, params, has_biases, num_layers, dropout, train,
                                bidirectional, batch_first, batch_sizes)
 
-    def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
-        w_hr = extra[0] if extra else None
-        return lstm_layer(x, st[0], st[1], w_ih, w_hh, b_ih, b_hh, w_hr, bsz, rev)
-
-    def bidir(x, st_f, st_r, p_f, p_r, bsz):
-        train = _needs_grad(x, *st_f, *st_r, *p_f, *p_r)
-        r = _call(_ops.lstm_bidir_forward, train, x, *_direction_weights(p_f, has_biases, True), st_f[0], st_f[1],
-                  *_direction_weights(p_r, has_biases, True), st_r[0], st_r[1], bsz, train)
-        return r[0], r[6], (r[1], r[2]), (r[7], r[8])
-
-    out, (h, c) = _stack(layer, input, list(hx), params, has_biases, num_layers, dropout, train, bidirectional,
-                         batch_first, batch_sizes, bidir_fn=bidir)
-    return out, h, c
+    return tuple(_ops.recurrent_stack("LSTM", input, hx[0], hx[1], params, has_biases, num_layers, dropout, train,
+                                      bidirectional, batch_first, batch_sizes))
 
 
 def gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, batch_sizes=None):
@@ -285,18 +259,8 @@ def gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional
         return _torch_fallback(torch._VF.gru, input, hx, params, has_biases, num_layers, dropout, train,
                                bidirectional, batch_first, batch_sizes)
 
-    def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
-        return gru_layer(x, st[0], w_ih, w_hh, b_ih, b_hh, bsz, rev)
-
-    def bidir(x, st_f, st_r, p_f, p_r, bsz):
-        train = _needs_grad(x, *st_f, *st_r, *p_f, *p_r)
-        r = _call(_ops.gru_bidir_forward, train, x, *_direction_weights(p_f, has_biases), st_f[0],
-                  *_direction_weights(p_r, has_biases), st_r[0], bsz, train)
-        return r[0], r[4], (r[1],), (r[5],)
-
-    out, (h,) = _stack(layer, input, [hx], params, has_biases, num_layers, dropout, train, bidirectional,
-                       batch_first, batch_sizes, bidir_fn=bidir)
-    return out, h
+    return _ops.recurrent_stack("GRU", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                                batch_first, batch_sizes)[:2]
 
 
 def rnn(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, batch_sizes=None,
@@ -311,18 +275,9 @@ def rnn(input, hx, params, has_biases, num_layers, dropout, train, bidirectional
         return _torch_fallback(fn, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
                                batch_first, batch_sizes)
 
-    def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
-        return rnn_layer(x, st[0], w_ih, w_hh, b_ih, b_hh, bsz, rev, nonlinearity)
-
-    def bidir(x, st_f, st_r, p_f, p_r, bsz):
-        train = _needs_grad(x, *st_f, *st_r, *p_f, *p_r)
-        r = _call(_ops.rnn_bidir_forward, train, x, *_direction_weights(p_f, has_biases), st_f[0],
-                  *_direction_weights(p_r, has_biases), st_r[0], bsz, nonlinearity == "relu")
-        return r[0], r[2], (r[1],), (r[3],)
-
-    out, (h,) = _stack(layer, input, [hx], params, has_biases, num_layers, dropout, train, bidirectional,
-                       batch_first, batch_sizes, bidir_fn=bidir)
-    return out, h
+    mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+    return _ops.recurrent_stack(mode, input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                                batch_first, batch_sizes)[:2]
 
 
 # ------------------------------------------------------------------------------------ attention

@@ -293,22 +293,34 @@ def test_autocast_projection_is_torchs():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _spy_stack(monkeypatch):
+    """The inputs of the fastrnn::recurrent_stack calls fastrnn.functional makes from now on."""
+    calls = []
+
+    class Ops:
+        def __getattr__(self, name):
+            return getattr(torch.ops.fastrnn, name)
+
+        def recurrent_stack(self, mode, input, *rest):
+            calls.append(input)
+            return torch.ops.fastrnn.recurrent_stack(mode, input, *rest)
+
+    monkeypatch.setattr(FR, "_ops", Ops())
+    return calls
+
+
 def test_autocast_runs_the_fused_kernel(monkeypatch):
     """Under bfloat16 autocast the fused op runs (not torch's fallback)."""
-    calls = []
-    orig = FR.lstm_layer
-    monkeypatch.setattr(FR, "lstm_layer", lambda *a, **k: calls.append(a[0].dtype) or orig(*a, **k))
+    calls = _spy_stack(monkeypatch)
     with torch.autocast("cpu", dtype=BF16):
         out, _ = fastrnn.LSTM(4, 8)(torch.randn(3, 2, 4))
-    assert calls == [BF16] and out.dtype == BF16
+    assert [c.dtype for c in calls] == [BF16] and out.dtype == BF16
 
 
 def test_large_inference_runs_torchs_lstm_and_training_the_kernel(monkeypatch):
     """bfloat16 LSTM inference with steps of 16M multiply-adds or more runs torch's oneDNN LSTM
     (faster there): torch.nn's values exactly. Training, and smaller steps, run the kernels."""
-    calls = []
-    orig = FR.lstm_layer
-    monkeypatch.setattr(FR, "lstm_layer", lambda *a, **k: calls.append(a[0].shape) or orig(*a, **k))
+    calls = _spy_stack(monkeypatch)
     ref = nn.LSTM(16, 512).to(BF16)
     ours = fastrnn.LSTM(16, 512).to(BF16)
     ours.load_state_dict(ref.state_dict())

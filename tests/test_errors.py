@@ -191,8 +191,10 @@ def test_stacked_functions_reject_malformed_states():
     with pytest.raises(RuntimeError, match="hx must be a pair"):
         FR.lstm(x, (h,), ps, True, 2, 0.0, False, False, False)
     for bad in (torch.zeros(5), torch.zeros(1, 2, 5), torch.zeros(2, 5)):
-        with pytest.raises(RuntimeError, match=r"hx: expected initial states of shape \[num_layers"):
+        with pytest.raises(RuntimeError, match=r"cx: expected initial states of shape \[num_layers"):
             FR.lstm(x, (h, bad), ps, True, 2, 0.0, False, False, False)
+        with pytest.raises(RuntimeError, match=r"hx: expected initial states of shape \[num_layers"):
+            FR.lstm(x, (bad, h), ps, True, 2, 0.0, False, False, False)
     g = nn.GRU(4, 5)
     with pytest.raises(RuntimeError, match=r"hx: expected initial states"):
         FR.gru(x, torch.zeros(2, 5), [p.detach() for p in g._flat_weights], True, 1, 0.0, False, False, False)

@@ -713,7 +713,7 @@ def test_ops_reject_none_tensor_with_a_meta_argument():
     call to the fake kernel), raises a clear error like the CPU kernels, not an AttributeError."""
     import test_malformed_ops as M
     for op in M.OPS:
-        args = M.base_args(op, "dense")
+        args = M.base_args(op, M._variants(op)[0])  # ("dense", or recurrent_stack's first configuration)
         schema = {a.name: str(a.type) for a in getattr(torch.ops.fastrnn, op).default._schema.arguments}
         keys = [k for k, v in args.items() if isinstance(v, torch.Tensor)]
         # proj_input (_r) is not read without a projection (w_hr None): the dense call may omit it

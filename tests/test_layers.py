@@ -336,3 +336,23 @@ def test_double_backward_packed():
         res.append(torch.autograd.grad(sum(t.pow(2).sum() for t in g), list(m.parameters())))
     for a, b in zip(res[1], res[0]):
         assert_close(a, b)
+
+
+def test_stacked_layers_are_one_op_call(monkeypatch):
+    """A stacked bidirectional layer is one call from Python into C++ (fastrnn::recurrent_stack,
+    which loops over layers and directions), forward and backward: no Python per layer."""
+    from fastrnn import functional as FR
+    calls = []
+
+    class Ops:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(torch.ops.fastrnn, name)
+
+    monkeypatch.setattr(FR, "_ops", Ops())
+    for cls in (fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN):
+        m = cls(4, 6, num_layers=3, bidirectional=True)
+        out, _ = m(torch.randn(5, 2, 4))
+        out.sum().backward()
+        assert m.weight_hh_l2_reverse.grad is not None
+    assert calls == ["recurrent_stack"] * 3

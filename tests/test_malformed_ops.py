@@ -26,7 +26,8 @@ RECURRENT_OPS = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
                  "rnn_bidir_forward", "rnn_bidir_backward"]
 VARIANT_OPS = ["variant_lstm_forward", "variant_lstm_backward", "variant_gru_forward", "variant_gru_backward"]
 ATTENTION_OPS = ["sdpa_forward", "sdpa_backward", "additive_attention_forward", "additive_attention_backward"]
-OPS = RECURRENT_OPS + VARIANT_OPS + ATTENTION_OPS
+STACK_OPS = ["recurrent_stack"]
+OPS = RECURRENT_OPS + VARIANT_OPS + ATTENTION_OPS + STACK_OPS
 ALLOWED = ("RuntimeError", "ValueError", "TypeError", "NotImplementedError")  # the last is a RuntimeError
 
 T, B, I, H, P = 4, 3, 5, 6, 4
@@ -55,6 +56,8 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
     attention ops dense (no mask) or masked."""
     if op in ATTENTION_OPS:
         return attention_args(op, variant, batch)
+    if op in STACK_OPS:
+        return stack_args(variant, batch)
     cell, kind = cell_kind(op)
     if cell.startswith("variant_"):
         return variant_base_args(op, variant, batch)
@@ -215,6 +218,114 @@ def variant_base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str
     return bwd
 
 
+# recurrent_stack configurations: (mode, num_layers, bidirectional, batch_first, proj, packed, has_biases)
+STACK_CONFIGS = {
+    "lstm_bi_batch_first": ("LSTM", 2, True, True, False, False, True),
+    "lstm_proj": ("LSTM", 2, False, False, True, False, True),
+    "gru_bi": ("GRU", 2, True, False, False, False, True),
+    "rnn_relu_nobias": ("RNN_RELU", 1, True, False, False, False, False),
+    "lstm_packed": ("LSTM", 2, True, False, False, True, True),
+}
+
+
+def stack_args(variant: str, batch: int = B) -> "OrderedDict[str, object]":
+    """A valid recurrent_stack call (torch._VF's arguments for a whole stack), in schema order."""
+    mode, L, bi, batch_first, proj, packed, bias = STACK_CONFIGS[variant]
+    gen = torch.Generator().manual_seed(1234)
+    G, D = {"LSTM": 4, "GRU": 3}.get(mode, 1), 2 if bi else 1
+    Ph = P if proj else H
+    if packed:
+        x = _randn(gen, sum(BATCH_SIZES), I)
+    else:
+        x = _randn(gen, batch, T, I) if batch_first else _randn(gen, T, batch, I)
+    nb = BATCH_SIZES[0] if packed else batch
+    params = []
+    for layer in range(L):
+        for _ in range(D):
+            params += [_randn(gen, G * H, I if layer == 0 else D * Ph), _randn(gen, G * H, Ph)]
+            params += [_randn(gen, G * H), _randn(gen, G * H)] if bias else []
+            params += [_randn(gen, P, H)] if proj else []
+    return OrderedDict(mode=mode, input=x, hx=_randn(gen, L * D, nb, Ph),
+                       cx=_randn(gen, L * D, nb, H) if mode == "LSTM" else None, params=params, has_biases=bias,
+                       num_layers=L, dropout=0.0, train=False, bidirectional=bi, batch_first=batch_first,
+                       batch_sizes=torch.tensor(BATCH_SIZES, dtype=torch.int64) if packed else None)
+
+
+def _set_param(k, value):
+    def fn(args):
+        params = list(args["params"])
+        params[k] = value(params[k]) if callable(value) else value
+        args["params"] = params
+        return args
+    return fn
+
+
+def stack_cases() -> list["Case"]:
+    """recurrent_stack's table: each tensor argument and a few parameters malformed one way at a
+    time, the list of parameters too short or too long, and the scalars out of range."""
+    op, cases = "recurrent_stack", []
+    for variant, (mode, L, bi, batch_first, proj, packed, bias) in STACK_CONFIGS.items():
+        args = stack_args(variant)
+        for arg in ("input", "hx", "cx", "batch_sizes"):
+            value = args[arg]
+            if value is None:
+                if arg == "cx":  # a cell state given to a GRU or RNN
+                    cases.append(Case(op, variant, arg, "given", "error", _set(arg, torch.zeros(2, B, H))))
+                continue
+            for what, mut in ERROR_MUTATIONS.items():
+                if mut(value) is None or (arg == "batch_sizes" and what != "meta" and what != "float64"):
+                    continue
+                # one more step of a dense [T, B, I] input is a valid call
+                ok = arg == "input" and what == "size_first+1" and not packed and not batch_first
+                cases.append(Case(op, variant, arg, what, "ok" if ok else "error", _set(arg, mut)))
+            for what, mut in LAYOUT_MUTATIONS.items():
+                if mut(value) is not None and not (arg == "batch_sizes" and what == "expanded"):
+                    cases.append(Case(op, variant, arg, what, "same", _set(arg, mut)))
+            cases.append(Case(op, variant, arg, "None", "error", _set(arg, None)))
+            cases.append(Case(op, variant, arg, "python_list", "error", _set(arg, lambda t: t.tolist())))
+        n = len(args["params"])
+        for k in sorted({0, 1, n // 2, n - 1}):
+            p = args["params"][k]
+            for what in ("rank_up", "size_last+1", "size_first+1", "float64", "meta", "empty_1d"):
+                if ERROR_MUTATIONS[what](p) is not None:
+                    cases.append(Case(op, variant, f"params[{k}]", what, "error",
+                                      _set_param(k, ERROR_MUTATIONS[what])))
+            cases.append(Case(op, variant, f"params[{k}]", "None", "error", _set_param(k, None)))
+            for what, mut in LAYOUT_MUTATIONS.items():
+                if mut(p) is not None:
+                    cases.append(Case(op, variant, f"params[{k}]", what, "same", _set_param(k, mut)))
+        cases.append(Case(op, variant, "params", "one_too_few", "error", _set("params", lambda p: p[:-1])))
+        cases.append(Case(op, variant, "params", "one_too_many", "error", _set("params", lambda p: p + p[-1:])))
+        cases.append(Case(op, variant, "params", "empty", "error", _set("params", [])))
+        cases.append(Case(op, variant, "params", "a_tensor", "error", _set("params", lambda p: p[0])))
+        other = "GRU" if mode == "LSTM" else "LSTM"
+        for what, m in (("unknown", "TRANSFORMER"), ("lower_case", mode.lower()), ("other_cell", other)):
+            cases.append(Case(op, variant, "mode", what, "error", _set("mode", m)))
+        for what, v in (("zero", 0), ("negative", -1), ("one_more", L + 1)):
+            cases.append(Case(op, variant, "num_layers", what, "error", _set("num_layers", v)))
+        for what, v in (("negative", -0.5), ("above_one", 1.5), ("nan", float("nan"))):
+            cases.append(Case(op, variant, "dropout", what, "error", _set("dropout", v)))
+        cases.append(Case(op, variant, "has_biases", "flipped", "error", _set("has_biases", not bias)))
+        cases.append(Case(op, variant, "bidirectional", "flipped", "error", _set("bidirectional", not bi)))
+        if not packed:  # B != T: the other layout's batch does not match the states
+            cases.append(Case(op, variant, "batch_first", "flipped", "error", _set("batch_first", not batch_first)))
+            cases.append(Case(op, variant, "batch_sizes", "given_for_dense_input", "error",
+                              _set("batch_sizes", torch.tensor([B] * T))))
+            cases.append(Case(op, variant, "batch", "zero", "ok", lambda a, v=variant: stack_args(v, batch=0)))
+        cases.append(Case(op, variant, "train", "with_dropout", "ok",
+                          lambda a: OrderedDict(a, train=True, dropout=0.5)))
+        for arg in ("has_biases", "train", "bidirectional", "batch_first"):
+            cases.append(Case(op, variant, arg, "str", "error", _set(arg, "yes")))
+            cases.append(Case(op, variant, arg, "tensor", "error", _set(arg, torch.ones(2))))
+        cases.append(Case(op, variant, "args", "too_few", "error", lambda a: OrderedDict(list(a.items())[:-1])))
+        cases.append(Case(op, variant, "args", "too_many", "error",
+                          lambda a: OrderedDict(list(a.items()) + [("extra", torch.ones(1))])))
+        to_meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
+        cases.append(Case(op, variant, "all", "meta", "ok", lambda a: OrderedDict(
+            (k, [to_meta(p) for p in v] if k == "params" else to_meta(v)) for k, v in a.items())))
+    return cases
+
+
 def schema_names(op: str) -> list[str]:
     return [a.name for a in getattr(torch.ops.fastrnn, op).default._schema.arguments]
 
@@ -291,6 +402,8 @@ def _set(arg, value):
 def _variants(op):
     if op in ATTENTION_OPS:
         return ["dense", "masked"]
+    if op in STACK_OPS:
+        return list(STACK_CONFIGS)
     cell = cell_kind(op)[0]
     if cell.startswith("variant_"):
         return ["dense", "packed"]
@@ -300,6 +413,9 @@ def _variants(op):
 def build_cases() -> list[Case]:
     cases = []
     for op in OPS:
+        if op in STACK_OPS:
+            cases += stack_cases()
+            continue
         cell, kind = cell_kind(op)
         attention = op in ATTENTION_OPS
         optional = schema_optional(op)
@@ -414,6 +530,12 @@ def _expected_shapes_ok(op, args, res):
     """For calls expected to work: output shapes follow the inputs (checked against a CPU run of the
     same call where the inputs are not meta)."""
     out = _flat(res)
+    if op in STACK_OPS:
+        D = 2 if args["bidirectional"] else 1
+        P_out = args["hx"].shape[-1]  # proj_size, or hidden_size
+        c_shape = tuple(args["cx"].shape) if args["cx"] is not None else (0,)
+        return (tuple(out[0].shape) == (*args["input"].shape[:-1], D * P_out)
+                and tuple(out[1].shape) == tuple(args["hx"].shape) and tuple(out[2].shape) == c_shape)
     if op in ATTENTION_OPS:
         first = args["query"] if op.startswith("sdpa") else args["query_proj"]
         if op.endswith("_backward"):
@@ -444,6 +566,11 @@ def run_case(case: Case) -> dict:
     # "same": the call with the layout-mutated argument equals the call with its contiguous copy
     ref_args = OrderedDict((k, v.contiguous() if k == case.arg and isinstance(v, torch.Tensor) else v)
                            for k, v in args.items())
+    if case.arg.startswith("params["):  # one element of recurrent_stack's list
+        k = int(case.arg[len("params["):-1])
+        ref_args["params"] = [p.contiguous() if i == k else p for i, p in enumerate(args["params"])]
+        mutated = args["params"][k]  # (the case tests a layout: not the plain one)
+        assert not mutated.is_contiguous() or mutated.storage_offset() != 0, case.id
     ref = _flat(_call(case.op, ref_args))
     got = _flat(res)
     bad = [i for i, (a, b) in enumerate(zip(got, ref)) if a.shape != b.shape or not torch.equal(a, b)]

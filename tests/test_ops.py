@@ -546,3 +546,84 @@ def test_bidir_op_names_the_reverse_direction_in_errors(cell):
     with pytest.raises(RuntimeError, match=rf"fastrnn\.{kind}_bidir_forward: .*hx"):
         _bidir_op(cell)(*bad_fwd)
 
+
+# ------------------------------------------------------------------------ recurrent_stack
+STACK_MODES = {"lstm": "LSTM", "lstm_proj": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU"}
+
+
+def stack_case(cell, L=2, bidirectional=True, batch_first=False, packed=False, T=4, B=3, I=3, H=4, P=2):
+    """recurrent_stack's arguments (float64, requiring grad) for a stack of L layers."""
+    torch.manual_seed(7)
+    D = 2 if bidirectional else 1
+    Ph = P if cell == "lstm_proj" else H
+    x, _, _, bsz = make_case(cell, T=T, B=B, I=I, H=H, P=P, packed=packed)
+    if batch_first and not packed:
+        x = x.detach().transpose(0, 1).contiguous().requires_grad_()
+    params = []
+    for layer in range(L):
+        for _ in range(D):
+            _, _, w, _ = make_case(cell, T=1, B=1, I=I if layer == 0 else D * Ph, H=H, P=P)
+            params += [v for v in w.values() if v is not None]
+    nb = int(bsz[0]) if packed else B
+    g = lambda *s: (torch.randn(*s, dtype=torch.float64) * 0.5).requires_grad_()  # noqa: E731
+    hx, cx = g(L * D, nb, Ph), (g(L * D, nb, H) if cell.startswith("lstm") else None)
+    return (STACK_MODES[cell], x, hx, cx, params, True, L, 0.0, False, bidirectional, batch_first, bsz)
+
+
+def _stack_ref(mode, x, hx, cx, params, has_biases, L, dropout, train, bidirectional, batch_first, bsz):
+    """The same stack from the per-layer plain-PyTorch references."""
+    D = 2 if bidirectional else 1
+    per = len(params) // (L * D)
+    kind = mode.split("_")[0].lower()
+    inp = x.transpose(0, 1) if batch_first and bsz is None else x
+    hs, cs = [], []
+    for layer in range(L):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            p = params[k * per:(k + 1) * per]
+            w_hr = [p[4] if len(p) == 5 else None] if kind == "lstm" else []
+            states = [hx[k], cx[k]] if kind == "lstm" else [hx[k]]
+            extra = [mode.split("_")[1].lower()] if kind == "rnn" else []
+            r = REFERENCE[kind](inp, *states, *p[:4], *w_hr, bsz, d == 1, *extra)
+            outs.append(r[0])
+            hs.append(r[1])
+            if kind == "lstm":
+                cs.append(r[2])
+        inp = torch.cat(outs, -1)
+    out = inp.transpose(0, 1) if batch_first and bsz is None else inp
+    return out, torch.stack(hs), torch.stack(cs) if cs else torch.empty(0, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("layout", ["dense", "batch_first", "packed", "one_layer"])
+@pytest.mark.parametrize("cell", list(STACK_MODES))
+def test_recurrent_stack_matches_the_layer_references(cell, layout):
+    """The whole-stack op against the per-layer references, float64: outputs and every gradient."""
+    args = stack_case(cell, batch_first=layout == "batch_first", packed=layout == "packed",
+                      L=1 if layout == "one_layer" else 2, bidirectional=layout != "one_layer")
+    got = torch.ops.fastrnn.recurrent_stack(*args)
+    ref = _stack_ref(*args)
+    for a, b in zip(got, ref):
+        assert_close(a, b)
+    inputs = [t for t in (args[1], args[2], args[3], *args[4]) if t is not None]
+    cot = [torch.randn_like(r) for r in ref[:3 if cell.startswith("lstm") else 2]]
+    for ga, gb in zip(torch.autograd.grad(got[:len(cot)], inputs, cot), torch.autograd.grad(ref[:len(cot)], inputs, cot)):
+        assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru", "rnn_relu"])
+def test_recurrent_stack_gradcheck_and_opcheck(cell):
+    args = stack_case(cell, T=3, B=2, I=2, H=3, P=2)
+    n_out = 3 if cell.startswith("lstm") else 2
+    tensors = [args[1], args[2]] + ([args[3]] if args[3] is not None else []) + list(args[4])
+
+    def fn(*ts):
+        x, hx, *rest = ts
+        cx = rest.pop(0) if args[3] is not None else None
+        return torch.ops.fastrnn.recurrent_stack(args[0], x, hx, cx, list(rest), *args[5:])[:n_out]
+
+    assert torch.autograd.gradcheck(fn, tensors)
+    torch.library.opcheck(torch.ops.fastrnn.recurrent_stack.default, args)
+    detached = tuple([p.detach() for p in a] if isinstance(a, list) else a.detach() if isinstance(a, torch.Tensor)
+                     else a for a in args)
+    torch.library.opcheck(torch.ops.fastrnn.recurrent_stack.default, detached)
