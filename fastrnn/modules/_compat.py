@@ -10,6 +10,9 @@ import torch.fx
 from ..functional import autocast_enabled  # noqa: F401 (the layers' checks import it from here)
 
 
+Proxy = torch.fx.Proxy
+
+
 def fx_leaf(forward):
     """Decorates a layer's forward so torch.fx.symbolic_trace records the layer as one
     call_module node, as it does torch.nn's layers (its default Tracer treats modules from
@@ -17,7 +20,13 @@ def fx_leaf(forward):
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
-        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.Proxy)), None)
+        proxy = None
+        for a in args:  # (a loop, not a generator: this runs on every call)
+            if isinstance(a, Proxy):
+                proxy = a
+                break
+        if proxy is None and kwargs:
+            proxy = next((a for a in kwargs.values() if isinstance(a, Proxy)), None)
         if proxy is None:
             return forward(self, *args, **kwargs)
         tracer = proxy.tracer

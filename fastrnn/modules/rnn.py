@@ -216,6 +216,9 @@ class _RNNBase(ScriptsAsTorchNN, nn.Module):
     def _prepare(self, input, hx, n_states):
         """Normalises input and hx as torch.nn does. Returns
         (data, batch_sizes, sorted_indices, unsorted_indices, states, is_batched)."""
+        fast = self._prepare_common(input, hx, n_states)
+        if fast is not None:
+            return fast
         name = type(self).__name__
         num_directions = 2 if self.bidirectional else 1
         if isinstance(input, PackedSequence):
@@ -258,6 +261,35 @@ class _RNNBase(ScriptsAsTorchNN, nn.Module):
                 self.check_hidden_size(h, e, msg)
                 self._check_state_tensor(h, "hx" if k == 0 else "cx", data)
         return data, batch_sizes, sorted_indices, unsorted_indices, hx, is_batched
+
+    def _prepare_common(self, input, hx, n_states):
+        """_prepare's result for the common call, a batched dense input of the weights' dtype and
+        device with states of the expected shape, dtype and device (or none), in one pass of
+        cheap tests (a step-at-a-time caller pays them every call); None where any test fails,
+        and the general path then checks one by one and names what is wrong."""
+        if not isinstance(input, Tensor) or input.dim() != 3:
+            return None
+        w = self._parameters.get(self._flat_weights_names[0])
+        dtype, device = input.dtype, input.device
+        if w is None or dtype != w.dtype or device != w.device:
+            return None
+        T, B, I = input.shape
+        if self.batch_first:
+            T, B = B, T
+        if I != self.input_size or T == 0:
+            return None
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        shapes = ((LD, B, self.proj_size if self.proj_size > 0 else self.hidden_size), (LD, B, self.hidden_size))
+        if hx is None:
+            return input, None, None, None, [torch.zeros(shapes[k], dtype=dtype, device=device)
+                                             for k in range(n_states)], True
+        states = [hx] if n_states == 1 else hx
+        if n_states == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            return None
+        for h, shape in zip(states, shapes):
+            if not isinstance(h, Tensor) or h.shape != shape or h.dtype != dtype or h.device != device:
+                return None
+        return input, None, None, None, list(states), True
 
     def _finish(self, output, states, batch_sizes, sorted_indices, unsorted_indices, is_batched):
         if batch_sizes is not None:
