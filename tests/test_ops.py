@@ -307,15 +307,18 @@ def test_build_info():
         fastrnn._C.set_gemm_backend("fast")
 
 
+@pytest.mark.parametrize("H", [16, 128], ids=["H16", "H128"])
 @pytest.mark.parametrize("mutate", ["data", "no_grad_inplace", "inference_mode"])
-def test_packed_weight_cache_sees_every_write(mutate, gemm_backend):
-    """The fused path caches packed W_hh between calls; any write to W_hh must invalidate it."""
-    m = fastrnn.LSTM(8, 16).double()
+def test_packed_weight_cache_sees_every_write(mutate, H, gemm_backend):
+    """The fused path caches packed W_hh between calls; any write to W_hh must invalidate it.
+    H=128 in float64: W_hh is 512 KB, compared with its cached copy in 256 KB pieces by the
+    team's threads; the .data write lands in the last piece."""
+    m = fastrnn.LSTM(8, H).double()
     x = torch.randn(5, 2, 8, dtype=torch.float64)
     m(x)  # packs and caches
     w = m.weight_hh_l0
     if mutate == "data":
-        w.data[3, 5] += 0.25  # .data writes do not bump the version counter
+        w.data[-3, -5] += 0.25  # .data writes do not bump the version counter
     elif mutate == "no_grad_inplace":
         with torch.no_grad():
             w.mul_(1.5)
@@ -324,7 +327,7 @@ def test_packed_weight_cache_sees_every_write(mutate, gemm_backend):
             out_before, _ = m(x)
         with torch.no_grad():
             w.add_(0.1)
-    ref = torch.nn.LSTM(8, 16).double()
+    ref = torch.nn.LSTM(8, H).double()
     ref.load_state_dict(m.state_dict())
     ctx = torch.inference_mode() if mutate == "inference_mode" else torch.no_grad()
     with ctx:
