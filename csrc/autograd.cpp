@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace fastrnn {
@@ -593,32 +594,27 @@ std::tuple<Tensor, Tensor, Tensor> recurrent_stack(c10::string_view mode_name, c
     if (!ws) below.emplace();
     if (D == 2 && cpu) {
       const Dir f = dir(k0), r = dir(k0 + 1);
-      Tensor of, orv;
+      // The op's outputs, `per` of them per direction: output, hy, then cy for the LSTM.
+      auto as_list = [](auto&& t) { return std::apply([](auto&&... v) { return std::vector<Tensor>{v...}; }, t); };
+      std::vector<Tensor> o;
+      int64_t per_dir = 2;
       if (lstm) {
-        T12 o = lstm_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, f.w_hr, hs[k0], cs[k0], r.w_ih, r.w_hh, r.b_ih,
-                                   r.b_hh, r.w_hr, hs[k0 + 1], cs[k0 + 1], batch_sizes, ws);
-        of = std::get<0>(o);
-        orv = std::get<6>(o);
-        hy[k0] = std::get<1>(o);
-        cy[k0] = std::get<2>(o);
-        hy[k0 + 1] = std::get<7>(o);
-        cy[k0 + 1] = std::get<8>(o);
+        o = as_list(lstm_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, f.w_hr, hs[k0], cs[k0], r.w_ih, r.w_hh,
+                                       r.b_ih, r.b_hh, r.w_hr, hs[k0 + 1], cs[k0 + 1], batch_sizes, ws));
+        per_dir = 6;
+        cy[k0] = o[2];
+        cy[k0 + 1] = o[per_dir + 2];
       } else if (mode == StackMode::GRU) {
-        auto o = gru_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, hs[k0], r.w_ih, r.w_hh, r.b_ih, r.b_hh,
-                                   hs[k0 + 1], batch_sizes, ws);
-        of = std::get<0>(o);
-        hy[k0] = std::get<1>(o);
-        orv = std::get<4>(o);
-        hy[k0 + 1] = std::get<5>(o);
+        o = as_list(gru_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, hs[k0], r.w_ih, r.w_hh, r.b_ih, r.b_hh,
+                                      hs[k0 + 1], batch_sizes, ws));
+        per_dir = 4;
       } else {
-        auto o = rnn_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, hs[k0], r.w_ih, r.w_hh, r.b_ih, r.b_hh,
-                                   hs[k0 + 1], batch_sizes, relu);
-        of = std::get<0>(o);
-        hy[k0] = std::get<1>(o);
-        orv = std::get<2>(o);
-        hy[k0 + 1] = std::get<3>(o);
+        o = as_list(rnn_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, hs[k0], r.w_ih, r.w_hh, r.b_ih, r.b_hh,
+                                      hs[k0 + 1], batch_sizes, relu));
       }
-      x = at::cat({of, orv}, -1);
+      hy[k0] = o[1];
+      hy[k0 + 1] = o[per_dir + 1];
+      x = at::cat({o[0], o[per_dir]}, -1);
       continue;
     }
     std::vector<Tensor> outs;
