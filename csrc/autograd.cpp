@@ -550,8 +550,21 @@ std::tuple<Tensor, Tensor, Tensor> recurrent_stack(c10::string_view mode_name, c
                     " tensors for num_layers * num_directions = ", LD, (has_biases ? " with" : " without"),
                     " biases, got ", n);
   const int64_t per = n / LD;
-  for (int64_t k = 0; k < n; ++k)
-    TORCH_CHECK(params[k].defined(), "fastrnn.recurrent_stack: params[", k, "] is undefined");
+  // Every parameter before any layer runs (the layer ops check the sizes that follow from them):
+  // defined, the input's dtype and device, 2-D weights and 1-D biases.
+  for (int64_t k = 0; k < n; ++k) {
+    const Tensor& p = params[k];
+    const int64_t j = k % per;
+    const bool bias = has_biases && (j == 2 || j == 3);
+    TORCH_CHECK(p.defined(), "fastrnn.recurrent_stack: params[", k, "] is undefined");
+    TORCH_CHECK(p.device() == input.device(), "fastrnn.recurrent_stack: params[", k, "] and input must be on the same ",
+                "device, got ", p.device(), " and ", input.device());
+    TORCH_CHECK_VALUE(p.scalar_type() == input.scalar_type(), "fastrnn.recurrent_stack: params[", k,
+                      "] and input must have the same dtype, got ", p.scalar_type(), " and ", input.scalar_type());
+    TORCH_CHECK(p.dim() == (bias ? 1 : 2), "fastrnn.recurrent_stack: params[", k, "] (", j < 2 ? "a weight" :
+                bias ? "a bias" : "w_hr", " of layer ", k / per / D, ") must be ", bias ? 1 : 2, "-D, got ", p.dim(),
+                "-D");
+  }
 
   static const auto lstm_op = op_handle<LstmFwdSig>("fastrnn::lstm_forward");
   static const auto gru_op = op_handle<GruFwdSig>("fastrnn::gru_forward");
@@ -584,57 +597,60 @@ std::tuple<Tensor, Tensor, Tensor> recurrent_stack(c10::string_view mode_name, c
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     if (layer > 0 && dropout > 0 && train) x = at::dropout(x, dropout, true);
     const int64_t k0 = layer * D;
-    const std::vector<Tensor> layer_params(params.begin() + k0 * per, params.begin() + (k0 + D) * per);
     const bool ws = at::GradMode::is_enabled() &&
-                     (x.requires_grad() || any_requires_grad(layer_params) ||
+                     (x.requires_grad() || any_requires_grad(params.slice(k0 * per, D * per)) ||
                       any_requires_grad(at::ArrayRef<Tensor>(hs).slice(k0, D)) ||
                       (lstm && any_requires_grad(at::ArrayRef<Tensor>(cs).slice(k0, D))));
     // Without a graph to record, the layer ops run below autograd, as fastrnn.functional._call did.
     c10::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!ws) below.emplace();
-    if (D == 2 && cpu) {
-      const Dir f = dir(k0), r = dir(k0 + 1);
-      // The op's outputs, `per` of them per direction: output, hy, then cy for the LSTM.
-      auto as_list = [](auto&& t) { return std::apply([](auto&&... v) { return std::vector<Tensor>{v...}; }, t); };
-      std::vector<Tensor> o;
-      int64_t per_dir = 2;
-      if (lstm) {
-        o = as_list(lstm_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, f.w_hr, hs[k0], cs[k0], r.w_ih, r.w_hh,
-                                       r.b_ih, r.b_hh, r.w_hr, hs[k0 + 1], cs[k0 + 1], batch_sizes, ws));
-        per_dir = 6;
-        cy[k0] = o[2];
-        cy[k0 + 1] = o[per_dir + 2];
-      } else if (mode == StackMode::GRU) {
-        o = as_list(gru_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, hs[k0], r.w_ih, r.w_hh, r.b_ih, r.b_hh,
-                                      hs[k0 + 1], batch_sizes, ws));
-        per_dir = 4;
-      } else {
-        o = as_list(rnn_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, hs[k0], r.w_ih, r.w_hh, r.b_ih, r.b_hh,
-                                      hs[k0 + 1], batch_sizes, relu));
-      }
-      hy[k0] = o[1];
-      hy[k0 + 1] = o[per_dir + 1];
-      x = at::cat({o[0], o[per_dir]}, -1);
-      continue;
-    }
+    // A layer op's outputs as a list: output, hy, (cy for the LSTM), then its workspace; the
+    // bidirectional ops return one such run per direction, `per_dir` apart.
+    auto as_list = [](auto&& t) { return std::apply([](auto&&... v) { return std::vector<Tensor>{v...}; }, t); };
     std::vector<Tensor> outs;
-    for (int64_t d = 0; d < D; ++d) {
-      const int64_t k = k0 + d;
-      const Dir w = dir(k);
-      if (lstm) {
-        auto o = lstm_op.call(x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, hs[k], cs[k], batch_sizes, d == 1, ws);
-        outs.push_back(std::get<0>(o));
-        hy[k] = std::get<1>(o);
-        cy[k] = std::get<2>(o);
-      } else if (mode == StackMode::GRU) {
-        auto o = gru_op.call(x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, hs[k], batch_sizes, d == 1, ws);
-        outs.push_back(std::get<0>(o));
-        hy[k] = std::get<1>(o);
+    auto take = [&](const std::vector<Tensor>& o, size_t first, int64_t k) {
+      outs.push_back(o[first]);
+      hy[k] = o[first + 1];
+      if (lstm) cy[k] = o[first + 2];
+    };
+    try {
+      if (D == 2 && cpu) {  // both directions in one op (at once, with two threads or more)
+        const Dir f = dir(k0), r = dir(k0 + 1);
+        std::vector<Tensor> o;
+        size_t per_dir = 2;
+        if (lstm) {
+          o = as_list(lstm_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, f.w_hr, hs[k0], cs[k0], r.w_ih, r.w_hh,
+                                         r.b_ih, r.b_hh, r.w_hr, hs[k0 + 1], cs[k0 + 1], batch_sizes, ws));
+          per_dir = 6;
+        } else if (mode == StackMode::GRU) {
+          o = as_list(gru_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, hs[k0], r.w_ih, r.w_hh, r.b_ih, r.b_hh,
+                                        hs[k0 + 1], batch_sizes, ws));
+          per_dir = 4;
+        } else {
+          o = as_list(rnn_bidir_op.call(x, f.w_ih, f.w_hh, f.b_ih, f.b_hh, hs[k0], r.w_ih, r.w_hh, r.b_ih, r.b_hh,
+                                        hs[k0 + 1], batch_sizes, relu));
+        }
+        take(o, 0, k0);
+        take(o, per_dir, k0 + 1);
       } else {
-        auto o = rnn_op.call(x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, hs[k], batch_sizes, d == 1, relu);
-        outs.push_back(std::get<0>(o));
-        hy[k] = std::get<1>(o);
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t k = k0 + d;
+          const Dir w = dir(k);
+          if (lstm)
+            take(as_list(lstm_op.call(x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, hs[k], cs[k], batch_sizes, d == 1,
+                                      ws)),
+                 0, k);
+          else if (mode == StackMode::GRU)
+            take(as_list(gru_op.call(x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, hs[k], batch_sizes, d == 1, ws)), 0, k);
+          else
+            take(as_list(rnn_op.call(x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, hs[k], batch_sizes, d == 1, relu)), 0, k);
+        }
       }
+    } catch (c10::Error& e) {  // the layer ops name the argument; say which layer it was
+      e.add_context("fastrnn.recurrent_stack: in layer " + std::to_string(layer) + " (params[" +
+                    std::to_string(k0 * per) + ":" + std::to_string((k0 + D) * per) + "], hx[" + std::to_string(k0) +
+                    ":" + std::to_string(k0 + D) + "])");
+      throw;
     }
     x = D == 1 ? outs[0] : at::cat(outs, -1);
   }

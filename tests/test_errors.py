@@ -198,3 +198,18 @@ def test_stacked_functions_reject_malformed_states():
     g = nn.GRU(4, 5)
     with pytest.raises(RuntimeError, match=r"hx: expected initial states"):
         FR.gru(x, torch.zeros(2, 5), [p.detach() for p in g._flat_weights], True, 1, 0.0, False, False, False)
+
+
+def test_stack_names_the_layer_and_checks_every_parameter_first():
+    """fastrnn::recurrent_stack checks every parameter's dtype, device and rank before any layer
+    runs, and a size error a layer op raises names the layer and its slice of params."""
+    from fastrnn import functional as FR
+    m = fastrnn.LSTM(4, 6, num_layers=3, bidirectional=True)
+    x, st = torch.randn(5, 2, 4), (torch.zeros(6, 2, 6), torch.zeros(6, 2, 6))
+    for bad, err, pattern in ((torch.randn(24, 6).double(), ValueError, r"params\[17\] and input must have the same dtype"),
+                              (torch.randn(24), RuntimeError, r"params\[17\] \(a weight of layer 2\) must be 2-D"),
+                              (torch.randn(24, 7), RuntimeError, r"w_hh must have shape .* in layer 2 \(params\[16:24\]")):
+        ps = list(m._flat_weights)
+        ps[17] = bad
+        with pytest.raises(err, match=pattern):
+            FR.lstm(x, st, ps, True, 3, 0.0, False, True, False)

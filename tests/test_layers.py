@@ -356,3 +356,26 @@ def test_stacked_layers_are_one_op_call(monkeypatch):
         out.sum().backward()
         assert m.weight_hh_l2_reverse.grad is not None
     assert calls == ["recurrent_stack"] * 3
+
+
+@pytest.mark.parametrize("frozen", ["layer0", "layer1"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_partly_frozen_stack_matches_torch(kind, frozen):
+    """A stack whose input needs no gradient, with one layer's parameters frozen: the stack op
+    decides per layer whether a layer records a graph (layer 0 frozen: it runs below autograd and
+    layer 1 records), so every gradient torch.nn gives must still come back, and no other."""
+    ref, ours = make_pair(kind, 4, 6, num_layers=2, bidirectional=True)
+    for m in (ref, ours):
+        for name, p in m.named_parameters():
+            p.requires_grad_(not name.endswith(("_l0", "_l0_reverse")) if frozen == "layer0"
+                             else name.endswith(("_l0", "_l0_reverse")))
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    outs = [m(x) for m in (ref, ours)]
+    cot = torch.randn_like(outs[0][0])
+    for m, (out, _) in zip((ref, ours), outs):
+        (out * cot).sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        assert (p.grad is None) == (q.grad is None) == (not p.requires_grad), name
+        if p.grad is not None:
+            assert_close(q.grad, p.grad)
+    assert_close(outs[1][0], outs[0][0])

@@ -574,28 +574,20 @@ def stack_case(cell, L=2, bidirectional=True, batch_first=False, packed=False, T
 
 
 def _stack_ref(mode, x, hx, cx, params, has_biases, L, dropout, train, bidirectional, batch_first, bsz):
-    """The same stack from the per-layer plain-PyTorch references."""
+    """The same stack from fastrnn.reference's stacked references (dropout 0), as the op returns
+    it: (output, h_n, c_n), c_n empty for the GRU and RNN."""
     D = 2 if bidirectional else 1
     per = len(params) // (L * D)
-    kind = mode.split("_")[0].lower()
-    inp = x.transpose(0, 1) if batch_first and bsz is None else x
-    hs, cs = [], []
-    for layer in range(L):
-        outs = []
-        for d in range(D):
-            k = layer * D + d
-            p = params[k * per:(k + 1) * per]
-            w_hr = [p[4] if len(p) == 5 else None] if kind == "lstm" else []
-            states = [hx[k], cx[k]] if kind == "lstm" else [hx[k]]
-            extra = [mode.split("_")[1].lower()] if kind == "rnn" else []
-            r = REFERENCE[kind](inp, *states, *p[:4], *w_hr, bsz, d == 1, *extra)
-            outs.append(r[0])
-            hs.append(r[1])
-            if kind == "lstm":
-                cs.append(r[2])
-        inp = torch.cat(outs, -1)
-    out = inp.transpose(0, 1) if batch_first and bsz is None else inp
-    return out, torch.stack(hs), torch.stack(cs) if cs else torch.empty(0, dtype=x.dtype)
+    groups = [tuple(params[k * per:(k + 1) * per]) for k in range(L * D)]
+    if mode == "LSTM":
+        groups = [g if len(g) == 5 else (*g, None) for g in groups]
+        out, (h, c) = R.lstm_ref(x, (hx, cx), groups, L, bidirectional, batch_first, bsz)
+        return out, h, c
+    if mode == "GRU":
+        out, h = R.gru_ref(x, hx, groups, L, bidirectional, batch_first, bsz)
+    else:
+        out, h = R.rnn_ref(x, hx, groups, L, bidirectional, batch_first, bsz, mode.split("_")[1].lower())
+    return out, h, torch.empty(0, dtype=x.dtype)
 
 
 @pytest.mark.parametrize("layout", ["dense", "batch_first", "packed", "one_layer"])
