@@ -29,7 +29,11 @@ using torch::autograd::variable_list;
 
 Tensor opt(const OptT& t) { return t.has_value() ? *t : Tensor(); }
 OptT as_opt(const Tensor& t) { return t.defined() ? OptT(t) : OptT(); }
-Tensor zeros_if_undefined(const Tensor& g, const Tensor& like) { return g.defined() ? g : at::zeros_like(like); }
+// An unused output's gradient: one zero expanded to its shape (the backward kernels read it in
+// place or copy it), not a zero-filled [T, B, H] per call.
+Tensor zeros_if_undefined(const Tensor& g, const Tensor& like) {
+  return g.defined() ? g : at::zeros({}, like.options()).expand(like.sizes());
+}
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {

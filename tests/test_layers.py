@@ -379,3 +379,49 @@ def test_partly_frozen_stack_matches_torch(kind, frozen):
         if p.grad is not None:
             assert_close(q.grad, p.grad)
     assert_close(outs[1][0], outs[0][0])
+
+
+def _grad_output(form, out):
+    """The gradient arriving at a layer's output for each loss form: what out.sum() and out.mean()
+    send is one value expanded (strides 0); "h_n" leaves the output's gradient undefined (a loss on
+    the final state alone); "transposed" and "every_other" are views with other strides."""
+    if form == "sum":
+        return torch.ones((), dtype=out.dtype).expand(out.shape)
+    if form == "mean":
+        return torch.full((), 1.0 / out.numel(), dtype=out.dtype).expand(out.shape)
+    if form == "transposed":
+        return torch.randn(out.shape[::-1], dtype=out.dtype).permute(*range(out.dim() - 1, -1, -1))
+    if form == "every_other":
+        return torch.randn(*out.shape[:-1], 2 * out.shape[-1], dtype=out.dtype)[..., ::2]
+    return None  # "h_n"
+
+
+@pytest.mark.parametrize("form", ["sum", "mean", "h_n", "transposed", "every_other"])
+@pytest.mark.parametrize("cfg", [("LSTM", 1, False, False, True, 0), ("LSTM", 2, True, True, True, 0),
+                                 ("LSTM", 1, False, False, True, 3), ("GRU", 2, True, False, True, 0),
+                                 ("RNN", 1, False, True, True, 0)], ids=cfg_id)
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_grad_output_layouts_match_torch(cfg, form, packed):
+    """The backward kernels read the output's gradient where it lies (strides, expanded scalars)
+    and an unused output's gradient is an expanded zero: every gradient must still be torch.nn's."""
+    kind = cfg[0]
+    ref, ours = make_pair(kind, 4, 5, **kwargs_of(cfg))
+    bf = ref.batch_first
+    x0 = torch.randn(3, 6, 4, dtype=torch.float64) if bf else torch.randn(6, 3, 4, dtype=torch.float64)
+    grads = []
+    for m in (ref, ours):
+        x = x0.clone().requires_grad_(True)
+        inp = pack_padded_sequence(x, [6, 4, 2], batch_first=bf) if packed else x
+        out, h = m(inp)
+        out = out.data if packed else out
+        h_n = h[0] if kind == "LSTM" else h
+        torch.manual_seed(1)  # the same random gradients for both sides
+        g = _grad_output(form, out)
+        gh = torch.randn_like(h_n)
+        if g is None:
+            torch.autograd.backward([h_n], [gh])
+        else:
+            torch.autograd.backward([out, h_n], [g, gh])
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(grads[1], grads[0]):
+        assert_close(a, b)

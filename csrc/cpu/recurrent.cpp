@@ -827,6 +827,34 @@ void panel_weight_grad(const at::Tensor& dgt, const Row& row, int64_t rows, int6
   PanelGemm<T>::run_split(g, n_panels);
 }
 
+// grad_output [N, P] read with its strides (rows rs apart, elements cs apart; 0 where expanded).
+template <typename T>
+struct GradRows {
+  const T* p;
+  int64_t rs, cs, P;
+  // dh[i, :] += grad_output[row0 + i, :] for i < rows (dh: rows of P contiguous elements).
+  void add_to(T* FASTRNN_RESTRICT dh, int64_t row0, int64_t rows) const {
+    if (rows <= 0) return;
+    if (cs == 1 && rs == P) {
+      const T* FASTRNN_RESTRICT g = p + row0 * P;
+      for (int64_t i = 0; i < rows * P; ++i) dh[i] += g[i];
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* g = p + (row0 + r) * rs;
+      T* FASTRNN_RESTRICT d = dh + r * P;
+      if (cs == 1) {  // rows apart (a direction's half of a bidirectional layer's output)
+        for (int64_t q = 0; q < P; ++q) d[q] += g[q];
+      } else if (cs == 0) {
+        const T v = g[0];
+        for (int64_t q = 0; q < P; ++q) d[q] += v;
+      } else {
+        for (int64_t q = 0; q < P; ++q) d[q] += g[q * cs];
+      }
+    }
+  }
+};
+
 template <typename T>
 void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
                      const at::Tensor& output_, const at::Tensor& ws0_, const at::Tensor& ws1_, const at::Tensor& ws2_,
@@ -837,7 +865,11 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   PhaseTimer timer("backward");
   // bfloat16 calls: the output and the incoming gradients widened to float32 (no-ops otherwise).
   const auto compute = a.opts.dtype().toScalarType();
-  at::Tensor grad_out = grad_out_.reshape({N, P}).to(compute).contiguous();
+  // grad_output as it lies where that is a view: the gradient of out.sum() or out.mean() is one
+  // value expanded (strides 0), and materialising it cost a [N, P] copy per call (13 MB at
+  // T=100, B=64, P=512).
+  const at::Tensor grad_out = grad_out_.reshape({N, P}).to(compute);
+  const GradRows<T> go{grad_out.data_ptr<T>(), grad_out.stride(0), grad_out.stride(1), P};
   at::Tensor output = output_.reshape({N, P}).to(compute).contiguous();
   at::Tensor ws0 = ws0_.contiguous(), ws1 = ws1_.contiguous(), ws2 = ws2_.contiguous();
 
@@ -851,8 +883,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     // One step, few rows (the forward's one_step_kernel case): the pointwise pass, then one pass
     // over the weights (one_step_grad).
     T* dhp = dh.data_ptr<T>();
-    const T* go = grad_out.data_ptr<T>();
-    for (int64_t i = 0; i < N * P; ++i) dhp[i] += go[i];
+    go.add_to(dhp, 0, N);
     at::Tensor dgx = at::empty({N, GH}, a.opts);
     at::Tensor dgh = a.cell == Cell::GRU ? at::empty({N, GH}, a.opts) : dgx;
     const BwdRows<T> rows{a.cell, act, H, P, GH, 0, 0, &s, ws0.numel() ? ws0.data_ptr<T>() : nullptr,
@@ -936,7 +967,6 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   std::unique_ptr<WeightGemm<T>> projg;
   if (proj) projg = std::make_unique<WeightGemm<T>>(a.w_hr.data_ptr<T>(), false, H, P, B, pack_m);  // dr = dh W_hr
 
-  const T* go = grad_out.data_ptr<T>();
   const T* outp = output.data_ptr<T>();
   const T* g0 = ws0.numel() ? ws0.data_ptr<T>() : nullptr;
   const T* g1 = ws1.numel() ? ws1.data_ptr<T>() : nullptr;
@@ -971,7 +1001,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
           const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
           const int64_t e = std::min(bs, r1);
           if (e <= r0) continue;
-          for (int64_t i = r0 * P; i < e * P; ++i) dhp[i] += go[off * P + i];
+          go.add_to(dhp + r0 * P, off + r0, e - r0);
           const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dhp, dhp, dcp, dgxp, dghp, row0};
           backward_rows(rows, r0, e);
           rec_panel->run_panels(dghp + (off + r0 - row0) * GH, e - r0, GH, dhp + r0 * P, P, gru, 0,
@@ -990,7 +1020,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
         for (int64_t step = c_hi - 1; step >= c_lo; --step) {
           const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
           const int64_t r0 = bs * s0 / slices, r1 = bs * s1 / slices;
-          for (int64_t i = r0 * P; i < r1 * P; ++i) dhp[i] += go[off * P + i];
+          go.add_to(dhp + r0 * P, off + r0, r1 - r0);
           const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dhp, dhp, dcp, dgxp, dghp, row0};
           backward_rows(rows, r0, r1);
           barrier.arrive_and_wait(s1 - s0, target += slices);
@@ -1005,8 +1035,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     }
     for (int64_t step = c_hi - 1; step >= c_lo; --step) {
       const int64_t t = s.time_at(step), bs = s.bs[t], off = s.off[t];
-      const T* gor = go + off * P;
-      for (int64_t i = 0; i < bs * P; ++i) dhp[i] += gor[i];
+      go.add_to(dhp, off, bs);
       const T* dr = dhp;
       if (proj) {
         if (bs > 0) std::memcpy(dhall + off * P, dhp, sizeof(T) * bs * P);
