@@ -396,32 +396,51 @@ def _grad_output(form, out):
     return None  # "h_n"
 
 
+# (T, B, I, H) of the output-gradient test: "small" runs the backward's steps on the calling
+# thread; on 2 threads "rows" splits the batch rows over them (team.h's row split: a small W_hh,
+# B >= 8) and "team" splits each step's product over a persistent team (W_hh of 512 KB and more in
+# float64). The large sizes take one-layer unidirectional layers (a bidirectional layer runs a
+# direction a thread, each on the calling thread's loop, as "small" covers).
+GRAD_SIZES = {"small": (6, 3, 4, 5), "rows": (40, 8, 4, 64), "team": (6, 4, 4, 256)}
+GRAD_CFGS = [("LSTM", 1, False, False, True, 0), ("LSTM", 2, True, True, True, 0), ("LSTM", 1, False, False, True, 3),
+             ("GRU", 2, True, False, True, 0), ("RNN", 1, False, True, True, 0)]
+GRAD_CFGS_1L = [("LSTM", 1, False, False, True, 0), ("GRU", 1, False, True, True, 0), ("RNN", 1, False, False, True, 0)]
+GRAD_CASES = [pytest.param(size, cfg, id=f"{size}-{cfg_id(cfg)}")
+              for size in GRAD_SIZES for cfg in (GRAD_CFGS if size == "small" else GRAD_CFGS_1L)]
+
+
 @pytest.mark.parametrize("form", ["sum", "mean", "h_n", "transposed", "every_other"])
-@pytest.mark.parametrize("cfg", [("LSTM", 1, False, False, True, 0), ("LSTM", 2, True, True, True, 0),
-                                 ("LSTM", 1, False, False, True, 3), ("GRU", 2, True, False, True, 0),
-                                 ("RNN", 1, False, True, True, 0)], ids=cfg_id)
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_grad_output_layouts_match_torch(cfg, form, packed):
+@pytest.mark.parametrize("size,cfg", GRAD_CASES)
+def test_grad_output_layouts_match_torch(size, cfg, form, packed):
     """The backward kernels read the output's gradient where it lies (strides, expanded scalars)
-    and an unused output's gradient is an expanded zero: every gradient must still be torch.nn's."""
+    and an unused output's gradient is an expanded zero: every gradient must still be torch.nn's,
+    in each of the backward's step loops."""
     kind = cfg[0]
-    ref, ours = make_pair(kind, 4, 5, **kwargs_of(cfg))
+    T, B, I, H = GRAD_SIZES[size]
+    ref, ours = make_pair(kind, I, H, **kwargs_of(cfg))
     bf = ref.batch_first
-    x0 = torch.randn(3, 6, 4, dtype=torch.float64) if bf else torch.randn(6, 3, 4, dtype=torch.float64)
-    grads = []
-    for m in (ref, ours):
-        x = x0.clone().requires_grad_(True)
-        inp = pack_padded_sequence(x, [6, 4, 2], batch_first=bf) if packed else x
-        out, h = m(inp)
-        out = out.data if packed else out
-        h_n = h[0] if kind == "LSTM" else h
-        torch.manual_seed(1)  # the same random gradients for both sides
-        g = _grad_output(form, out)
-        gh = torch.randn_like(h_n)
-        if g is None:
-            torch.autograd.backward([h_n], [gh])
-        else:
-            torch.autograd.backward([out, h_n], [g, gh])
-        grads.append([x.grad] + [p.grad for p in m.parameters()])
+    x0 = torch.randn(B, T, I, dtype=torch.float64) if bf else torch.randn(T, B, I, dtype=torch.float64)
+    lengths = [T - (T * i) // (B + 1) for i in range(B)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for m in (ref, ours):
+            x = x0.clone().requires_grad_(True)
+            inp = pack_padded_sequence(x, lengths, batch_first=bf) if packed else x
+            out, h = m(inp)
+            out = out.data if packed else out
+            h_n = h[0] if kind == "LSTM" else h
+            torch.manual_seed(1)  # the same random gradients for both sides
+            g = _grad_output(form, out)
+            gh = torch.randn_like(h_n)
+            if g is None:
+                torch.autograd.backward([h_n], [gh])
+            else:
+                torch.autograd.backward([out, h_n], [g, gh])
+            grads.append([x.grad] + [p.grad for p in m.parameters()])
+    finally:
+        torch.set_num_threads(threads)
     for a, b in zip(grads[1], grads[0]):
         assert_close(a, b)
