@@ -396,17 +396,18 @@ def _grad_output(form, out):
     return None  # "h_n"
 
 
-# (T, B, I, H) of the output-gradient test: "small" runs the backward's steps on the calling
-# thread; on 2 threads "rows" splits the batch rows over them (team.h's row split: a small W_hh,
+# (T, B, I, H) of the output-gradient test: "step" is a single step of few rows (the backward's
+# one-step pass, as in streaming); "small" runs the backward's steps on the calling thread; on 2
+# threads "rows" splits the batch rows over them (team.h's row split: a small W_hh,
 # B >= 8) and "team" splits each step's product over a persistent team (W_hh of 512 KB and more in
 # float64). The large sizes take one-layer unidirectional layers (a bidirectional layer runs a
 # direction a thread, each on the calling thread's loop, as "small" covers).
-GRAD_SIZES = {"small": (6, 3, 4, 5), "rows": (40, 8, 4, 64), "team": (6, 4, 4, 256)}
+GRAD_SIZES = {"step": (1, 3, 4, 5), "small": (6, 3, 4, 5), "rows": (40, 8, 4, 64), "team": (6, 4, 4, 256)}
 GRAD_CFGS = [("LSTM", 1, False, False, True, 0), ("LSTM", 2, True, True, True, 0), ("LSTM", 1, False, False, True, 3),
              ("GRU", 2, True, False, True, 0), ("RNN", 1, False, True, True, 0)]
 GRAD_CFGS_1L = [("LSTM", 1, False, False, True, 0), ("GRU", 1, False, True, True, 0), ("RNN", 1, False, False, True, 0)]
 GRAD_CASES = [pytest.param(size, cfg, id=f"{size}-{cfg_id(cfg)}")
-              for size in GRAD_SIZES for cfg in (GRAD_CFGS if size == "small" else GRAD_CFGS_1L)]
+              for size in GRAD_SIZES for cfg in (GRAD_CFGS if size in ("step", "small") else GRAD_CFGS_1L)]
 
 
 @pytest.mark.parametrize("form", ["sum", "mean", "h_n", "transposed", "every_other"])
