@@ -393,21 +393,37 @@ def test_chunked_input_projection(cell, packed, backend, dtype, monkeypatch):
         _C.set_gemm_backend(old)
 
 
+# B, I, H, P: chunks of 3 steps of 36 rows (whole panels to a thread) or of 120 (panels split
+# by rows, a thread's share ending inside a panel). The last panel of I, P and H (P = H without
+# a projection) holds, in float32 (panels of 64 columns, vectors of 16), 8, 6 and 16 columns
+# (one vector) in the first size and 36, 26 and 36 (three, two, three) in the second; in float64
+# (panels of 32, vectors of 8) 8, 6, 16 and 4, 26, 4.
+CHUNK_SIZES = [(12, 72, 80, 70), (40, 100, 100, 90)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_panel_chunk_products(cell, packed, dtype, monkeypatch):
+@pytest.mark.parametrize("size", CHUNK_SIZES, ids=["whole-panels", "row-split"])
+def test_panel_chunk_products(cell, packed, dtype, size, monkeypatch):
     """Inputs and states wide enough (I, P >= 64) for the chunk GEMMs on the panel kernel: the
     forward projection with its bias, grad_input, and the weight gradients accumulated in place
-    over chunks of 3 steps (h_prev gathered from packed rows), forward and reverse, against the
-    float64 reference."""
+    over chunks of 3 steps (h_prev gathered from packed rows), forward and reverse, on 2 threads
+    (each one's share weighted by the columns its panels hold: a last panel partly past N runs
+    only its occupied vectors), against the float64 reference."""
     monkeypatch.setenv("FASTRNN_CHUNK_STEPS", "3")
-    x, st, w, bsz = make_case(cell, T=8, B=12, I=72, H=80, P=70, packed=packed)
-    assert x.numel() // 72 >= 32  # rows enough for the panel path (fixed seed: conftest)
+    B, I, H, P = size
+    x, st, w, bsz = make_case(cell, T=8, B=B, I=I, H=H, P=P, packed=packed)
+    assert x.numel() // I >= 32  # rows enough for the panel path (fixed seed: conftest)
     # Weights at torch.nn's init scale (~1/sqrt(H)): make_case's 0.5 saturates every gate at this
     # width, where the gradients cancel (the same errors on every GEMM backend).
     w = {k: None if v is None else (v.detach() * 0.2).requires_grad_() for k, v in w.items()}
-    check_both_directions(cell, x, st, w, bsz, dtype)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_both_directions(cell, x, st, w, bsz, dtype)
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

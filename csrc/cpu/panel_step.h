@@ -52,23 +52,29 @@ class PanelGemm {
     run_split(g, n_panels_);
   }
 
-  // g over panels [0, n_panels) split over threads: by panels, and where the panels are few for
-  // the threads (or do not divide evenly among them) and A has rows to spare, by blocks of A's
-  // rows too (each block reads the whole panel again, so only above 96 rows: a block of >= 48
-  // rows keeps the micro-kernel's rate). 5 panels on 2 threads ran as 3 + 2.
+  // Occupied vectors of the last panel (panel::product_vecs runs only those).
+  int64_t last_vecs() const { return last_vecs_of(N_, n_panels_); }
+  static int64_t last_vecs_of(int64_t N, int64_t n_panels) {
+    constexpr int64_t V = panel::kGemmV, L = panel::Vec<T>::L;
+    return std::clamp<int64_t>((N - (n_panels - 1) * V * L + L - 1) / L, 1, V);
+  }
+
+  // g over panels [0, n_panels) split over threads by work (team.h's share_panels: a narrow
+  // last panel counts for its vectors). Rows are split only where A has >= 96 of them: each
+  // piece reads the whole panel again, and a block of >= 48 rows keeps the micro-kernel's rate.
+  // P = 96 (64 + 32 columns) on 2 threads ran as 64 columns on one, 32 on the other before.
   static void run_split(const panel::GemmArgs<T>& g, int64_t n_panels) {
-    const int64_t threads = at::get_num_threads(), max_split = std::max<int64_t>(1, g.m / 48);
-    int64_t split = g.m >= 96 ? std::min(max_split, (4 * threads + n_panels - 1) / n_panels) : 1;
-    while ((n_panels * split) % threads != 0 && split < max_split && g.m >= 96) ++split;
-    at::parallel_for(0, n_panels * split, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p = t / split, m0 = g.m * (t % split) / split, m1 = g.m * (t % split + 1) / split;
-        panel::GemmArgs<T> sub = g;
-        sub.a = g.a + m0 * g.lda;
-        sub.c = g.c + m0 * g.ldc;
-        sub.m = m1 - m0;
-        panel_gemm(sub, p, p + 1);
-      }
+    const int64_t threads = at::get_num_threads(), last = last_vecs_of(g.N, n_panels);
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        share_panels(g.m, t, threads, n_panels, panel::kGemmV, last, g.m >= 96 ? g.m : 1,
+                     [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+                       panel::GemmArgs<T> sub = g;
+                       sub.a = g.a + r0 * g.lda;
+                       sub.c = g.c + r0 * g.ldc;
+                       sub.m = r1 - r0;
+                       panel_gemm(sub, p0, p1);
+                     });
     });
   }
 

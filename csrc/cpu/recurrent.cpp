@@ -1026,7 +1026,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
           backward_rows(rows, r0, r1);
           barrier.arrive_and_wait(s1 - s0, target += slices);
           for (int64_t sl = s0; sl < s1; ++sl)
-            panel_share(bs, sl, slices, rec_panel->panels(), [&](int64_t q0, int64_t q1, int64_t p0, int64_t p1) {
+            share_panels(bs, sl, slices, rec_panel->panels(), panel::kGemmV, rec_panel->last_vecs(), 2,
+                         [&](int64_t q0, int64_t q1, int64_t p0, int64_t p1) {
               rec_panel->run_panels(dghp + (off + q0 - row0) * GH, q1 - q0, GH, dhp + q0 * P, P, gru, p0, p1);
             });
           barrier.arrive_and_wait(s1 - s0, target += slices);
@@ -1114,6 +1115,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     } else if (panel_products) {
       // Both gradients accumulate in place over the chunks.
       at::Tensor dgt = transposed<T>(dgh_c, kScratchDgT);
+      timer.mark("dG transpose");
       panel_weight_grad<T>(dgt, hprev_row, rows, P, kScratchHT, g.grad_w_hh, !first);
       timer.mark("dW_hh");
       if (a.cell == Cell::GRU) dgt = transposed<T>(dgx_c, kScratchDgT);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <utility>
 #include <cstdlib>
 #include <thread>
 
@@ -87,17 +88,44 @@ void run_row_split_steps(int64_t c0, int64_t c1, int64_t B, int64_t H, int64_t s
   });
 }
 
-// Slice sl of `slices` of a step's product over n_panels panels and bs rows, counted in half
-// panels: part(r0, r1, p0, p1) runs rows [r0, r1) of panels [p0, p1). An odd number of panels no
-// longer leaves one thread a whole panel more (19 panels on 2 threads: 9.5 each, not 10 + 9;
-// measured, T=100, B=16, I=100, H=300 inference: time loop 3.16 -> 2.90-2.97 ms); a half panel is
-// the first or the second half of the rows.
+// Share sl of `slices` of a product over n_panels panels and m rows: part(r0, r1, p0, p1) runs
+// rows [r0, r1) of panels [p0, p1). A panel's rows cost full_w each (the last panel's last_w: a
+// panel partly past N runs only its occupied vectors, panel::product_vecs), and each share is an
+// equal part of the work in panel order, its ends rounded to a multiple of m / pieces rows (1:
+// whole panels; 2: half panels; m: any row). An odd number of panels no longer leaves one thread
+// a whole panel more (19 panels on 2 threads: 9.5 each, not 10 + 9; measured, T=100, B=16, I=100,
+// H=300 inference: time loop 3.16 -> 2.90-2.97 ms).
+template <typename Part>
+void share_panels(int64_t m, int64_t sl, int64_t slices, int64_t n_panels, int64_t full_w, int64_t last_w,
+                  int64_t pieces, const Part& part) {
+  if (m <= 0 || n_panels <= 0 || pieces <= 0) return;
+  const int64_t total = ((n_panels - 1) * full_w + last_w) * pieces;
+  // The (panel, row) where unit u starts (the end of a panel as the start of the next).
+  auto at_unit = [&](int64_t u) -> std::pair<int64_t, int64_t> {
+    const int64_t p = std::min(n_panels - 1, u / (full_w * pieces)), w = p == n_panels - 1 ? last_w : full_w;
+    const int64_t q = std::min(pieces, (u - p * full_w * pieces + w / 2) / w);
+    if (q == pieces && p + 1 < n_panels) return {p + 1, 0};
+    return {p, m * q / pieces};
+  };
+  auto [p0, r0] = at_unit(total * sl / slices);
+  const auto [p1, r1] = at_unit(total * (sl + 1) / slices);
+  if (p0 == p1) {
+    if (r1 > r0) part(r0, r1, p0, p0 + 1);
+    return;
+  }
+  if (r0 > 0) part(r0, m, p0, p0 + 1), ++p0;
+  if (r1 == m) {  // through the last panel's end
+    part(int64_t(0), m, p0, p1 + 1);
+    return;
+  }
+  if (p1 > p0) part(int64_t(0), m, p0, p1);
+  if (r1 > 0) part(int64_t(0), r1, p1, p1 + 1);
+}
+
+// Half panels of equal cost: a step's product split over a team.
 template <typename Part>
 void panel_share(int64_t bs, int64_t sl, int64_t slices, int64_t n_panels, const Part& part) {
-  const int64_t u0 = 2 * n_panels * sl / slices, u1 = 2 * n_panels * (sl + 1) / slices, half = bs / 2;
-  if (u0 % 2 && bs > half) part(half, bs, u0 / 2, u0 / 2 + 1);
-  if (u1 / 2 > (u0 + 1) / 2) part(int64_t(0), bs, (u0 + 1) / 2, u1 / 2);
-  if (u1 % 2 && half > 0) part(int64_t(0), half, u1 / 2, u1 / 2 + 1);
+  share_panels(bs, sl, slices, n_panels, 1, 1, 2, part);
 }
 
 // ---------------------------------------------------------------------------------------

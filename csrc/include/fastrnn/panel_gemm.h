@@ -33,8 +33,10 @@ struct Vec<double> {
   static constexpr int L = 8;
 };
 
-// C rows [0, MR) = A[MR rows] @ panel, or += when Add; A row stride lda, C row stride ldc.
-template <typename T, int V, int MR, bool Add = false>
+// C rows [0, MR) = A[MR rows] @ panel, or += when Add; A row stride lda, C row stride ldc. The
+// panel's rows are WS vectors apart; the product takes the first V vectors of each (V < WS: the
+// occupied columns of a panel that is partly past N).
+template <typename T, int V, int MR, bool Add = false, int WS = V>
 FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, const T* FASTRNN_RESTRICT W,
                           T* FASTRNN_RESTRICT C, int64_t ldc) {
   using vec = typename Vec<T>::type;
@@ -49,7 +51,7 @@ FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, c
     }
   for (int64_t k = 0; k < K; ++k) {
     vec w[V];
-    for (int v = 0; v < V; ++v) std::memcpy(&w[v], W + (k * V + v) * L, sizeof(vec));
+    for (int v = 0; v < V; ++v) std::memcpy(&w[v], W + (k * WS + v) * L, sizeof(vec));
     for (int i = 0; i < MR; ++i) {
       const T a = A[i * lda + k];
       for (int v = 0; v < V; ++v) acc[i][v] += a * w[v];
@@ -68,17 +70,17 @@ constexpr int kMR = 6;
 inline int64_t row_blocks(int64_t m) { return (m + kMR - 1) / kMR; }
 inline int64_t row_block(int64_t m, int64_t i) { return m * i / row_blocks(m); }
 
-// C[m, V*L] = A[m, K] @ panel (+= when Add) for m <= kMR rows.
-template <typename T, int V, bool Add = false>
+// C[m, V*L] = A[m, K] @ panel (+= when Add) for m <= kMR rows; panel rows WS vectors apart.
+template <typename T, int V, bool Add = false, int WS = V>
 FASTRNN_INLINE void product_rows(const T* A, int64_t lda, int64_t m, int64_t K, const T* W, T* C, int64_t ldc) {
   static_assert(kMR == 6, "product_rows handles up to 6 rows");
   switch (m) {
-    case 6: micro<T, V, 6, Add>(A, lda, K, W, C, ldc); break;
-    case 5: micro<T, V, 5, Add>(A, lda, K, W, C, ldc); break;
-    case 4: micro<T, V, 4, Add>(A, lda, K, W, C, ldc); break;
-    case 3: micro<T, V, 3, Add>(A, lda, K, W, C, ldc); break;
-    case 2: micro<T, V, 2, Add>(A, lda, K, W, C, ldc); break;
-    case 1: micro<T, V, 1, Add>(A, lda, K, W, C, ldc); break;
+    case 6: micro<T, V, 6, Add, WS>(A, lda, K, W, C, ldc); break;
+    case 5: micro<T, V, 5, Add, WS>(A, lda, K, W, C, ldc); break;
+    case 4: micro<T, V, 4, Add, WS>(A, lda, K, W, C, ldc); break;
+    case 3: micro<T, V, 3, Add, WS>(A, lda, K, W, C, ldc); break;
+    case 2: micro<T, V, 2, Add, WS>(A, lda, K, W, C, ldc); break;
+    case 1: micro<T, V, 1, Add, WS>(A, lda, K, W, C, ldc); break;
     default: break;
   }
 }
@@ -187,6 +189,21 @@ struct GemmArgs {
 constexpr int64_t kGemmKC = 1024;
 constexpr int64_t kGemmMC = 48;
 
+// product_rows on a kGemmV-vector panel's first `vecs` vectors: a last panel partly past N runs
+// only its occupied columns (P = 96: 2 panels as 64 + 32 columns, not 128).
+template <typename T, bool Add>
+FASTRNN_INLINE void product_vecs(int vecs, const T* A, int64_t lda, int64_t m, int64_t K, const T* W, T* C,
+                                 int64_t ldc) {
+  static_assert(kGemmV == 4, "product_vecs handles panels of up to 4 vectors");
+  switch (vecs) {
+    case 4: product_rows<T, 4, Add>(A, lda, m, K, W, C, ldc); break;
+    case 3: product_rows<T, 3, Add, 4>(A, lda, m, K, W, C, ldc); break;
+    case 2: product_rows<T, 2, Add, 4>(A, lda, m, K, W, C, ldc); break;
+    case 1: product_rows<T, 1, Add, 4>(A, lda, m, K, W, C, ldc); break;
+    default: break;
+  }
+}
+
 template <typename T>
 FASTRNN_INLINE void gemm_impl(const GemmArgs<T>& g, int64_t p0, int64_t p1) {
   constexpr int NR = kGemmV * Vec<T>::L;
@@ -194,6 +211,7 @@ FASTRNN_INLINE void gemm_impl(const GemmArgs<T>& g, int64_t p0, int64_t p1) {
   const int64_t KC = g.K > 2 * kGemmKC ? kGemmKC : g.K, MC = kGemmMC;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c0 = p * NR, nc = g.N - c0 < NR ? g.N - c0 : NR;
+    const int vecs = int((nc + Vec<T>::L - 1) / Vec<T>::L);
     const T* panel = g.bp + p * g.K * NR;
     for (int64_t m0 = 0; m0 < g.m; m0 += MC) {
       const int64_t mc = g.m - m0 < MC ? g.m - m0 : MC;
@@ -202,10 +220,13 @@ FASTRNN_INLINE void gemm_impl(const GemmArgs<T>& g, int64_t p0, int64_t p1) {
         const int64_t kc = g.K - k0 < KC ? g.K - k0 : KC;
         for (int64_t ib = 0, nb = row_blocks(mc); ib < nb; ++ib) {
           const int64_t i0 = row_block(mc, ib), mr = row_block(mc, ib + 1) - i0;
+          const T* ai = a + i0 * g.lda + k0;
+          const T* wk = panel + k0 * NR;
+          T* ti = tile + i0 * NR;
           if (k0 == 0)
-            product_rows<T, kGemmV>(a + i0 * g.lda, g.lda, mr, kc, panel, tile + i0 * NR, NR);
+            product_vecs<T, false>(vecs, ai, g.lda, mr, kc, wk, ti, NR);
           else
-            product_rows<T, kGemmV, true>(a + i0 * g.lda + k0, g.lda, mr, kc, panel + k0 * NR, tile + i0 * NR, NR);
+            product_vecs<T, true>(vecs, ai, g.lda, mr, kc, wk, ti, NR);
         }
       }
       for (int64_t i = 0; i < mc; ++i) {
