@@ -1113,12 +1113,14 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       gw_hh = at::mm(dgh_b.t(), lp_hprev.narrow(0, 0, rows).copy_(hprev)).to(at::kFloat);
       gw_ih = at::mm(dgx_b.t(), a.x.narrow(0, row0, rows)).to(at::kFloat);
     } else if (panel_products) {
-      // Both gradients accumulate in place over the chunks.
-      at::Tensor dgt = transposed<T>(dgh_c, kScratchDgT);
+      // Both gradients accumulate in place over the chunks; so do the bias gradients, summed as
+      // dG is transposed.
+      const bool gru = a.cell == Cell::GRU;
+      at::Tensor dgt = transposed<T>(dgh_c, kScratchDgT, (gru ? grad_b_hn : g.grad_b_ih).data_ptr<T>());
       timer.mark("dG transpose");
       panel_weight_grad<T>(dgt, hprev_row, rows, P, kScratchHT, g.grad_w_hh, !first);
       timer.mark("dW_hh");
-      if (a.cell == Cell::GRU) dgt = transposed<T>(dgx_c, kScratchDgT);
+      if (gru) dgt = transposed<T>(dgx_c, kScratchDgT, g.grad_b_ih.data_ptr<T>());
       const T* xr = a.x.data_ptr<T>() + row0 * a.I;
       panel_weight_grad<T>(dgt, [&](int64_t r) { return xr + r * a.I; }, rows, a.I, kScratchXT, g.grad_w_ih,
                            !first);
@@ -1151,9 +1153,11 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     else
       at::mm_out(gi_rows, dgx_c, a.w_ih);
     timer.mark("grad_input");
-    g.grad_b_ih.add_(dgx_c.sum(0));
-    if (grad_b_hn.defined()) grad_b_hn.add_(dgh_c.sum(0));
-    timer.mark("bias sums");
+    if (!panel_products) {
+      g.grad_b_ih.add_(dgx_c.sum(0));
+      if (grad_b_hn.defined()) grad_b_hn.add_(dgh_c.sum(0));
+      timer.mark("bias sums");
+    }
   }
   if (first) {  // no rows at all
     g.grad_w_hh = at::zeros({GH, P}, a.opts);
