@@ -228,36 +228,41 @@ bool weight_grad_on_onednn(const at::Tensor& dy, int64_t B) {
   return dy.size(0) > 0 && use_onednn_for(dy.size(1), B, dy.size(0), std::is_same_v<T, float>);
 }
 
-// The oneDNN product, given X^T [B, N].
+// The oneDNN product, given X^T [B, N]. col_sums (or null, a contiguous [A] tensor) += dY's
+// column sums (a bias gradient), taken as dY is transposed; where dy_t holds dY's transpose
+// already, they were taken then (the caller passes col_sums to one of the calls sharing dY).
 template <typename T>
-at::Tensor onednn_weight_grad(const at::Tensor& dy, const at::Tensor& xt, at::Tensor* dy_t) {
+at::Tensor onednn_weight_grad(const at::Tensor& dy, const at::Tensor& xt, at::Tensor* dy_t, at::Tensor* col_sums) {
   TORCH_INTERNAL_ASSERT(dy.stride(1) == 1);
   at::Tensor local;
   at::Tensor& dyt = dy_t ? *dy_t : local;
-  if (!dyt.defined()) dyt = transposed<T>(dy, kScratchDgT);
+  if (!dyt.defined()) dyt = transposed<T>(dy, kScratchDgT, col_sums ? col_sums->data_ptr<T>() : nullptr);
   return onednn_linear(dyt, xt, at::Tensor());
 }
 
 template <typename T>
 at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::Tensor* dy_t = nullptr,
-                       ScratchSlot x_slot = kScratchXT) {
+                       ScratchSlot x_slot = kScratchXT, at::Tensor* col_sums = nullptr) {
   TORCH_INTERNAL_ASSERT(x_slot != kScratchDgT);
-  if (weight_grad_on_onednn<T>(dy, x.size(1))) return onednn_weight_grad<T>(dy, transposed<T>(x, x_slot), dy_t);
+  if (weight_grad_on_onednn<T>(dy, x.size(1)))
+    return onednn_weight_grad<T>(dy, transposed<T>(x, x_slot), dy_t, col_sums);
+  if (col_sums) col_sums->add_(dy.sum(0));
   return at::mm(dy.t(), x);
 }
 
 // row(r) points at X's row r (B contiguous elements, anywhere): X^T is built straight from the
-// rows (oneDNN), or X gathered into gather_slot (at::mm).
+// rows (oneDNN), or X gathered into gather_slot (at::mm). col_sums as onednn_weight_grad's.
 template <typename T, typename Row>
 at::Tensor weight_grad_rows(const at::Tensor& dy, const Row& row, int64_t B, at::Tensor* dy_t, ScratchSlot x_slot,
-                            ScratchSlot gather_slot) {
+                            ScratchSlot gather_slot, at::Tensor* col_sums = nullptr) {
   TORCH_INTERNAL_ASSERT(x_slot != kScratchDgT);
   const int64_t N = dy.size(0);
   if (weight_grad_on_onednn<T>(dy, B)) {
     at::Tensor xt = scratch(x_slot, {B, N}, dy.options());
     transpose_rows_into<T>(row, N, B, xt.data_ptr<T>(), N);
-    return onednn_weight_grad<T>(dy, xt, dy_t);
+    return onednn_weight_grad<T>(dy, xt, dy_t, col_sums);
   }
+  if (col_sums) col_sums->add_(dy.sum(0));
   at::Tensor x = scratch(gather_slot, {N, B}, dy.options());
   T* xp = x.data_ptr<T>();
   for (int64_t r = 0; r < N; ++r) std::memcpy(xp + r * B, row(r), sizeof(T) * B);

@@ -1114,7 +1114,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       gw_ih = at::mm(dgx_b.t(), a.x.narrow(0, row0, rows)).to(at::kFloat);
     } else if (panel_products) {
       // Both gradients accumulate in place over the chunks; so do the bias gradients, summed as
-      // dG is transposed.
+      // dG is transposed (as on oneDNN, below: gemm.h's col_sums).
       const bool gru = a.cell == Cell::GRU;
       at::Tensor dgt = transposed<T>(dgh_c, kScratchDgT, (gru ? grad_b_hn : g.grad_b_ih).data_ptr<T>());
       timer.mark("dG transpose");
@@ -1125,11 +1125,14 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       panel_weight_grad<T>(dgt, [&](int64_t r) { return xr + r * a.I; }, rows, a.I, kScratchXT, g.grad_w_ih,
                            !first);
     } else {
-      at::Tensor dgx_t;  // shared by both weight gradients when dgh is dgx
-      gw_hh = weight_grad_rows<T>(dgh_c, hprev_row, P, a.cell == Cell::GRU ? nullptr : &dgx_t, kScratchHT,
-                                  kScratchHprev);
+      // dgx_t: shared by both weight gradients when dgh is dgx (its column sums, the bias
+      // gradient, taken once: by the first).
+      at::Tensor dgx_t;
+      const bool gru = a.cell == Cell::GRU;
+      gw_hh = weight_grad_rows<T>(dgh_c, hprev_row, P, gru ? nullptr : &dgx_t, kScratchHT, kScratchHprev,
+                                  gru ? &grad_b_hn : &g.grad_b_ih);
       timer.mark("dW_hh");
-      gw_ih = weight_grad<T>(dgx_c, a.x.narrow(0, row0, rows), &dgx_t);
+      gw_ih = weight_grad<T>(dgx_c, a.x.narrow(0, row0, rows), &dgx_t, kScratchXT, gru ? &g.grad_b_ih : nullptr);
     }
     timer.mark("dW_ih");
     if (panel_products) {
@@ -1153,7 +1156,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     else
       at::mm_out(gi_rows, dgx_c, a.w_ih);
     timer.mark("grad_input");
-    if (!panel_products) {
+    if (a.lowp) {  // (else summed with the weight gradients)
       g.grad_b_ih.add_(dgx_c.sum(0));
       if (grad_b_hn.defined()) grad_b_hn.add_(dgh_c.sum(0));
       timer.mark("bias sums");
