@@ -400,9 +400,12 @@ def _grad_output(form, out):
 # one-step pass, as in streaming); "small" runs the backward's steps on the calling thread; on 2
 # threads "rows" splits the batch rows over them (team.h's row split: a small W_hh,
 # B >= 8) and "team" splits each step's product over a persistent team (W_hh of 512 KB and more in
-# float64). The large sizes take one-layer unidirectional layers (a bidirectional layer runs a
-# direction a thread, each on the calling thread's loop, as "small" covers).
-GRAD_SIZES = {"step": (1, 3, 4, 5), "small": (6, 3, 4, 5), "rows": (40, 8, 4, 64), "team": (6, 4, 4, 256)}
+# float64); "team-narrow" too, its last panel of W_hh partly past H (300 = 9 panels of 32 float64
+# columns and 12), which the team's shares count for its occupied vectors. The large sizes take
+# one-layer unidirectional layers (a bidirectional layer runs a direction a thread, each on the
+# calling thread's loop, as "small" covers).
+GRAD_SIZES = {"step": (1, 3, 4, 5), "small": (6, 3, 4, 5), "rows": (40, 8, 4, 64), "team": (6, 4, 4, 256),
+              "team-narrow": (6, 4, 4, 300)}
 GRAD_CFGS = [("LSTM", 1, False, False, True, 0), ("LSTM", 2, True, True, True, 0), ("LSTM", 1, False, False, True, 3),
              ("GRU", 2, True, False, True, 0), ("RNN", 1, False, True, True, 0)]
 GRAD_CFGS_1L = [("LSTM", 1, False, False, True, 0), ("GRU", 1, False, True, True, 0), ("RNN", 1, False, False, True, 0)]

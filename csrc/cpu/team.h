@@ -8,9 +8,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <utility>
 #include <cstdlib>
 #include <thread>
+#include <utility>
 
 namespace fastrnn {
 
