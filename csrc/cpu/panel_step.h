@@ -53,18 +53,14 @@ class PanelGemm {
   }
 
   // Occupied vectors of the last panel (panel::product_vecs runs only those).
-  int64_t last_vecs() const { return last_vecs_of(N_, n_panels_); }
-  static int64_t last_vecs_of(int64_t N, int64_t n_panels) {
-    constexpr int64_t V = panel::kGemmV, L = panel::Vec<T>::L;
-    return std::clamp<int64_t>((N - (n_panels - 1) * V * L + L - 1) / L, 1, V);
-  }
+  int64_t last_vecs() const { return panel::panel_vecs<T>(N_, n_panels_ - 1); }
 
   // g over panels [0, n_panels) split over threads by work (team.h's share_panels: a narrow
   // last panel counts for its vectors). Rows are split only where A has >= 96 of them: each
   // piece reads the whole panel again, and a block of >= 48 rows keeps the micro-kernel's rate.
   // P = 96 (64 + 32 columns) on 2 threads ran as 64 columns on one, 32 on the other before.
   static void run_split(const panel::GemmArgs<T>& g, int64_t n_panels) {
-    const int64_t threads = at::get_num_threads(), last = last_vecs_of(g.N, n_panels);
+    const int64_t threads = at::get_num_threads(), last = panel::panel_vecs<T>(g.N, n_panels - 1);
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         share_panels(g.m, t, threads, n_panels, panel::kGemmV, last, g.m >= 96 ? g.m : 1,

@@ -189,6 +189,14 @@ struct GemmArgs {
 constexpr int64_t kGemmKC = 1024;
 constexpr int64_t kGemmMC = 48;
 
+// Vectors of panel p that hold columns below N: kGemmV, or fewer for a last panel partly past N.
+template <typename T>
+FASTRNN_INLINE int panel_vecs(int64_t N, int64_t p) {
+  constexpr int64_t L = Vec<T>::L, NR = kGemmV * L;
+  const int64_t nc = N - p * NR < NR ? N - p * NR : NR;
+  return int((nc + L - 1) / L);
+}
+
 // product_rows on a kGemmV-vector panel's first `vecs` vectors: a last panel partly past N runs
 // only its occupied columns (P = 96: 2 panels as 64 + 32 columns, not 128).
 template <typename T, bool Add>
@@ -211,7 +219,7 @@ FASTRNN_INLINE void gemm_impl(const GemmArgs<T>& g, int64_t p0, int64_t p1) {
   const int64_t KC = g.K > 2 * kGemmKC ? kGemmKC : g.K, MC = kGemmMC;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c0 = p * NR, nc = g.N - c0 < NR ? g.N - c0 : NR;
-    const int vecs = int((nc + Vec<T>::L - 1) / Vec<T>::L);
+    const int vecs = panel_vecs<T>(g.N, p);
     const T* panel = g.bp + p * g.K * NR;
     for (int64_t m0 = 0; m0 < g.m; m0 += MC) {
       const int64_t mc = g.m - m0 < MC ? g.m - m0 : MC;
