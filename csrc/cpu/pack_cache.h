@@ -104,23 +104,23 @@ at::Tensor cached_packing(const at::Tensor& w, int64_t layout, const Pack& pack)
   return packed;
 }
 
-// W_hh [G*H, H] -> panels [n_panels][k = H][gate g, unit u] of U units, zero past the last unit:
-// the layout of the fused forward kernels (a thread multiplies h by a panel and has all G gates
-// of U units at once).
+// W [G*H, K] (W_hh, K = H; or W_ih, K = I) -> panels [n_panels][K][gate g, unit u] of U units,
+// zero past the last unit: the layout of the fused forward kernels (a thread multiplies h, and x
+// where the input product is fused in, by a panel and has all G gates of U units at once).
 template <typename T>
-at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
-  const int64_t NR = G * U, n_panels = (H + U - 1) / U;
-  at::Tensor wp = empty_big({n_panels, H, NR}, w_hh.options());
-  const T* w = w_hh.data_ptr<T>();
+at::Tensor pack_gate_panels(const at::Tensor& w, int64_t G, int64_t H, int64_t U) {
+  const int64_t NR = G * U, n_panels = (H + U - 1) / U, K = w.size(1);
+  at::Tensor wp = empty_big({n_panels, K, NR}, w.options());
+  const T* src0 = w.data_ptr<T>();
   T* dst = wp.data_ptr<T>();
   at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      if ((p + 1) * U > H) std::fill(dst + p * H * NR, dst + (p + 1) * H * NR, T(0));  // units past H
+      if ((p + 1) * U > H) std::fill(dst + p * K * NR, dst + (p + 1) * K * NR, T(0));  // units past H
       for (int64_t g = 0; g < G; ++g)
         for (int64_t u = 0; u < U && p * U + u < H; ++u) {
-          const T* src = w + (g * H + p * U + u) * H;
-          T* d = dst + p * H * NR + g * U + u;
-          for (int64_t k = 0; k < H; ++k) d[k * NR] = src[k];
+          const T* src = src0 + (g * H + p * U + u) * K;
+          T* d = dst + p * K * NR + g * U + u;
+          for (int64_t k = 0; k < K; ++k) d[k * NR] = src[k];
         }
     }
   });
@@ -158,13 +158,13 @@ at::Tensor pack_columns(const at::Tensor& weight, bool trans_b, int64_t N, int64
   return packed;
 }
 
-// The gate panels in T, kept between calls. w_hh may be of another dtype (the bfloat16 weight of a
+// The gate panels in T, kept between calls. w may be of another dtype (the bfloat16 W_hh of a
 // bfloat16 call, packed in float32): the cache holds on to the weight as given.
 template <typename T>
-at::Tensor gate_panels(const at::Tensor& w_hh, int64_t G, int64_t H, int64_t U) {
+at::Tensor gate_panels(const at::Tensor& w, int64_t G, int64_t H, int64_t U) {
   constexpr auto compute = c10::CppTypeToScalarType<T>::value;
-  return cached_packing(w_hh, 1000 + G * 100 + U, [&] {
-    return pack_gate_panels<T>(w_hh.scalar_type() == compute ? w_hh : w_hh.to(compute), G, H, U);
+  return cached_packing(w, 1000 + G * 100 + U, [&] {
+    return pack_gate_panels<T>(w.scalar_type() == compute ? w : w.to(compute), G, H, U);
   });
 }
 

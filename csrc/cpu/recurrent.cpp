@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <atomic>
 #include <thread>
 #include <vector>
@@ -267,8 +268,13 @@ struct FusedStep {
   Nonlinearity act;
   int64_t H, GH, U, n_panels, bs, off;
   const T* wp;     // [n_panels, H, G*U] packed W_hh^T
-  const T* xg;     // input projections of rows [xg_row0, ...), GH wide
-  int64_t xg_row0;
+  const T* xg;     // input projections of rows [xg_row0, ...), xg_ld apart (xg_ld = 0: one bias row)
+  int64_t xg_row0, xg_ld;
+  // The input product fused into the step (LSTM and RNN; null: xg holds it): each row's
+  // x W_ih^T is summed with h W_hh^T in one pass, and xg is the folded bias, xg_ld = 0.
+  const T* wx;     // [n_panels, I, G*U] packed W_ih^T
+  const T* x;      // [N, I] input rows
+  int64_t I;
   const T* hcur;   // [B, H]
   T* hnext;        // [B, H]
   T* c;            // [B, H] LSTM
@@ -309,11 +315,18 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
     const T* wpan = s.wp + p * H * G * U;
     for (int64_t ib = 0, nb = panel::row_blocks(s.bs); ib < nb; ++ib) {
       const int64_t i0 = panel::row_block(s.bs, ib), m = panel::row_block(s.bs, ib + 1) - i0;
-      panel::prefetch_gate_rows(s.xg + (s.off + i0 - s.xg_row0) * GH + j0, GH, m, G, H, nu);
-      panel::product_rows<T, G * UV>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
+      if (G != 3 && s.wx) {
+        if constexpr (G != 3)
+          panel::product_rows<T, G * UV, false, G * UV, true>(s.hcur + i0 * H, H, m, H, wpan, C, G * U,
+                                                              s.x + (s.off + i0) * s.I, s.I, s.I,
+                                                              s.wx + p * s.I * G * U);
+      } else {
+        panel::prefetch_gate_rows(s.xg + (s.off + i0 - s.xg_row0) * GH + j0, GH, m, G, H, nu);
+        panel::product_rows<T, G * UV>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
+      }
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = i0 + i, row = s.off + b;
-        const T* xr = s.xg + (row - s.xg_row0) * GH + j0;
+        const T* xr = s.xg + (row - s.xg_row0) * s.xg_ld + j0;
         const T* hr = C + i * G * U;
         T* hn = s.hnext + b * H + j0;
         if constexpr (G == 4) {
@@ -580,6 +593,29 @@ class ChunkedProjection {
   mutable at::Tensor ybuf_, fbuf_;  // a chunk's projections (bfloat16 calls: bf16, and widened)
 };
 
+// ---------------------------------------------------------------------------------------
+// Fused input. Where W_ih and W_hh together stay in a core's L2 beside a few rows, each step's
+// x W_ih^T is taken in the same pass as h W_hh^T (FusedStep::wx) instead of by a chunk GEMM
+// before the steps: the G*H-wide projection rows are never written to memory and read back, there
+// is no projection phase (nor its fork and join), and the input's product runs at the step
+// product's rate (rows of >= 4 share each weight load). The choice depends on the shapes alone,
+// never on the thread count, so that results stay bitwise the same on any number of threads
+// (tests/test_threads.py). LSTM and RNN only (the GRU's r scales only the recurrent part of n);
+// not bfloat16 (x stays bfloat16 for its GEMM). FASTRNN_FUSE_INPUT=0 / 1 turns it off / on
+// wherever the cell allows (tests and measurements).
+// ---------------------------------------------------------------------------------------
+constexpr double kFusedInputMaxWeightBytes = 640.0 * 1024;
+constexpr int64_t kFusedInputMinRows = 4;
+
+bool fuse_input(const Args& a) {
+  const char* e = std::getenv("FASTRNN_FUSE_INPUT");  // (read each call, as FASTRNN_CHUNK_STEPS)
+  const int o = e && *e ? std::atoi(e) : -1;
+  if (a.cell == Cell::GRU || a.lowp || o == 0) return false;
+  if (o == 1) return true;
+  const double w_bytes = double(a.I + a.H) * double(a.G * a.H) * double(a.opts.dtype().itemsize());
+  return w_bytes <= kFusedInputMaxWeightBytes && a.sched.B >= kFusedInputMinRows;
+}
+
 template <typename T>
 void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   const Schedule& s = a.sched;
@@ -591,7 +627,16 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
 
   PhaseTimer timer("fused forward");
   at::Tensor b_hn;
-  const ChunkedProjection<T> projection(a, folded_bias(a.cell, a.H, a.b_ih, a.b_hh, b_hn), train);
+  at::Tensor bias = folded_bias(a.cell, a.H, a.b_ih, a.b_hh, b_hn);
+  const bool fuse_x = fuse_input(a);
+  std::optional<ChunkedProjection<T>> projection;
+  at::Tensor wx;
+  if (fuse_x) {
+    wx = gate_panels<T>(a.w_ih, G, H, U);
+    if (!bias.defined()) bias = at::zeros({GH}, opts);
+  } else {
+    projection.emplace(a, bias, train);
+  }
   at::Tensor wp = gate_panels<T>(a.w_hh_src, G, H, U);
   timer.mark("pack W_hh");
 
@@ -606,7 +651,8 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   }
 
   FusedStep<T> st{a.cell, train, a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh, H, GH, U, n_panels, 0, 0,
-                  wp.data_ptr<T>(), nullptr, 0, nullptr, nullptr,
+                  wp.data_ptr<T>(), fuse_x ? bias.data_ptr<T>() : nullptr, 0, fuse_x ? 0 : GH,
+                  fuse_x ? wx.data_ptr<T>() : nullptr, fuse_x ? a.x.data_ptr<T>() : nullptr, a.I, nullptr, nullptr,
                   a.cell == Cell::LSTM ? o.cy.data_ptr<T>() : nullptr, o.output.data_ptr<T>(),
                   o.ws0.defined() ? o.ws0.data_ptr<T>() : nullptr, o.ws1.defined() ? o.ws1.data_ptr<T>() : nullptr,
                   b_hn.defined() ? b_hn.data_ptr<T>() : nullptr};
@@ -634,22 +680,30 @@ void fused_forward_kernel(const Args& a, bool train, ForwardOut& o) {
   const int64_t slices = std::min<int64_t>(at::get_num_threads(), n_panels);
   const bool split = slices > 1 && threads_pay(double(B) * double(G * H) * double(H),
                                                double(G * H) * double(H) * double(sizeof(T)));
-  const int64_t chunk_steps = projection.steps_per_chunk();
+  // Fused input: one chunk of every step, W_ih and W_hh read by each thread every step.
+  const double w_bytes = double(fuse_x ? a.I + H : H) * double(GH) * double(sizeof(T));
+  const int64_t chunk_steps = fuse_x ? s.T : projection->steps_per_chunk();
   for (int64_t c0 = 0; c0 < s.T; c0 += chunk_steps) {
     const int64_t c1 = std::min(s.T, c0 + chunk_steps);
-    const XgChunk chunk = projection.compute(c0, c1);
-    timer.mark("projection");
-    st.xg = chunk.rows.data_ptr<T>();
-    st.xg_row0 = chunk.row0;
-    const int64_t row_sl =
-        row_slices(B, double(GH) * double(H) * double(sizeof(T)), double(c1 - c0) * double(B) * double(GH * H));
+    XgChunk chunk;  // (owns the rows st.xg points into until the chunk's steps are done)
+    if (!fuse_x) {
+      chunk = projection->compute(c0, c1);
+      timer.mark("projection");
+      st.xg = chunk.rows.data_ptr<T>();
+      st.xg_row0 = chunk.row0;
+    }
+    const int64_t row_sl = row_slices(B, w_bytes, double(c1 - c0) * double(B) * w_bytes / double(sizeof(T)),
+                                      fuse_x ? kFusedInputMaxWeightBytes : kRowSplitMaxWeightBytes);
     if (row_sl > 1) {  // each thread its rows, every step and every panel (team.h)
       run_row_split_steps(c0, c1, B, H, row_sl, step_args, [&](const FusedStep<T>& x) { fused_step(x, 0, n_panels); });
     } else {
       run_panel_steps(c0, c1, n_panels, H, NR, split, step_args,
                       [](const FusedStep<T>& x, int64_t p0, int64_t p1) { fused_step(x, p0, p1); });
     }
-    timer.mark(row_sl > 1 ? "time loop, rows split" : "time loop");
+    if (fuse_x)
+      timer.mark(row_sl > 1 ? "time loop, input fused, rows split" : "time loop, input fused");
+    else
+      timer.mark(row_sl > 1 ? "time loop, rows split" : "time loop");
   }
 
   // h_n of each row is its output at its last processed step.

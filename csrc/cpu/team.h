@@ -46,13 +46,16 @@ inline int row_split_override() {
 }
 
 // How many row slices a chunk of steps runs on (1: not split by rows); B rows, weight_bytes of
-// W_hh, chunk_macs multiply-adds in the chunk's recurrent products.
-inline int64_t row_slices(int64_t B, double weight_bytes, double chunk_macs) {
+// the weights each thread reads every step (W_hh, or W_ih and W_hh where the input product is
+// fused into the steps), chunk_macs multiply-adds in the chunk's products, max_weight_bytes the
+// most that stays in a core's L2 beside the rows.
+inline int64_t row_slices(int64_t B, double weight_bytes, double chunk_macs,
+                          double max_weight_bytes = kRowSplitMaxWeightBytes) {
   const int64_t threads = at::get_num_threads();
   const int o = row_split_override();
   if (threads < 2 || o == 0 || at::in_parallel_region()) return 1;
   if (o == 1) return std::max<int64_t>(1, std::min(threads, B));
-  if (weight_bytes > kRowSplitMaxWeightBytes || chunk_macs < kRowSplitMinMacs) return 1;
+  if (weight_bytes > max_weight_bytes || chunk_macs < kRowSplitMinMacs) return 1;
   return std::max<int64_t>(1, std::min(threads, B / kRowSplitMinRows));
 }
 

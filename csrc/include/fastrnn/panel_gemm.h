@@ -35,10 +35,16 @@ struct Vec<double> {
 
 // C rows [0, MR) = A[MR rows] @ panel, or += when Add; A row stride lda, C row stride ldc. The
 // panel's rows are WS vectors apart; the product takes the first V vectors of each (V < WS: the
-// occupied columns of a panel that is partly past N).
-template <typename T, int V, int MR, bool Add = false, int WS = V>
+// occupied columns of a panel that is partly past N). Two: a second product A2[MR, K2] @ W2 (a
+// panel of the same width) is added in the same accumulators, as if A2 continued A's columns and
+// W2 W's rows (the fused forward's x W_ih^T + h W_hh^T of a step, one pass, no partial sums stored).
+// The two loops are written out: as one lambda called twice, GCC compiled the product so that
+// a row rounded differently in a block of 2 rows than in a block of 5 (a float32 forward then
+// depended on the thread count, which splits a panel's rows; tests/test_threads.py).
+template <typename T, int V, int MR, bool Add = false, int WS = V, bool Two = false>
 FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, const T* FASTRNN_RESTRICT W,
-                          T* FASTRNN_RESTRICT C, int64_t ldc) {
+                          T* FASTRNN_RESTRICT C, int64_t ldc, const T* FASTRNN_RESTRICT A2 = nullptr,
+                          int64_t lda2 = 0, int64_t K2 = 0, const T* FASTRNN_RESTRICT W2 = nullptr) {
   using vec = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
   vec acc[MR][V];
@@ -57,6 +63,15 @@ FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, c
       for (int v = 0; v < V; ++v) acc[i][v] += a * w[v];
     }
   }
+  if constexpr (Two)
+    for (int64_t k = 0; k < K2; ++k) {
+      vec w[V];
+      for (int v = 0; v < V; ++v) std::memcpy(&w[v], W2 + (k * WS + v) * L, sizeof(vec));
+      for (int i = 0; i < MR; ++i) {
+        const T a = A2[i * lda2 + k];
+        for (int v = 0; v < V; ++v) acc[i][v] += a * w[v];
+      }
+    }
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < V; ++v) std::memcpy(C + i * ldc + v * L, &acc[i][v], sizeof(vec));
 }
@@ -70,17 +85,19 @@ constexpr int kMR = 6;
 inline int64_t row_blocks(int64_t m) { return (m + kMR - 1) / kMR; }
 inline int64_t row_block(int64_t m, int64_t i) { return m * i / row_blocks(m); }
 
-// C[m, V*L] = A[m, K] @ panel (+= when Add) for m <= kMR rows; panel rows WS vectors apart.
-template <typename T, int V, bool Add = false, int WS = V>
-FASTRNN_INLINE void product_rows(const T* A, int64_t lda, int64_t m, int64_t K, const T* W, T* C, int64_t ldc) {
+// C[m, V*L] = A[m, K] @ panel (+= when Add; + A2[m, K2] @ W2 when Two, see micro) for
+// m <= kMR rows; panel rows WS vectors apart.
+template <typename T, int V, bool Add = false, int WS = V, bool Two = false>
+FASTRNN_INLINE void product_rows(const T* A, int64_t lda, int64_t m, int64_t K, const T* W, T* C, int64_t ldc,
+                                 const T* A2 = nullptr, int64_t lda2 = 0, int64_t K2 = 0, const T* W2 = nullptr) {
   static_assert(kMR == 6, "product_rows handles up to 6 rows");
   switch (m) {
-    case 6: micro<T, V, 6, Add, WS>(A, lda, K, W, C, ldc); break;
-    case 5: micro<T, V, 5, Add, WS>(A, lda, K, W, C, ldc); break;
-    case 4: micro<T, V, 4, Add, WS>(A, lda, K, W, C, ldc); break;
-    case 3: micro<T, V, 3, Add, WS>(A, lda, K, W, C, ldc); break;
-    case 2: micro<T, V, 2, Add, WS>(A, lda, K, W, C, ldc); break;
-    case 1: micro<T, V, 1, Add, WS>(A, lda, K, W, C, ldc); break;
+    case 6: micro<T, V, 6, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 5: micro<T, V, 5, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 4: micro<T, V, 4, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 3: micro<T, V, 3, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 2: micro<T, V, 2, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 1: micro<T, V, 1, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
     default: break;
   }
 }
