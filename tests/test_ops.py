@@ -193,10 +193,17 @@ def test_float32_weight_gradients_through_transposes(cell, packed, isa):
             os.environ["FASTRNN_CHUNK_STEPS"] = old_env
 
 
+# FASTRNN_FUSE_INPUT=1: the LSTM's and RNN's input product inside the steps, which the default
+# takes only from 4 rows up (these cases have 2 or 3).
+FUSE_MODES = pytest.mark.parametrize("fuse", ["", "1"], ids=["default", "fused-input"])
+
+
+@FUSE_MODES
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradcheck(cell, reverse, packed):
+def test_gradcheck(cell, reverse, packed, fuse, monkeypatch):
+    monkeypatch.setenv("FASTRNN_FUSE_INPUT", fuse)
     x, st, w, bsz = make_case(cell, T=3, B=3, I=2, H=3, P=2, packed=packed)
     names = list(st) + [k for k, v in w.items() if v is not None]
     vals = [st.get(k, w.get(k)) for k in names]
@@ -221,9 +228,11 @@ OPCHECK_CASES = {
 }
 
 
+@FUSE_MODES
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("name", list(OPCHECK_CASES))
-def test_opcheck_forward(name, packed):
+def test_opcheck_forward(name, packed, fuse, monkeypatch):
+    monkeypatch.setenv("FASTRNN_FUSE_INPUT", fuse)
     kind = name.replace("_step", "")
     x, st, w, bsz = OPCHECK_CASES[name]() if not packed else make_case(
         {"rnn": "rnn_tanh"}.get(kind, kind), T=3, B=2, I=3, H=4, P=2, packed=True)

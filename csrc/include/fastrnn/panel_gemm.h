@@ -33,14 +33,31 @@ struct Vec<double> {
   static constexpr int L = 8;
 };
 
+// acc[i][v] += A[i, :K] @ the panel's vector v, for MR rows of A (row stride lda) and the first V
+// vectors of a panel whose rows are WS vectors apart.
+template <typename T, int V, int MR, int WS>
+FASTRNN_INLINE void accumulate(typename Vec<T>::type (&acc)[MR][V], const T* FASTRNN_RESTRICT A, int64_t lda,
+                               int64_t K, const T* FASTRNN_RESTRICT W) {
+  using vec = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  for (int64_t k = 0; k < K; ++k) {
+    vec w[V];
+    for (int v = 0; v < V; ++v) std::memcpy(&w[v], W + (k * WS + v) * L, sizeof(vec));
+    for (int i = 0; i < MR; ++i) {
+      const T a = A[i * lda + k];
+      for (int v = 0; v < V; ++v) acc[i][v] += a * w[v];
+    }
+  }
+}
+
 // C rows [0, MR) = A[MR rows] @ panel, or += when Add; A row stride lda, C row stride ldc. The
 // panel's rows are WS vectors apart; the product takes the first V vectors of each (V < WS: the
 // occupied columns of a panel that is partly past N). Two: a second product A2[MR, K2] @ W2 (a
 // panel of the same width) is added in the same accumulators, as if A2 continued A's columns and
 // W2 W's rows (the fused forward's x W_ih^T + h W_hh^T of a step, one pass, no partial sums stored).
-// The two loops are written out: as one lambda called twice, GCC compiled the product so that
-// a row rounded differently in a block of 2 rows than in a block of 5 (a float32 forward then
-// depended on the thread count, which splits a panel's rows; tests/test_threads.py).
+// (Not a lambda called twice: GCC compiled that form so that a row rounded differently in a block
+// of 2 rows than in a block of 5, and a float32 forward depended on the thread count, which
+// splits a panel's rows; tests/test_threads.py.)
 template <typename T, int V, int MR, bool Add = false, int WS = V, bool Two = false>
 FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, const T* FASTRNN_RESTRICT W,
                           T* FASTRNN_RESTRICT C, int64_t ldc, const T* FASTRNN_RESTRICT A2 = nullptr,
@@ -55,23 +72,8 @@ FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, c
       else
         acc[i][v] = vec{};
     }
-  for (int64_t k = 0; k < K; ++k) {
-    vec w[V];
-    for (int v = 0; v < V; ++v) std::memcpy(&w[v], W + (k * WS + v) * L, sizeof(vec));
-    for (int i = 0; i < MR; ++i) {
-      const T a = A[i * lda + k];
-      for (int v = 0; v < V; ++v) acc[i][v] += a * w[v];
-    }
-  }
-  if constexpr (Two)
-    for (int64_t k = 0; k < K2; ++k) {
-      vec w[V];
-      for (int v = 0; v < V; ++v) std::memcpy(&w[v], W2 + (k * WS + v) * L, sizeof(vec));
-      for (int i = 0; i < MR; ++i) {
-        const T a = A2[i * lda2 + k];
-        for (int v = 0; v < V; ++v) acc[i][v] += a * w[v];
-      }
-    }
+  accumulate<T, V, MR, WS>(acc, A, lda, K, W);
+  if constexpr (Two) accumulate<T, V, MR, WS>(acc, A2, lda2, K2, W2);
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < V; ++v) std::memcpy(C + i * ldc + v * L, &acc[i][v], sizeof(vec));
 }
