@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -38,6 +39,9 @@ struct Schedule {
 // The schedule of an input ([T, B, I] dense, or [N, I] packed with batch_sizes [T]); input's rank
 // is checked by the caller. Only batch_sizes' memory is read, and its contents are validated:
 // positive, non-increasing, summing to the packed input's rows.
+// Rows (T * B, or N) the kernels take: they index with 32-bit ints in places.
+constexpr int64_t kMaxRows = std::numeric_limits<int>::max();
+
 inline Schedule make_schedule(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& batch_sizes,
                               bool reverse) {
   Schedule s;
@@ -49,6 +53,12 @@ inline Schedule make_schedule(const char* op, const at::Tensor& input, const c10
     check_dim(bsz, op, "batch_sizes", 1);
     s.T = bsz.size(0);
     TORCH_CHECK(s.T > 0, op, ": batch_sizes must have at least one time step (zero-length sequence)");
+    // Before the per-step vectors are built (an expanded input of 2^40 rows must fail here, not
+    // in the allocator): each step has at least one row, so T <= N.
+    TORCH_CHECK(input.size(0) < kMaxRows, op, ": sizes beyond 2^31 are not supported, got a packed input of ",
+                input.size(0), " rows");
+    TORCH_CHECK(s.T <= input.size(0), op, ": packed input must have sum(batch_sizes) rows, got ", input.size(0),
+                " rows and ", s.T, " steps in batch_sizes (each of at least one row)");
     at::Tensor bc = bsz.contiguous();
     const int64_t* p = bc.data_ptr<int64_t>();
     s.bs.assign(p, p + s.T);
@@ -70,6 +80,8 @@ inline Schedule make_schedule(const char* op, const at::Tensor& input, const c10
     s.B = input.size(1);
     TORCH_CHECK(s.T > 0, op, ": input must have at least one time step (zero-length sequence), got shape ",
                 shape_str(input.sizes()));
+    TORCH_CHECK(s.T < kMaxRows && s.B < kMaxRows && (s.B == 0 || s.T <= (kMaxRows - 1) / s.B), op,
+                ": sizes beyond 2^31 are not supported, got input of shape ", shape_str(input.sizes()));
     s.bs.assign(s.T, s.B);
     s.lead = {s.T, s.B};
   }

@@ -529,3 +529,26 @@ def test_compile_fullgraph_attention():
     assert_close(out, eager)
     for g, e in zip([p.grad for p in model.parameters()], eager_grads):
         assert_close(g, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sdpa_nonfinite_scores_give_nan_rows_as_torch(dtype):
+    # A NaN or +inf score makes a row's softmax NaN in torch; the kernel used to return the zeros
+    # of a row with no key attended (lse = +inf) instead. A non-finite scale: every row NaN.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 3, 4, dtype=dtype), torch.randn(2, 2, 5, 4, dtype=dtype),
+               torch.randn(2, 2, 5, 3, dtype=dtype))
+    k[..., 0] = k[..., 0].abs() * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0], dtype=dtype)  # +inf and -inf scores
+    q_inf, q_nan = q.clone(), q.clone()
+    q_inf[0, 0, 0, 0] = float("inf")
+    q_nan[1, 1, 2, 3] = float("nan")
+    calls = [(q, s) for s in (float("nan"), float("inf"), -float("inf"))] + [(q_inf, 0.5), (q_nan, 0.5)]
+    for query, scale in calls:
+        want = F.scaled_dot_product_attention(query, k, v, scale=scale)
+        got = FR.scaled_dot_product_attention(query, k, v, scale=scale)
+        out, lse = torch.ops.fastrnn.sdpa_forward(query, k, v, None, False, scale)
+        nan_rows = want.isnan().any(-1)
+        assert nan_rows.any() and not nan_rows.all() if query is not q else nan_rows.all()
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out, want, equal_nan=True, rtol=1e-6, atol=1e-6)
+        assert torch.equal(lse.isnan(), nan_rows)

@@ -213,3 +213,28 @@ def test_stack_names_the_layer_and_checks_every_parameter_first():
         ps[17] = bad
         with pytest.raises(err, match=pattern):
             FR.lstm(x, st, ps, True, 3, 0.0, False, True, False)
+
+
+@pytest.mark.parametrize("op", ["lstm_forward", "gru_forward", "rnn_forward"])
+def test_huge_expanded_input_fails_before_allocating(op):
+    # The size limit is checked before the per-step schedule is built: an expanded input of 2^40
+    # steps used to reach the allocator (std::bad_alloc), one of 2^28 x 8 allocated 4 GB first.
+    G = {"lstm_forward": 4, "gru_forward": 3, "rnn_forward": 1}[op]
+    w_ih, w_hh = torch.zeros(G * 2, 5), torch.zeros(G * 2, 2)
+    fn = getattr(torch.ops.fastrnn, op)
+
+    def call(x, batch_sizes=None, B=1):
+        h = torch.zeros(B, 2)
+        if op == "lstm_forward":
+            return fn(x, w_ih, w_hh, None, None, None, h, h, batch_sizes, False, False)
+        return fn(x, w_ih, w_hh, None, None, h, batch_sizes, False, False)  # (GRU: train; RNN: relu)
+
+    with pytest.raises(RuntimeError, match=r"sizes beyond 2\^31 are not supported, got input of shape \[1099511627776, 1, 5\]"):
+        call(torch.zeros(1, 1, 5).expand(2 ** 40, 1, 5))
+    with pytest.raises(RuntimeError, match=r"sizes beyond 2\^31 are not supported"):
+        call(torch.zeros(1, 1, 5).expand(2 ** 28, 8, 5), B=8)
+    # packed: 2^40 rows, or batch_sizes of 2^40 steps (expanded) for 3 rows
+    with pytest.raises(RuntimeError, match=r"sizes beyond 2\^31 are not supported, got a packed input"):
+        call(torch.zeros(1, 5).expand(2 ** 40, 5), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match=r"3 rows and 1099511627776 steps in batch_sizes"):
+        call(torch.zeros(3, 5), torch.ones(1, dtype=torch.int64).expand(2 ** 40))

@@ -246,6 +246,11 @@ void sdpa_forward_kernel(const SdpaArgs& a, T* out, T* lse) {
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t w0, int64_t w1) {
     SerialBlasGuard serial;
     std::vector<T> sbuf(BQ * BK), mrow(BQ), lrow(BQ);
+    // Rows with a NaN or +inf score (a non-finite query or key) and every row of a call with a
+    // NaN or infinite scale: their softmax is NaN, as torch's, not the zeros of a row with no
+    // key attended (torch scales the query first, so an infinite scale leaves no row finite).
+    const char bad_scale = !std::isfinite(a.scale);
+    std::vector<char> nonfinite(BQ);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t b = w / (H * nqb), h = (w / nqb) % H, q0 = (w % nqb) * BQ;
       const int64_t mq = std::min(BQ, L - q0);
@@ -253,6 +258,7 @@ void sdpa_forward_kernel(const SdpaArgs& a, T* out, T* lse) {
       std::fill(O, O + mq * Ev, T(0));
       std::fill(mrow.begin(), mrow.end(), attn::neg_inf<T>());
       std::fill(lrow.begin(), lrow.end(), T(0));
+      std::fill(nonfinite.begin(), nonfinite.end(), bad_scale);
       const int64_t kend = a.causal ? std::min(S, q0 + mq) : S;
       for (int64_t k0 = 0; k0 < kend; k0 += BK) {
         const int64_t nk = std::min(BK, kend - k0);
@@ -261,7 +267,11 @@ void sdpa_forward_kernel(const SdpaArgs& a, T* out, T* lse) {
         for (int64_t r = 0; r < mq; ++r) {
           T* sr = s + r * nk;
           apply_mask_row(sr, nk, M, b, h, q0 + r, k0, a.causal);
-          const T mnew = std::max(mrow[r], row_max_isa(sr, nk));
+          const T bmax = row_max_isa(sr, nk);
+          bool nan = false;
+          for (int64_t c = 0; c < nk; ++c) nan |= std::isnan(sr[c]);
+          if (nan || bmax == std::numeric_limits<T>::infinity()) nonfinite[r] = 1;
+          const T mnew = std::max(mrow[r], bmax);
           if (mnew == attn::neg_inf<T>()) {  // no key of this row attended so far
             std::fill(sr, sr + nk, T(0));
             continue;
@@ -280,7 +290,10 @@ void sdpa_forward_kernel(const SdpaArgs& a, T* out, T* lse) {
       T* lse_rows = lse + (b * H + h) * L + q0;
       for (int64_t r = 0; r < mq; ++r) {
         T* orow = O + r * Ev;
-        if (lrow[r] > T(0)) {
+        if (nonfinite[r]) {
+          std::fill(orow, orow + Ev, std::numeric_limits<T>::quiet_NaN());
+          lse_rows[r] = std::numeric_limits<T>::quiet_NaN();
+        } else if (lrow[r] > T(0)) {
           const T inv = T(1) / lrow[r];
           for (int64_t c = 0; c < Ev; ++c) orow[c] *= inv;
           lse_rows[r] = mrow[r] + std::log(lrow[r]);
