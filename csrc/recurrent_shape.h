@@ -83,8 +83,7 @@ inline RecurrentShape validate_recurrent(const char* op, Cell cell, const at::Te
     check_dtype(*cx, op, "cx", input, "input");
     check_shape(*cx, op, "cx", {s.B, a.H}, "[batch, hidden_size]");
   }
-  const int64_t big = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.N < big && a.G * a.H < big && a.I < big, op, ": sizes beyond 2^31 are not supported");
+  TORCH_CHECK(s.N < kMaxRows && a.G * a.H < kMaxRows && a.I < kMaxRows, op, ": sizes beyond 2^31 are not supported");
   return a;
 }
 

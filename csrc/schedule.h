@@ -36,12 +36,13 @@ struct Schedule {
   }
 };
 
-// The schedule of an input ([T, B, I] dense, or [N, I] packed with batch_sizes [T]); input's rank
-// is checked by the caller. Only batch_sizes' memory is read, and its contents are validated:
-// positive, non-increasing, summing to the packed input's rows.
-// Rows (T * B, or N) the kernels take: they index with 32-bit ints in places.
+// Sizes (T * B or N rows, G * H, I) the kernels take: they index with 32-bit ints in places.
 constexpr int64_t kMaxRows = std::numeric_limits<int>::max();
 
+// The schedule of an input ([T, B, I] dense, or [N, I] packed with batch_sizes [T]); input's rank
+// is checked by the caller. Only batch_sizes' memory is read, and its contents are validated:
+// positive, non-increasing, summing to the packed input's rows. The size limit is checked
+// before the per-step vectors are built.
 inline Schedule make_schedule(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& batch_sizes,
                               bool reverse) {
   Schedule s;

@@ -148,8 +148,7 @@ VArgs prepare(const char* op, bool lstm, const VInputs& in) {
     check_opt(*in.mask, a, "zoneout_mask", ms, lstm ? "input.shape[:-1] + [2*hidden_size] (h then c)"
                                                       : "input.shape[:-1] + [hidden_size]");
   }
-  const int64_t big = std::numeric_limits<int>::max();
-  TORCH_CHECK(s.N < big && a.GH < big && a.I < big, op, ": sizes beyond 2^31 are not supported");
+  TORCH_CHECK(s.N < kMaxRows && a.GH < kMaxRows && a.I < kMaxRows, op, ": sizes beyond 2^31 are not supported");
 
   a.x = input.reshape({s.N, a.I}).contiguous();
   a.w_ih = in.w_ih->contiguous();
