@@ -75,13 +75,12 @@ FASTRNN_INLINE F sigmoid(F x) {
 }
 
 // A rational minimax form, p(x) / q(x) with p odd of degree 13 and q even of degree 6 (the
-// coefficients of Eigen's fast float tanh), clamped where it reaches 1: measured over every float
-// to 20, within 4.9 ulp of tanh (2.9e-7 relative) where FMAs contract it, 6.9 ulp (4.1e-7) without
-// (the exp form it replaced: 5.4 ulp). Below
-// |x| = 4e-4, tanh(x) rounds to x itself. Half the work of the exp form it replaced (which needed
-// a Taylor branch near 0 for relative accuracy and a division): the gate math of an LSTM step
-// went from ~150 to ~105 cycles a vector of units (AMD Zen 4). NaN passes through (the clamps
-// compare false), and +-inf gives +-1 exactly, as tanh.
+// coefficients of Eigen's fast float tanh), clamped where it reaches 1; below |x| = 4e-4, tanh(x)
+// rounds to x itself. Measured over every float to 20: within 4.9 ulp of tanh (2.9e-7 relative)
+// where FMAs contract it, 6.9 ulp (4.1e-7) without. The exp form it replaced (5.4 ulp) needed a
+// division and a Taylor branch near 0 for relative accuracy; this is half the work: an LSTM
+// step's gate math went from ~150 to ~105 cycles a vector of units (AMD Zen 4). NaN passes
+// through (the clamps compare false), and +-inf gives +-1 exactly, as tanh.
 template <typename F>
 FASTRNN_INLINE F tanh(F a) {
   constexpr float kClamp = 7.90531110763549805f;
