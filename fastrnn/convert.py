@@ -3,8 +3,8 @@
 Only modules whose type is exactly torch.nn.LSTM, GRU, RNN, LSTMCell, GRUCell or RNNCell are
 replaced; subclasses (which may override forward) are left alone. The replacements share the
 original parameters (same tensors: device, dtype, requires_grad and optimizer state carry
-over) and keep the training mode. Forward/backward hooks registered on the old modules are
-not carried over.
+over), the training mode, and whatever else is registered on the old modules: extra parameters
+and buffers, hooks (weight_norm, spectral_norm, pruning, AWD-LSTM's WeightDrop keep working).
 """
 from __future__ import annotations
 

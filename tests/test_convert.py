@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import fastrnn
 from fastrnn.convert import to_torch
@@ -109,3 +110,98 @@ def test_from_torch_to_torch_roundtrip(cls, kw):
     assert back.state_dict().keys() == m.state_dict().keys()
     with pytest.raises(TypeError):
         type(f).from_torch(nn.Linear(2, 2))
+
+
+# --------------------------------------- what third-party code registers on a layer carries over
+class WeightDrop(nn.Module):
+    """AWD-LSTM's recurrent DropConnect (salesforce/awd-lstm-lm): the wrapped layer's weight
+    becomes `<name>_raw`, and every forward sets `<name>` to a dropped-out copy of it."""
+
+    def __init__(self, module, names, p):
+        super().__init__()
+        self.module, self.names, self.p = module, names, p
+        for n in names:
+            w = getattr(module, n)
+            del module._parameters[n]
+            module.register_parameter(n + "_raw", nn.Parameter(w.data))
+
+    def forward(self, *args):
+        for n in self.names:
+            setattr(self.module, n, nn.functional.dropout(getattr(self.module, n + "_raw"), self.p, self.training))
+        return self.module(*args)
+
+
+def _train_steps(model, x, steps=3):
+    """Losses and final parameter values over a few SGD steps (float64)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        loss = (out[0] if isinstance(out, tuple) else out).pow(2).sum()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), dict(model.named_parameters())
+
+
+def _weight_norm(m):
+    return nn.utils.weight_norm(m, "weight_hh_l0" if hasattr(m, "weight_hh_l0") else "weight_hh")
+
+
+def _prune(m):
+    return prune.l1_unstructured(m, "weight_ih_l0" if hasattr(m, "weight_ih_l0") else "weight_ih", 0.3)
+
+
+def _spectral_norm(m):
+    return nn.utils.spectral_norm(m, "weight_hh_l0" if hasattr(m, "weight_hh_l0") else "weight_hh")
+
+
+def _weight_drop(m):
+    return WeightDrop(m, ["weight_hh_l0"], 0.0)  # p = 0: the same values in both, every step
+
+
+@pytest.mark.parametrize("cls,wrap", [(c, w) for c in (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell)
+                                      for w in (_weight_norm, _prune, _spectral_norm, _weight_drop)
+                                      if not (c is nn.LSTMCell and w is _weight_drop)])  # (it wraps layers)
+def test_convert_carries_what_was_registered_on_the_layer(cls, wrap):
+    """weight_norm, pruning and spectral_norm (extra parameters and buffers, and forward
+    pre-hooks that recompute the weight) and AWD-LSTM's WeightDrop (the weight deleted, a raw one
+    registered), applied before convert, as in a loaded model: the converted model has the same
+    parameters and state_dict and trains as torch.nn's does, step for step."""
+    def make():
+        torch.manual_seed(0)
+        return wrap(cls(3, 5).double())
+
+    ref = make()
+    conv = fastrnn.convert(make())
+    layer = conv.module if wrap is _weight_drop else conv
+    assert type(layer).__module__.startswith("fastrnn")
+    assert [n for n, _ in conv.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert conv.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    if cls is nn.LSTMCell:
+        x = x[0]
+    losses, params = _train_steps(conv, x)
+    ref_losses, ref_params = _train_steps(ref, x)
+    assert_close(losses, ref_losses)
+    for name, p in ref_params.items():
+        assert_close(params[name], p, msg=name)
+
+
+def test_convert_and_to_torch_carry_hooks_and_buffers():
+    calls = []
+    lstm = nn.LSTM(3, 4)
+    lstm.register_buffer("seen", torch.zeros(()))
+    handle = lstm.register_forward_hook(lambda mod, args, out: calls.append(type(mod)))
+    f = fastrnn.convert(lstm)
+    x = torch.randn(2, 1, 3)
+    f(x)
+    assert calls == [fastrnn.LSTM] and "seen" in f.state_dict()
+    back = fastrnn.to_torch(f)
+    back(x)
+    assert calls == [fastrnn.LSTM, nn.LSTM] and "seen" in back.state_dict()
+    handle.remove()  # the handle from the original layer reaches the converted ones
+    f(x)
+    back(x)
+    assert len(calls) == 2

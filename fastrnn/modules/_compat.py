@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import torch.fx
+from torch import nn
 
 from ..functional import autocast_enabled  # noqa: F401 (the layers' checks import it from here)
 
@@ -46,3 +47,31 @@ class ScriptsAsTorchNN:
 
     def __prepare_scriptable__(self):
         return self.to_torch()
+
+
+# torch.nn.RNNBase's cache of its weights and their weak references: derived from the weight
+# names, rebuilt by the torch.nn class (_init_flat_weights); fastrnn's layers read the weights
+# by name on every call.
+_DERIVED = frozenset({"_flat_weights", "_flat_weight_refs"})
+
+
+def take_over(cls, module: nn.Module, drop=()) -> nn.Module:
+    """A `cls` module with all of `module`'s state (convert and to_torch: fastrnn's layers and
+    cells keep the attributes of their torch.nn twins): configuration, training mode, the same
+    parameter tensors, and whatever else third-party code registered on it: extra parameters and
+    buffers (weight_norm's g and v, pruning's masks, AWD-LSTM's raw weights), a weight set as a
+    plain tensor, submodules, hooks (the forward pre-hooks that recompute those weights, state
+    dict hooks, a user's forward hooks). The registries of parameters, buffers and submodules are
+    the new module's own copies; the hook dictionaries are shared, so that a RemovableHandle
+    taken on the old module removes its hook from the new one. `drop`: attributes `cls` lacks."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in module.__dict__.items():
+        if k in _DERIVED or k in drop:
+            continue
+        if k in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_flat_weights_names"):
+            v = v.copy()
+        elif k == "_all_weights":
+            v = [list(w) for w in v]
+        new.__dict__[k] = v
+    return new

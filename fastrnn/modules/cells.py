@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from .. import functional as FR
-from ._compat import ScriptsAsTorchNN, autocast_enabled, fx_leaf
+from ._compat import ScriptsAsTorchNN, autocast_enabled, fx_leaf, take_over
 
 __all__ = ["LSTMCell", "GRUCell", "RNNCell"]
 
@@ -96,37 +96,17 @@ class _CellBase(ScriptsAsTorchNN, nn.Module):
 
     @classmethod
     def from_torch(cls, module: nn.Module):
-        """A fastrnn cell sharing the given torch.nn cell's parameters and training mode."""
+        """A fastrnn cell sharing the given torch.nn cell's parameters and training mode, with
+        anything else registered on it (extra parameters and buffers, hooks: _compat.take_over)."""
         if type(module) is not cls._torch_class:
             raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, got "
                             f"{type(module).__name__}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.input_size, new.hidden_size, new.bias = module.input_size, module.hidden_size, module.bias
-        if hasattr(module, "nonlinearity"):
-            new.nonlinearity = module.nonlinearity
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            p = getattr(module, name)
-            if p is None:
-                new.register_parameter(name, None)
-            else:
-                setattr(new, name, p)
-        new.train(module.training)
-        return new
+        return take_over(cls, module)
 
     def to_torch(self) -> nn.Module:
-        """The equivalent torch.nn cell holding the same parameters (shared, not copied)."""
-        kwargs = {"nonlinearity": self.nonlinearity} if isinstance(self, RNNCell) else {}
-        m = self._torch_class(self.input_size, self.hidden_size, bias=self.bias, device="meta",
-                              dtype=self.weight_ih.dtype, **kwargs)
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            p = getattr(self, name)
-            if p is None:
-                m.register_parameter(name, None)
-            else:
-                setattr(m, name, p)
-        m.train(self.training)
-        return m
+        """The equivalent torch.nn cell holding the same parameters (shared, not copied) and
+        anything else registered on this one (_compat.take_over)."""
+        return take_over(self._torch_class, self)
 
 
 class LSTMCell(_CellBase):

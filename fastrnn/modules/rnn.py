@@ -17,7 +17,7 @@ from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import functional as FR
-from ._compat import ScriptsAsTorchNN, autocast_enabled, fx_leaf
+from ._compat import ScriptsAsTorchNN, autocast_enabled, fx_leaf, take_over
 
 __all__ = ["LSTM", "GRU", "RNN"]
 
@@ -305,43 +305,21 @@ class _RNNBase(ScriptsAsTorchNN, nn.Module):
     @classmethod
     def from_torch(cls, module: nn.Module):
         """A fastrnn layer with the same configuration and the same parameters (shared, not
-        copied) as the given torch.nn layer, in the same training mode."""
+        copied) as the given torch.nn layer, in the same training mode, with anything else
+        registered on it (extra parameters and buffers, hooks: _compat.take_over)."""
         if type(module) is not cls._torch_class:
             raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, got "
                             f"{type(module).__name__}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for k in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
-                  "bidirectional", "proj_size"):
-            setattr(new, k, getattr(module, k))
-        if hasattr(module, "nonlinearity"):
-            new.nonlinearity = module.nonlinearity
-        new._flat_weights_names = list(module._flat_weights_names)
-        new._all_weights = [list(w) for w in module._all_weights]
-        for name in new._flat_weights_names:
-            setattr(new, name, getattr(module, name))
-        new.train(module.training)
-        return new
+        return take_over(cls, module)
 
     def to_torch(self) -> nn.Module:
-        """The equivalent torch.nn layer holding the same parameters (shared, not copied)."""
+        """The equivalent torch.nn layer holding the same parameters (shared, not copied) and
+        anything else registered on this one (_compat.take_over)."""
         if getattr(self, "zoneout", 0.0) or getattr(self, "weight_drop", 0.0):
             warnings.warn(f"{type(self).__name__}.to_torch(): torch.nn has no zoneout or weight_drop; the torch.nn "
                           "layer computes without them", stacklevel=2)
-        w = getattr(self, self._flat_weights_names[0])
-        kwargs = dict(num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
-                      dropout=self.dropout, bidirectional=self.bidirectional, device="meta", dtype=w.dtype)
-        if self.mode == "LSTM":
-            kwargs["proj_size"] = self.proj_size
-        if self.mode.startswith("RNN_"):
-            kwargs["nonlinearity"] = self.nonlinearity
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = self._torch_class(self.input_size, self.hidden_size, **kwargs)
-        for name in self._flat_weights_names:
-            setattr(m, name, getattr(self, name))
+        m = take_over(self._torch_class, self, drop=("zoneout", "weight_drop"))
         m._init_flat_weights()
-        m.train(self.training)
         return m
 
 
