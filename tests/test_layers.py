@@ -161,6 +161,33 @@ def test_dtype_and_device_kwargs():
     assert out.dtype == torch.float64
 
 
+@pytest.mark.parametrize("c_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("kw", [{}, dict(num_layers=2, bidirectional=True), dict(proj_size=2)], ids=["1", "2bi", "proj"])
+def test_float64_lstm_promotes_lower_precision_c0_as_torch(kw, packed, c_dtype):
+    """torch.nn's float64 LSTM takes a c_0 of lower precision (zeros made without a dtype) and
+    returns float64 states; the gradient reaching c_0 is in c_0's dtype."""
+    ref, ours = make_pair("LSTM", 3, 4, **kw)
+    LD = ref.num_layers * (2 if ref.bidirectional else 1)
+    h0 = torch.randn(LD, 2, ref.proj_size or 4, dtype=torch.float64)
+    c0 = torch.randn(LD, 2, 4).to(c_dtype).requires_grad_()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    if packed:
+        x = pack_padded_sequence(x, [5, 3])
+    compare(ref, ours, x, (h0, c0), torch.float64, extra_leaves=[c0])
+    out, (h, c) = ours(x, (h0, c0))
+    assert c.dtype == h.dtype == torch.float64
+
+
+def test_float32_lstm_refuses_c0_of_another_dtype():
+    """(torch.nn's float32 LSTM, on oneDNN, refuses one too, in words about oneDNN.)"""
+    m = fastrnn.LSTM(3, 4)
+    h0 = torch.zeros(1, 2, 4)
+    for c_dtype in (torch.float64, torch.bfloat16):
+        with pytest.raises(RuntimeError, match=r"cx dtype \(torch\.\w+\) does not match input dtype"):
+            m(torch.randn(5, 2, 3), (h0, torch.zeros(1, 2, 4, dtype=c_dtype)))
+
+
 def test_empty_batch_matches_torch():
     for kind in ("LSTM", "GRU", "RNN"):
         ref, ours = make_pair(kind, 3, 4, num_layers=2, bidirectional=True)

@@ -22,6 +22,8 @@ from ._compat import ScriptsAsTorchNN, autocast_enabled, fx_leaf, take_over
 __all__ = ["LSTM", "GRU", "RNN"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+# c_0 dtypes a float64 LSTM takes (see _prepare).
+_PROMOTED_C0 = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
@@ -259,6 +261,10 @@ class _RNNBase(ScriptsAsTorchNN, nn.Module):
             for k, (h, e) in enumerate(zip(hx, expected)):
                 msg = f"Expected hidden[{k}] size {{}}, got {{}}" if n_states == 2 else "Expected hidden size {}, got {}"
                 self.check_hidden_size(h, e, msg)
+                if k == 1 and data.dtype == torch.float64 and h.dtype in _PROMOTED_C0:
+                    # torch.nn's float64 LSTM promotes such a c_0 (c' = f c + i g: exact, float32
+                    # to float64) and returns float64 states; its float32 LSTM (oneDNN) refuses one.
+                    hx[1] = h = h.to(torch.float64)
                 self._check_state_tensor(h, "hx" if k == 0 else "cx", data)
         return data, batch_sizes, sorted_indices, unsorted_indices, hx, is_batched
 
