@@ -32,7 +32,9 @@ OptT as_opt(const Tensor& t) { return t.defined() ? OptT(t) : OptT(); }
 // An unused output's gradient: one zero expanded to its shape (the backward kernels read it in
 // place or copy it), not a zero-filled [T, B, H] per call.
 Tensor zeros_if_undefined(const Tensor& g, const Tensor& like) {
-  return g.defined() ? g : at::zeros({}, like.options()).expand(like.sizes());
+  // (sym_sizes: a packed input's batch under torch.compile is data-dependent, and sizes() would
+  // have to specialise it)
+  return g.defined() ? g : at::zeros({}, like.options()).expand_symint(like.sym_sizes());
 }
 
 template <typename Sig>
@@ -492,6 +494,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_gru_forward_a
 
 
 // ------------------------------------------------------------------------------ whole stacks
+// ------------------------------------------------------------------------------- state_copy
+Tensor state_copy(const Tensor& x) { return x.clone(at::MemoryFormat::Contiguous); }
+
+struct StateCopyFunction : public torch::autograd::Function<StateCopyFunction> {
+  static Tensor forward(AutogradContext*, const Tensor& x) {
+    static const auto op = op_handle<Tensor(const Tensor&)>("fastrnn::state_copy");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x);
+  }
+  static variable_list backward(AutogradContext*, variable_list grads) { return grads; }
+};
+
+Tensor state_copy_autograd(const Tensor& x) { return StateCopyFunction::apply(x); }
+
 // recurrent_stack: a stacked (and/or bidirectional) LSTM, GRU or RNN in one call, with the
 // arguments of torch._VF.lstm / gru / rnn_tanh / rnn_relu. CompositeImplicitAutograd: it loops
 // over the per-layer ops above, so autograd, double backward, the fake kernels and
@@ -592,8 +608,22 @@ std::tuple<Tensor, Tensor, Tensor> recurrent_stack(c10::string_view mode_name, c
     if (per == base + 1) d.w_hr = p[base];
     return d;
   };
-  const std::vector<Tensor> hs = hx.unbind(0);
-  const std::vector<Tensor> cs = lstm ? cx.unbind(0) : std::vector<Tensor>();
+  std::vector<Tensor> hs = hx.unbind(0);
+  std::vector<Tensor> cs = lstm ? cx.unbind(0) : std::vector<Tensor>();
+  // While torch.compile traces (its tensors carry the Python key), each layer's initial states
+  // are copies (state_copy: Inductor would remove an aten.clone as a no-op), not views of hx and
+  // cx: a layer op saves them for its backward, and Inductor's
+  // backward may write in place into a saved tensor it takes to be unaliased (a donated buffer)
+  // before a saved view of it is read. Measured, torch 2.13: with hx = zeros, AOT autograd saved
+  // the zeros and their unbind view, merged the zeros with those of a backward select_scatter or
+  // index_put (from h_n[-1], or a PackedSequence's unsorted_indices), which overwrote them first:
+  // silently wrong gradients. (fastrnn.functional._own_states does the same for the Python
+  // callers of the layer ops.) Eager calls take no copies.
+  if (input.key_set().has(c10::DispatchKey::Python) || hx.key_set().has(c10::DispatchKey::Python)) {
+    static const auto copy_op = op_handle<Tensor(const Tensor&)>("fastrnn::state_copy");
+    for (Tensor& h : hs) h = copy_op.call(h);
+    for (Tensor& c : cs) c = copy_op.call(c);
+  }
   const bool dense_batch_first = batch_first && !packed;
   Tensor x = dense_batch_first ? input.transpose(0, 1) : input;
   const bool cpu = input.device().is_cpu();
@@ -672,6 +702,7 @@ std::tuple<Tensor, Tensor, Tensor> recurrent_stack(c10::string_view mode_name, c
 }  // namespace fastrnn
 
 TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
+  m.impl("state_copy", &fastrnn::state_copy_autograd);
   m.impl("lstm_forward", &fastrnn::lstm_forward_autograd);
   m.impl("lstm_bidir_forward", &fastrnn::lstm_bidir_forward_autograd);
   m.impl("gru_bidir_forward", &fastrnn::gru_bidir_forward_autograd);
@@ -683,3 +714,5 @@ TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastrnn, CompositeImplicitAutograd, m) { m.impl("recurrent_stack", &fastrnn::recurrent_stack); }
+
+TORCH_LIBRARY_IMPL(fastrnn, CompositeExplicitAutograd, m) { m.impl("state_copy", &fastrnn::state_copy); }

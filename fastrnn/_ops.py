@@ -74,6 +74,11 @@ def _workspace(input, train, *widths):
     return tuple(input.new_empty((n, w) if (train and w) else (0,), dtype=dtype) for w in widths)
 
 
+@_register_fake("state_copy")
+def _state_copy_fake(x):
+    return x.new_empty(x.shape)
+
+
 @_register_fake("lstm_forward")
 def _lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train):
     _check_common("fastrnn.lstm_forward", input, w_ih, w_hh, hx, 4)

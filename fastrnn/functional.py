@@ -121,6 +121,7 @@ def lstm_layer(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch
     Returns output [T, B, P] (or [N, P]), h_n [B, P], c_n [B, H].
     """
     train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    hx, cx = _own_states(hx, cx)
     out, hy, cy, _, _, _ = _call(_ops.lstm_forward, train, input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train)
     return out, hy, cy
 
@@ -129,6 +130,7 @@ def gru_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, batch_sizes=None, rev
     """One GRU layer in one direction, fused. input [T, B, I] (or packed [N, I]); hx [B, H];
     w_ih [3H, I]; w_hh [3H, H]; b_ih, b_hh [3H]. Returns output [T, B, H] (or [N, H]), h_n [B, H]."""
     train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
+    hx, = _own_states(hx)
     out, hy, _, _ = _call(_ops.gru_forward, train, input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train)
     return out, hy
 
@@ -139,6 +141,7 @@ def rnn_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, batch_sizes=None, rev
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
+    hx, = _own_states(hx)
     return _call(_ops.rnn_forward, train, input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse,
                  nonlinearity == "relu")
 
@@ -158,6 +161,18 @@ def _caller_owned(out):
     out += residual, masked_fill_), so with a graph the caller gets a copy (a bidirectional
     layer's torch.cat already is one)."""
     return out.clone() if out.requires_grad else out
+
+
+def _own_states(*states):
+    """A layer op's initial states, copied while torch.compile traces (not in eager; by
+    fastrnn::state_copy, as Inductor removes an aten.clone as a no-op): the op
+    saves them for its backward, and Inductor's backward may write in place into a saved tensor
+    it takes to be unaliased (a donated buffer) before a saved view of it (a state taken from
+    [L*D, B, H]) is read: silently wrong gradients (measured, torch 2.13; see recurrent_stack in
+    csrc/autograd.cpp, which does the same for the LSTM, GRU and RNN layers)."""
+    if torch.compiler.is_compiling():
+        return tuple(None if s is None else _ops.state_copy(s) for s in states)
+    return states
 
 
 def _check_lstm_state_pair(hx):
@@ -185,12 +200,12 @@ def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, tra
     x = input.transpose(0, 1) if dense_batch_first else input
     if num_layers == 1 and D == 1:  # the common case, without the bookkeeping below
         w = params
-        out, *fin = layer_fn(x, [s[0] for s in states], w[0], w[1], w[2] if has_biases else None,
+        out, *fin = layer_fn(x, _own_states(*[s[0] for s in states]), w[0], w[1], w[2] if has_biases else None,
                              w[3] if has_biases else None, w[4 if has_biases else 2:], batch_sizes, False)
         out = _caller_owned(out)
         return (out.transpose(0, 1) if dense_batch_first else out), [f.unsqueeze(0) for f in fin]
     finals = [[] for _ in states]
-    layer_states = [s.unbind(0) for s in states]  # one call, not one index per layer and direction
+    layer_states = [_own_states(*s.unbind(0)) for s in states]  # one call, not an index a layer
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and train:
             x = F.dropout(x, dropout, training=True)

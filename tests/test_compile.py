@@ -58,3 +58,86 @@ def test_export_roundtrip():
     ep = torch.export.export(model, (tokens,))
     assert any("fastrnn" in str(n.target) for n in ep.graph.nodes)
     assert_close(ep.module()(tokens), model(tokens))
+
+
+# ---------------------------------------- Inductor: gradients through the final state
+class FinalState(nn.Module):
+    """A classifier on the layer's last hidden state h_n[-1] (the common pattern). zeros_inside:
+    the initial state is made in forward as zeros (as tutorials do), else the layer makes it."""
+
+    def __init__(self, layer, zeros_inside=False):
+        super().__init__()
+        self.layer, self.zeros_inside = layer, zeros_inside
+
+    def forward(self, x):
+        if self.zeros_inside:
+            L = self.layer.num_layers * (2 if self.layer.bidirectional else 1)
+            h0 = torch.zeros(L, x.size(1), self.layer.hidden_size)
+            out, st = self.layer(x, (h0, torch.zeros_like(h0)) if self.layer.mode == "LSTM" else h0)
+        else:
+            out, st = self.layer(x)
+        h = st[0] if isinstance(st, tuple) else st
+        return h[-1]
+
+
+FINAL_STATE = {
+    "lstm": lambda: FinalState(fastrnn.LSTM(3, 4)),
+    "lstm_zeros_inside": lambda: FinalState(fastrnn.LSTM(3, 4), zeros_inside=True),
+    "gru": lambda: FinalState(fastrnn.GRU(3, 4)),
+    "rnn": lambda: FinalState(fastrnn.RNN(3, 4)),
+    "lstm_2bi": lambda: FinalState(fastrnn.LSTM(3, 4, num_layers=2, bidirectional=True)),
+    "layernorm_lstm": lambda: FinalState(fastrnn.LayerNormLSTM(3, 4)),
+}
+
+
+@pytest.mark.parametrize("name,packed", [(n, p) for n in FINAL_STATE for p in (False, True)
+                                         if not (p and n == "lstm_zeros_inside")])  # (next test: packed hx)
+def test_inductor_gradients_through_final_state_match_eager(name, packed):
+    """Inductor's backward may write in place into a saved tensor it takes to be unaliased (a
+    donated buffer). The layers once saved their initial state as a view of [L*D, B, H] zeros
+    that AOT autograd merged with the zeros of h_n[-1]'s backward (or of the PackedSequence's
+    unsorted_indices): overwritten before the layer's backward read it, the gradients were
+    silently wrong (up to 0.3 off). Compiled gradients must equal eager ones."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = FINAL_STATE[name]()
+    x = torch.randn(5, 3, 3)
+    if packed:
+        x = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 5, 2]), enforce_sorted=False)
+    grads = []
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for fn in (model, torch.compile(model, fullgraph=True)):
+            model.zero_grad()
+            data = (x.data if packed else x).clone().requires_grad_()
+            inp = nn.utils.rnn.PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices) if packed \
+                else data
+            fn(inp).pow(2).sum().backward()
+            grads.append([data.grad] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(grads[1], grads[0]):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_compile_packed_input_with_hx_and_unused_outputs(kind):
+    """A PackedSequence's batch (batch_sizes[0]) has no value while torch.compile traces: the
+    layer's check of h_0 against it once broke the fullgraph trace, and the zero gradient of an
+    unused output (c_n here) was sized with it, failing the backward's compile."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = getattr(fastrnn, kind)(3, 4)
+    x = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([5, 3, 2]))
+    h0 = torch.randn(1, 3, 4)
+    hx = (h0, torch.randn(1, 3, 4)) if kind == "LSTM" else h0
+
+    def run(fn):
+        layer.zero_grad()
+        data = x.data.clone().requires_grad_()
+        out, st = fn(nn.utils.rnn.PackedSequence(data, x.batch_sizes), hx)
+        h = st[0] if isinstance(st, tuple) else st
+        (out.data.sum() + h.sum()).backward()
+        return [out.data, h, data.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    eager = run(layer)
+    compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    for got, want in zip(compiled, eager):
+        assert_close(got, want)

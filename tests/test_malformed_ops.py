@@ -27,7 +27,8 @@ RECURRENT_OPS = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
 VARIANT_OPS = ["variant_lstm_forward", "variant_lstm_backward", "variant_gru_forward", "variant_gru_backward"]
 ATTENTION_OPS = ["sdpa_forward", "sdpa_backward", "additive_attention_forward", "additive_attention_backward"]
 STACK_OPS = ["recurrent_stack"]
-OPS = RECURRENT_OPS + VARIANT_OPS + ATTENTION_OPS + STACK_OPS
+COPY_OPS = ["state_copy"]  # takes any tensor: only non-tensors and argument counts are malformed
+OPS = RECURRENT_OPS + VARIANT_OPS + ATTENTION_OPS + STACK_OPS + COPY_OPS
 ALLOWED = ("RuntimeError", "ValueError", "TypeError", "NotImplementedError")  # the last is a RuntimeError
 
 T, B, I, H, P = 4, 3, 5, 6, 4
@@ -58,6 +59,8 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
         return attention_args(op, variant, batch)
     if op in STACK_OPS:
         return stack_args(variant, batch)
+    if op in COPY_OPS:
+        return OrderedDict(x=_randn(torch.Generator().manual_seed(1234), batch, H))
     cell, kind = cell_kind(op)
     if cell.startswith("variant_"):
         return variant_base_args(op, variant, batch)
@@ -399,7 +402,25 @@ def _set(arg, value):
     return fn
 
 
+def copy_cases() -> list[Case]:
+    op, v = "state_copy", "dense"
+    cases = [Case(op, v, "x", "None", "error", _set("x", None)),
+             Case(op, v, "x", "python_list", "error", _set("x", lambda t: t.tolist())),
+             Case(op, v, "x", "int", "error", _set("x", 3)),
+             Case(op, v, "args", "too_few", "error", lambda a: OrderedDict()),
+             Case(op, v, "args", "too_many", "error",
+                  lambda a: OrderedDict(list(a.items()) + [("extra", torch.ones(1))])),
+             Case(op, v, "all", "meta", "ok", lambda a: OrderedDict(x=a["x"].to("meta"))),
+             Case(op, v, "batch", "zero", "ok", lambda a: base_args(op, v, batch=0))]
+    base = base_args(op, v)["x"]
+    cases += [Case(op, v, "x", what, "same", _set("x", mut)) for what, mut in LAYOUT_MUTATIONS.items()
+              if mut(base) is not None]
+    return cases
+
+
 def _variants(op):
+    if op in COPY_OPS:
+        return ["dense"]
     if op in ATTENTION_OPS:
         return ["dense", "masked"]
     if op in STACK_OPS:
@@ -415,6 +436,9 @@ def build_cases() -> list[Case]:
     for op in OPS:
         if op in STACK_OPS:
             cases += stack_cases()
+            continue
+        if op in COPY_OPS:
+            cases += copy_cases()
             continue
         cell, kind = cell_kind(op)
         attention = op in ATTENTION_OPS
@@ -530,6 +554,8 @@ def _expected_shapes_ok(op, args, res):
     """For calls expected to work: output shapes follow the inputs (checked against a CPU run of the
     same call where the inputs are not meta)."""
     out = _flat(res)
+    if op in COPY_OPS:
+        return len(out) == 1 and out[0].shape == args["x"].shape and out[0].is_contiguous()
     if op in STACK_OPS:
         D = 2 if args["bidirectional"] else 1
         P_out = args["hx"].shape[-1]  # proj_size, or hidden_size

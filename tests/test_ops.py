@@ -708,3 +708,14 @@ def test_recurrent_stack_gradcheck_and_opcheck(cell):
     detached = tuple([p.detach() for p in a] if isinstance(a, list) else a.detach() if isinstance(a, torch.Tensor)
                      else a for a in args)
     torch.library.opcheck(torch.ops.fastrnn.recurrent_stack.default, detached)
+
+
+def test_state_copy_op():
+    """fastrnn::state_copy, what the layers give a layer op as its initial state while
+    torch.compile traces (test_compile.py): a fresh contiguous copy with an identity gradient."""
+    x = torch.randn(3, 5, dtype=torch.float64).t().requires_grad_()  # non-contiguous
+    y = torch.ops.fastrnn.state_copy(x)
+    assert y.is_contiguous() and torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    assert torch.autograd.gradcheck(torch.ops.fastrnn.state_copy, (x,))
+    assert torch.autograd.gradgradcheck(torch.ops.fastrnn.state_copy, (x,))
+    torch.library.opcheck(torch.ops.fastrnn.state_copy.default, (x,))

@@ -185,6 +185,13 @@ class _RNNBase(ScriptsAsTorchNN, nn.Module):
 
     @staticmethod
     def check_hidden_size(hx: Tensor, expected_hidden_size, msg: str = "Expected hidden size {}, got {}") -> None:
+        if torch.compiler.is_compiling() and hx.dim() == len(expected_hidden_size):
+            # A packed input's batch (batch_sizes[0]) has no value while torch.compile traces:
+            # comparing sizes with it would break the graph; torch._check asserts it at run time
+            # (in dynamo's words: it cannot trace a message that formats the sizes).
+            for have, want in zip(hx.shape, expected_hidden_size):
+                torch._check(have == want)
+            return
         if hx.size() != expected_hidden_size:
             raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
 
