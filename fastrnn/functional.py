@@ -363,6 +363,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise RuntimeError(f"{fn}: the leading (batch) dimensions of query {list(query.shape)}, key "
                            f"{list(key.shape)} and value {list(value.shape)} do not broadcast") from None
     L, S = query.shape[-2], key.shape[-2]
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point() and attn_mask.dtype not in (
+            torch.float32, query.dtype):  # as torch's: a float mask is float32 or query's dtype
+        raise RuntimeError(f"{fn}: Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                           f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
     if attn_mask is not None:
         attn_mask = _check_mask(attn_mask, "attn_mask", fn, query, (*lead, L, S))
     scale = _default_scale(query) if scale is None else float(scale)

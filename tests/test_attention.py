@@ -289,6 +289,31 @@ def test_mha_matches_torch(cfg_name, masks, need_weights, average):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("L,B", [(4, 0), (0, 3)], ids=["empty_batch", "empty_target"])
+def test_mha_empty_batch_or_target_as_torch(L, B, need_weights):
+    ours, theirs = mha_pair({})
+    q, k, v = mha_inputs({}, L=L, B=B)
+    got, want = ours(q, k, v, need_weights=need_weights), theirs(q, k, v, need_weights=need_weights)
+    assert got[0].shape == want[0].shape
+    assert (got[1] is None) == (want[1] is None)
+    if want[1] is not None:
+        assert got[1].shape == want[1].shape
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("mask_dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+def test_mha_float_mask_of_another_dtype_raises_as_torch(which, mask_dtype, need_weights):
+    """torch's float32 attention takes a float mask in float32 or the query's dtype only."""
+    ours, theirs = mha_pair({}, dtype=torch.float32)
+    q, k, v = mha_inputs({}, dtype=torch.float32)
+    mask = torch.zeros((4, 6) if which == "attn_mask" else (3, 6), dtype=mask_dtype)
+    for m in (theirs, ours):
+        with pytest.raises(RuntimeError, match="dtype"):
+            m(q, k, v, need_weights=need_weights, **{which: mask})
+
+
 def test_mha_unbatched_and_float32():
     ours, theirs = mha_pair({}, dtype=torch.float32)
     q = rnd(5, 8, dtype=torch.float32)
@@ -379,6 +404,13 @@ def test_additive_no_bias_and_module():
     ctx_r, w_r = R.additive_attention_ref(q, keys, vals, m.w_q, m.w_k, m.v, m.bias, mask, scale=True)
     assert_close(ctx, ctx_r)
     assert_close(w, w_r)
+    # the module without a bias (its constructor once raised KeyError: 'bias' set twice)
+    m0 = fastrnn.AdditiveAttention(5, 6, 11, bias=False, scale=True).double()
+    assert m0.bias is None and [n for n, _ in m0.named_parameters()] == ["w_q", "w_k", "v"]
+    ctx0, w0 = m0(q, keys, vals, mask=mask)
+    ctx0_r, w0_r = R.additive_attention_ref(q, keys, vals, m0.w_q, m0.w_k, m0.v, None, mask, scale=True)
+    assert_close(ctx0, ctx0_r)
+    assert_close(w0, w0_r)
     # one decoder step (2-D query), values default to keys
     ctx1, w1 = m(q[:, 0], keys, mask=mask)
     ctx1_r, w1_r = R.additive_attention_ref(q[:, :1], keys, keys, m.w_q, m.w_k, m.v, m.bias, mask, scale=True)

@@ -115,7 +115,7 @@ def _mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, bia
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
         out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-        out = F.linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
+        out = F.linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, out_proj_weight.size(0))
         weights = weights.view(bsz, num_heads, tgt_len, src_len)
         if average_attn_weights:
             weights = weights.mean(dim=1)
@@ -126,7 +126,8 @@ def _mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, bia
     # Masks stay broadcast views where they can: a key padding mask alone is [B, 1, 1, S].
     mask4 = None
     if attn_mask is not None:
-        mask4 = attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 else attn_mask.view(bsz, num_heads, -1, src_len)
+        mask4 = (attn_mask.unsqueeze(0) if attn_mask.size(0) == 1
+                 else attn_mask.view(bsz, num_heads, attn_mask.size(1), src_len))
     if key_padding_mask is not None:
         _check_key_padding_mask(key_padding_mask, src_len, bsz)
         kpm = key_padding_mask.view(bsz, 1, 1, src_len)
@@ -136,7 +137,7 @@ def _mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, bia
     v = v.view(bsz, num_heads, src_len, head_dim)
     out = FR.scaled_dot_product_attention(q, k, v, mask4, dropout_p, is_causal)
     out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-    out = F.linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, -1)
+    out = F.linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, out_proj_weight.size(0))
     if not is_batched:
         out = out.squeeze(1)
     return out, None
@@ -282,8 +283,9 @@ class AdditiveAttention(nn.Module):
         self.w_q = nn.Parameter(torch.empty(hidden_dim, query_dim, **kw))
         self.w_k = nn.Parameter(torch.empty(hidden_dim, key_dim, **kw))
         self.v = nn.Parameter(torch.empty(hidden_dim, **kw))
-        self.bias = nn.Parameter(torch.empty(hidden_dim, **kw)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(hidden_dim, **kw))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 
