@@ -719,3 +719,28 @@ def test_state_copy_op():
     assert torch.autograd.gradcheck(torch.ops.fastrnn.state_copy, (x,))
     assert torch.autograd.gradgradcheck(torch.ops.fastrnn.state_copy, (x,))
     torch.library.opcheck(torch.ops.fastrnn.state_copy.default, (x,))
+
+
+@pytest.mark.parametrize("H", [16, 33])
+def test_saturated_lstm_gates_match_torch(H, isa):
+    """Saturated pre-activations (|x| of 20, 1e4, inf) through a float32 LSTM of two steps (the
+    multi-step kernels, vector path): the candidate gate is exactly +-1 as torch's tanh rounds it,
+    so c_T and every gradient equal torch.nn's, NaN where its NaN is (0 * inf). The rational tanh
+    once stopped 4 ulp short of 1 there: c_T = 1.9999995 and a g-gate gradient of 0.0095 at
+    x = 1e4 where torch's is 0, inf where torch's is NaN."""
+    ours, ref = fastrnn.LSTM(1, H), torch.nn.LSTM(1, H)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight_ih_l0.fill_(1.0)
+            m.weight_hh_l0.zero_()
+            m.bias_ih_l0.zero_()
+            m.bias_hh_l0.zero_()
+    for v in (20.0, -20.0, 1e4, float("inf")):
+        x = torch.full((2, 3, 1), v)
+        res = []
+        for m in (ours, ref):
+            out, (h, c) = m(x)
+            res.append((out, c, *torch.autograd.grad(c.sum() + out.sum(), (m.weight_ih_l0, m.weight_hh_l0))))
+        for got, want in zip(*res):
+            assert torch.equal(got.isnan(), want.isnan()), v
+            assert_close(got.nan_to_num(), want.nan_to_num())

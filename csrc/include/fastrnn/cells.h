@@ -75,12 +75,15 @@ FASTRNN_INLINE F sigmoid(F x) {
 }
 
 // A rational minimax form, p(x) / q(x) with p odd of degree 13 and q even of degree 6 (the
-// coefficients of Eigen's fast float tanh), clamped where it reaches 1; below |x| = 4e-4, tanh(x)
-// rounds to x itself. Measured over every float to 20: within 4.9 ulp of tanh (2.9e-7 relative)
-// where FMAs contract it, 6.9 ulp (4.1e-7) without. The exp form it replaced (5.4 ulp) needed a
-// division and a Taylor branch near 0 for relative accuracy; this is half the work: an LSTM
-// step's gate math went from ~150 to ~105 cycles a vector of units (AMD Zen 4). NaN passes
-// through (the clamps compare false), and +-inf gives +-1 exactly, as tanh.
+// coefficients of Eigen's fast float tanh); below |x| = 4e-4, tanh(x) rounds to x itself, and
+// from |x| = 7.9 on the result is exactly +-1. (float32's tanh is within an ulp of 1 there and
+// rounds to 1 from 9.01, where p / q stayed a few ulp below, 0.99999976 with FMAs: a saturated
+// LSTM gate's gradient 1 - tanh^2 did not vanish as torch's does, and an infinite input gave inf
+// where torch gives NaN; found by a fuzzing helper.) Measured over every float to 20: within
+// 4.9 ulp of tanh (2.9e-7 relative) where FMAs contract it, 6.9 ulp (4.1e-7) without. The exp
+// form it replaced (5.4 ulp) needed a division and a Taylor branch near 0 for relative accuracy;
+// this is half the work: an LSTM step's gate math went from ~150 to ~105 cycles a vector of
+// units (AMD Zen 4). NaN passes through (the comparisons are false).
 template <typename F>
 FASTRNN_INLINE F tanh(F a) {
   constexpr float kClamp = 7.90531110763549805f;
@@ -98,7 +101,9 @@ FASTRNN_INLINE F tanh(F a) {
   q = x2 * q + 2.26843463243900e-03f;
   q = x2 * q + 4.89352518554385e-03f;
   const F ax = a < 0.0f ? -a : a;
-  return ax < 0.0004f ? a : p / q;
+  F r = ax < 0.0004f ? a : p / q;
+  r = a >= kClamp ? splat(a, 1.0f) : r;
+  return a <= -kClamp ? splat(a, -1.0f) : r;
 }
 
 FASTRNN_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
