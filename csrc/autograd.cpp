@@ -493,7 +493,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_gru_forward_a
 }
 
 
-// ------------------------------------------------------------------------------ whole stacks
 // ------------------------------------------------------------------------------- state_copy
 Tensor state_copy(const Tensor& x) { return x.clone(at::MemoryFormat::Contiguous); }
 
@@ -508,6 +507,7 @@ struct StateCopyFunction : public torch::autograd::Function<StateCopyFunction> {
 
 Tensor state_copy_autograd(const Tensor& x) { return StateCopyFunction::apply(x); }
 
+// ------------------------------------------------------------------------------ whole stacks
 // recurrent_stack: a stacked (and/or bidirectional) LSTM, GRU or RNN in one call, with the
 // arguments of torch._VF.lstm / gru / rnn_tanh / rnn_relu. CompositeImplicitAutograd: it loops
 // over the per-layer ops above, so autograd, double backward, the fake kernels and
@@ -612,13 +612,13 @@ std::tuple<Tensor, Tensor, Tensor> recurrent_stack(c10::string_view mode_name, c
   std::vector<Tensor> cs = lstm ? cx.unbind(0) : std::vector<Tensor>();
   // While torch.compile traces (its tensors carry the Python key), each layer's initial states
   // are copies (state_copy: Inductor would remove an aten.clone as a no-op), not views of hx and
-  // cx: a layer op saves them for its backward, and Inductor's
-  // backward may write in place into a saved tensor it takes to be unaliased (a donated buffer)
-  // before a saved view of it is read. Measured, torch 2.13: with hx = zeros, AOT autograd saved
-  // the zeros and their unbind view, merged the zeros with those of a backward select_scatter or
-  // index_put (from h_n[-1], or a PackedSequence's unsorted_indices), which overwrote them first:
-  // silently wrong gradients. (fastrnn.functional._own_states does the same for the Python
-  // callers of the layer ops.) Eager calls take no copies.
+  // cx: a layer op saves them for its backward, and Inductor's backward may write in place into a
+  // saved tensor it takes to be unaliased (a donated buffer) before a saved view of it is read.
+  // Measured, torch 2.13: with hx = zeros, AOT autograd saved the zeros and their unbind view and
+  // merged the zeros with those of a backward select_scatter or index_put (from h_n[-1], or a
+  // PackedSequence's unsorted_indices), which overwrote them first: silently wrong gradients.
+  // (fastrnn.functional._own_states does the same for the Python callers of the layer ops.)
+  // Eager calls take no copies.
   if (input.key_set().has(c10::DispatchKey::Python) || hx.key_set().has(c10::DispatchKey::Python)) {
     static const auto copy_op = op_handle<Tensor(const Tensor&)>("fastrnn::state_copy");
     for (Tensor& h : hs) h = copy_op.call(h);

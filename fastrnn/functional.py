@@ -164,12 +164,12 @@ def _caller_owned(out):
 
 
 def _own_states(*states):
-    """A layer op's initial states, copied while torch.compile traces (not in eager; by
-    fastrnn::state_copy, as Inductor removes an aten.clone as a no-op): the op
-    saves them for its backward, and Inductor's backward may write in place into a saved tensor
-    it takes to be unaliased (a donated buffer) before a saved view of it (a state taken from
-    [L*D, B, H]) is read: silently wrong gradients (measured, torch 2.13; see recurrent_stack in
-    csrc/autograd.cpp, which does the same for the LSTM, GRU and RNN layers)."""
+    """A layer op's initial states, copied while torch.compile traces (by fastrnn::state_copy:
+    Inductor removes an aten.clone as a no-op; eager calls take no copy). The op saves them for
+    its backward, and Inductor's backward may write in place into a saved tensor it takes to be
+    unaliased (a donated buffer) before a saved view of it (a state taken from [L*D, B, H]) is
+    read: silently wrong gradients (measured, torch 2.13; recurrent_stack in csrc/autograd.cpp
+    does the same for the LSTM, GRU and RNN layers)."""
     if torch.compiler.is_compiling():
         return tuple(None if s is None else _ops.state_copy(s) for s in states)
     return states
@@ -200,12 +200,12 @@ def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, tra
     x = input.transpose(0, 1) if dense_batch_first else input
     if num_layers == 1 and D == 1:  # the common case, without the bookkeeping below
         w = params
-        out, *fin = layer_fn(x, _own_states(*[s[0] for s in states]), w[0], w[1], w[2] if has_biases else None,
+        out, *fin = layer_fn(x, [s[0] for s in states], w[0], w[1], w[2] if has_biases else None,
                              w[3] if has_biases else None, w[4 if has_biases else 2:], batch_sizes, False)
         out = _caller_owned(out)
         return (out.transpose(0, 1) if dense_batch_first else out), [f.unsqueeze(0) for f in fin]
     finals = [[] for _ in states]
-    layer_states = [_own_states(*s.unbind(0)) for s in states]  # one call, not an index a layer
+    layer_states = [s.unbind(0) for s in states]  # one call, not one index per layer and direction
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and train:
             x = F.dropout(x, dropout, training=True)
@@ -510,6 +510,7 @@ def variant_lstm_layer(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None,
         return R.variant_lstm_layer_ref(input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln, w_peep, zoneout_mask, zoneout_p,
                                         batch_sizes, reverse)
     train = _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_peep, *ln6)
+    hx, cx = _own_states(hx, cx)
     out, hy, cy, *_ = _call(_ops.variant_lstm_forward, train, input, w_ih, w_hh, b_ih, b_hh, *ln6, w_peep, hx, cx,
                             zoneout_mask, float(zoneout_p), batch_sizes, reverse, train)
     return out, hy, cy
@@ -526,6 +527,7 @@ def variant_gru_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None, zone
         return R.variant_gru_layer_ref(input, hx, w_ih, w_hh, b_ih, b_hh, ln, zoneout_mask, zoneout_p, batch_sizes,
                                        reverse)
     train = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh, *ln4)
+    hx, = _own_states(hx)
     out, hy, *_ = _call(_ops.variant_gru_forward, train, input, w_ih, w_hh, b_ih, b_hh, *ln4, hx, zoneout_mask,
                         float(zoneout_p), batch_sizes, reverse, train)
     return out, hy
