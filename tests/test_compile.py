@@ -141,3 +141,13 @@ def test_compile_packed_input_with_hx_and_unused_outputs(kind):
     compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
     for got, want in zip(compiled, eager):
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_compiled_layer_names_a_wrong_hx_size(fullgraph):
+    """Under torch.compile a dense input's sizes are known while tracing: a wrong h_0 gets
+    torch.nn's message (only a packed input's data-dependent batch is left to torch._check)."""
+    torch._dynamo.reset()
+    f = torch.compile(fastrnn.GRU(3, 4), fullgraph=fullgraph, backend="eager")
+    with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 2, 4\), got \[1, 3, 4\]"):
+        f(torch.randn(5, 2, 3), torch.zeros(1, 3, 4))

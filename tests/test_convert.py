@@ -145,16 +145,21 @@ def _train_steps(model, x, steps=3):
     return torch.stack(losses), dict(model.named_parameters())
 
 
+def _weight(m, name):
+    """A layer's weight_*_l0, or a cell's weight_*."""
+    return name + "_l0" if hasattr(m, name + "_l0") else name
+
+
 def _weight_norm(m):
-    return nn.utils.weight_norm(m, "weight_hh_l0" if hasattr(m, "weight_hh_l0") else "weight_hh")
+    return nn.utils.weight_norm(m, _weight(m, "weight_hh"))
 
 
 def _prune(m):
-    return prune.l1_unstructured(m, "weight_ih_l0" if hasattr(m, "weight_ih_l0") else "weight_ih", 0.3)
+    return prune.l1_unstructured(m, _weight(m, "weight_ih"), 0.3)
 
 
 def _spectral_norm(m):
-    return nn.utils.spectral_norm(m, "weight_hh_l0" if hasattr(m, "weight_hh_l0") else "weight_hh")
+    return nn.utils.spectral_norm(m, _weight(m, "weight_hh"))
 
 
 def _weight_drop(m):

@@ -39,16 +39,6 @@ def fx_leaf(forward):
     return wrapper
 
 
-class ScriptsAsTorchNN:
-    """torch.jit.script compiles the equivalent torch.nn module holding the same parameters
-    (the class's to_torch()): fastrnn's Python forward is not TorchScript, and the scripted model
-    computes what the fastrnn one does, on torch's kernels. torch calls this hook on every
-    submodule before scripting (and puts the result in the module it was given)."""
-
-    def __prepare_scriptable__(self):
-        return self.to_torch()
-
-
 # torch.nn.RNNBase's cache of its weights and their weak references: derived from the weight
 # names, rebuilt by the torch.nn class (_init_flat_weights); fastrnn's layers read the weights
 # by name on every call.
@@ -75,3 +65,36 @@ def take_over(cls, module: nn.Module, drop=()) -> nn.Module:
             v = [list(w) for w in v]
         new.__dict__[k] = v
     return new
+
+
+class TorchNNTwin:
+    """What a fastrnn layer or cell shares with its torch.nn twin (the class's _torch_class):
+    conversion both ways, taking over all of the other's state (take_over), and TorchScript:
+    torch.jit.script compiles the twin holding the same parameters (to_torch()), as fastrnn's
+    Python forward is not TorchScript and the scripted model computes what the fastrnn one does,
+    on torch's kernels. torch calls __prepare_scriptable__ on every submodule before scripting
+    (and puts the result in the module it was given)."""
+
+    _torch_class: type = None
+    _fastrnn_only: tuple = ()  # attributes the torch.nn twin lacks (not handed over by to_torch)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module):
+        """A fastrnn module sharing the given torch.nn module's parameters (the same tensors),
+        configuration and training mode, with anything else registered on it (extra parameters
+        and buffers, hooks: take_over)."""
+        if type(module) is not cls._torch_class:
+            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, got "
+                            f"{type(module).__name__}")
+        return take_over(cls, module)
+
+    def to_torch(self) -> nn.Module:
+        """The equivalent torch.nn module holding the same parameters (shared, not copied) and
+        anything else registered on this one (take_over)."""
+        m = take_over(self._torch_class, self, drop=self._fastrnn_only)
+        if hasattr(m, "_init_flat_weights"):  # nn.RNNBase's weight cache, derived from the names
+            m._init_flat_weights()
+        return m
+
+    def __prepare_scriptable__(self):
+        return self.to_torch()

@@ -12,12 +12,12 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from .. import functional as FR
-from ._compat import ScriptsAsTorchNN, autocast_enabled, fx_leaf, take_over
+from ._compat import TorchNNTwin, autocast_enabled, fx_leaf
 
 __all__ = ["LSTMCell", "GRUCell", "RNNCell"]
 
 
-class _CellBase(ScriptsAsTorchNN, nn.Module):
+class _CellBase(TorchNNTwin, nn.Module):
     __constants__ = ["input_size", "hidden_size", "bias"]
     _torch_class: type = nn.RNNCellBase
 
@@ -93,20 +93,6 @@ class _CellBase(ScriptsAsTorchNN, nn.Module):
                     raise RuntimeError(f"{name}: hidden{idx} dtype ({s.dtype}) does not match input dtype "
                                        f"({input.dtype})")
         return input.unsqueeze(0), states, is_batched
-
-    @classmethod
-    def from_torch(cls, module: nn.Module):
-        """A fastrnn cell sharing the given torch.nn cell's parameters and training mode, with
-        anything else registered on it (extra parameters and buffers, hooks: _compat.take_over)."""
-        if type(module) is not cls._torch_class:
-            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, got "
-                            f"{type(module).__name__}")
-        return take_over(cls, module)
-
-    def to_torch(self) -> nn.Module:
-        """The equivalent torch.nn cell holding the same parameters (shared, not copied) and
-        anything else registered on this one (_compat.take_over)."""
-        return take_over(self._torch_class, self)
 
 
 class LSTMCell(_CellBase):

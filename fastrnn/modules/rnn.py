@@ -17,7 +17,7 @@ from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import functional as FR
-from ._compat import ScriptsAsTorchNN, autocast_enabled, fx_leaf, take_over
+from ._compat import TorchNNTwin, autocast_enabled, fx_leaf
 
 __all__ = ["LSTM", "GRU", "RNN"]
 
@@ -30,7 +30,7 @@ def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Ten
     return tensor.index_select(dim, permutation)
 
 
-class _RNNBase(ScriptsAsTorchNN, nn.Module):
+class _RNNBase(TorchNNTwin, nn.Module):
     """Parameters, checks and input handling shared by LSTM, GRU and RNN (torch.nn.RNNBase's)."""
 
     _torch_class: type = nn.RNNBase
@@ -185,13 +185,6 @@ class _RNNBase(ScriptsAsTorchNN, nn.Module):
 
     @staticmethod
     def check_hidden_size(hx: Tensor, expected_hidden_size, msg: str = "Expected hidden size {}, got {}") -> None:
-        if torch.compiler.is_compiling() and hx.dim() == len(expected_hidden_size):
-            # A packed input's batch (batch_sizes[0]) has no value while torch.compile traces:
-            # comparing sizes with it would break the graph; torch._check asserts it at run time
-            # (in dynamo's words: it cannot trace a message that formats the sizes).
-            for have, want in zip(hx.shape, expected_hidden_size):
-                torch._check(have == want)
-            return
         if hx.size() != expected_hidden_size:
             raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
 
@@ -267,7 +260,15 @@ class _RNNBase(ScriptsAsTorchNN, nn.Module):
         else:
             for k, (h, e) in enumerate(zip(hx, expected)):
                 msg = f"Expected hidden[{k}] size {{}}, got {{}}" if n_states == 2 else "Expected hidden size {}, got {}"
-                self.check_hidden_size(h, e, msg)
+                if batch_sizes is not None and torch.compiler.is_compiling() and h.dim() == len(e):
+                    # A packed input's batch (batch_sizes[0]) has no value while torch.compile
+                    # traces: comparing sizes with it would break the graph, so torch._check
+                    # asserts them at run time (without torch.nn's message: dynamo cannot trace
+                    # one that formats the sizes).
+                    for have, want in zip(h.shape, e):
+                        torch._check(have == want)
+                else:
+                    self.check_hidden_size(h, e, msg)
                 if k == 1 and data.dtype == torch.float64 and h.dtype in _PROMOTED_C0:
                     # torch.nn's float64 LSTM promotes such a c_0 (c' = f c + i g: exact, float32
                     # to float64) and returns float64 states; its float32 LSTM (oneDNN) refuses one.
@@ -315,25 +316,13 @@ class _RNNBase(ScriptsAsTorchNN, nn.Module):
         return output, states
 
     # ---------------------------------------------------------------- conversion
-    @classmethod
-    def from_torch(cls, module: nn.Module):
-        """A fastrnn layer with the same configuration and the same parameters (shared, not
-        copied) as the given torch.nn layer, in the same training mode, with anything else
-        registered on it (extra parameters and buffers, hooks: _compat.take_over)."""
-        if type(module) is not cls._torch_class:
-            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, got "
-                            f"{type(module).__name__}")
-        return take_over(cls, module)
+    _fastrnn_only = ("zoneout", "weight_drop")
 
     def to_torch(self) -> nn.Module:
-        """The equivalent torch.nn layer holding the same parameters (shared, not copied) and
-        anything else registered on this one (_compat.take_over)."""
         if getattr(self, "zoneout", 0.0) or getattr(self, "weight_drop", 0.0):
             warnings.warn(f"{type(self).__name__}.to_torch(): torch.nn has no zoneout or weight_drop; the torch.nn "
                           "layer computes without them", stacklevel=2)
-        m = take_over(self._torch_class, self, drop=("zoneout", "weight_drop"))
-        m._init_flat_weights()
-        return m
+        return super().to_torch()
 
 
 def _set_variant_options(module, zoneout, weight_drop):
