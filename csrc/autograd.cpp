@@ -494,7 +494,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_gru_forward_a
 
 
 // ------------------------------------------------------------------------------- state_copy
-Tensor state_copy(const Tensor& x) { return x.clone(at::MemoryFormat::Contiguous); }
+void check_state_copy_input(const Tensor& x) {
+  TORCH_CHECK(x.defined(), "fastrnn.state_copy: x must be a tensor, got None");
+  TORCH_CHECK(x.layout() == at::kStrided && !x.is_nested() && !x.is_mkldnn(),
+                    "fastrnn.state_copy: x must be a dense (strided) tensor, got layout ", x.layout(),
+                    x.is_nested() ? " (nested)" : "");
+}
+
+Tensor state_copy(const Tensor& x) {
+  check_state_copy_input(x);
+  return x.clone(at::MemoryFormat::Contiguous);
+}
 
 struct StateCopyFunction : public torch::autograd::Function<StateCopyFunction> {
   static Tensor forward(AutogradContext*, const Tensor& x) {
@@ -505,7 +515,36 @@ struct StateCopyFunction : public torch::autograd::Function<StateCopyFunction> {
   static variable_list backward(AutogradContext*, variable_list grads) { return grads; }
 };
 
-Tensor state_copy_autograd(const Tensor& x) { return StateCopyFunction::apply(x); }
+Tensor state_copy_autograd(const Tensor& x) {
+  check_state_copy_input(x);
+  return StateCopyFunction::apply(x);
+}
+
+// ------------------------------------------------------------------------ the *_backward ops
+// They compute gradients and have none of their own (a double backward differentiates the
+// reference instead, above). Called under grad mode with an argument that requires grad, they
+// raise: without an autograd kernel torch would return outputs that require grad and, on
+// backward, leave the gradients None with only a deprecation warning.
+bool ivalue_requires_grad(const c10::IValue& v) {
+  if (v.isTensor()) return v.toTensor().defined() && v.toTensor().requires_grad();
+  if (v.isList())
+    for (const c10::IValue& e : v.toListRef())
+      if (ivalue_requires_grad(e)) return true;
+  return false;
+}
+
+void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  if (at::GradMode::is_enabled()) {
+    const auto given = torch::jit::last(*stack, args.size());
+    for (size_t i = 0; i < args.size(); ++i)
+      TORCH_CHECK(!ivalue_requires_grad(given[i]), op.schema().name(), " is not differentiable, and its argument ",
+                  args[i].name(), " requires grad: call it under torch.no_grad() (the gradients of the forward op, "
+                  "with create_graph=True, are differentiable)");
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+}
 
 // ------------------------------------------------------------------------------ whole stacks
 // recurrent_stack: a stacked (and/or bidirectional) LSTM, GRU or RNN in one call, with the
@@ -711,6 +750,10 @@ TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
   m.impl("rnn_forward", &fastrnn::rnn_forward_autograd);
   m.impl("variant_lstm_forward", &fastrnn::variant_lstm_forward_autograd);
   m.impl("variant_gru_forward", &fastrnn::variant_gru_forward_autograd);
+  for (const char* op : {"lstm_backward", "gru_backward", "rnn_backward", "lstm_bidir_backward", "gru_bidir_backward",
+                         "rnn_bidir_backward", "sdpa_backward", "additive_attention_backward", "variant_lstm_backward",
+                         "variant_gru_backward"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&fastrnn::not_differentiable>());
 }
 
 TORCH_LIBRARY_IMPL(fastrnn, CompositeImplicitAutograd, m) { m.impl("recurrent_stack", &fastrnn::recurrent_stack); }

@@ -139,6 +139,8 @@ inline void validate_recurrent_backward(const char* op, Cell cell, const Recurre
   if (has_proj) {
     TORCH_CHECK(ws2.numel() == s.N * a.H, op, nosave);
     workspace(ws2, "proj_input", {s.N, a.H}, "[rows, hidden_size]");
+  } else if (cell == Cell::LSTM) {
+    workspace(ws2, "proj_input", {0}, "(0,): empty without w_hr, as the forward returns it");
   }
 }
 

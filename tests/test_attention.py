@@ -391,6 +391,32 @@ def test_additive_matches_reference(T, D, scale, mask_kind, dtype):
         assert not w[0].any() and not ctx[0].any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_additive_nan_gives_nan_rows_as_the_reference(dtype):
+    """A NaN query makes every energy of its row NaN, a NaN scale every energy: softmax gives NaN
+    there, as the reference and the backward op do (the kernel used to take a row without a max
+    for a fully masked one and return zeros). A NaN key spoils every row; a fully masked row
+    still gives zeros."""
+    c = additive_case(dtype=dtype)
+    nan = float("nan")
+    q_nan, k_nan = c["query"].clone(), c["keys"].clone()
+    q_nan[1, 2, 0] = nan
+    k_nan[0, 3, 1] = nan
+    mask = torch.ones(3, 5, 7, dtype=torch.bool)  # (True: attended)
+    mask[2, 1] = False  # one fully masked row
+    qp, kp = torch.randn(3, 5, 37, dtype=dtype), torch.randn(3, 7, 37, dtype=dtype)
+    for kw in (dict(query=q_nan), dict(keys=k_nan), dict(query=q_nan, mask=mask)):
+        args = dict(c, **kw)
+        got, want = FR.additive_attention(**args), R.additive_attention_ref(**args)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, equal_nan=True)
+        assert got[1].isnan().any()
+    ctx, w = torch.ops.fastrnn.additive_attention_forward(qp, kp, c["values"], c["v"], None, nan)
+    assert ctx.isnan().all() and w.isnan().all()
+    ctx, w = torch.ops.fastrnn.additive_attention_forward(qp, kp, c["values"], c["v"], mask, 1.0)
+    assert not w[2, 1].any() and not ctx[2, 1].any() and torch.isfinite(w).all()
+
+
 def test_additive_no_bias_and_module():
     c = additive_case(bias=False)
     ctx, w = FR.additive_attention(**c)

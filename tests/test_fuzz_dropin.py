@@ -716,8 +716,7 @@ def test_ops_reject_none_tensor_with_a_meta_argument():
         args = M.base_args(op, M._variants(op)[0])  # ("dense", or recurrent_stack's first configuration)
         schema = {a.name: str(a.type) for a in getattr(torch.ops.fastrnn, op).default._schema.arguments}
         keys = [k for k, v in args.items() if isinstance(v, torch.Tensor)]
-        # proj_input (_r) is not read without a projection (w_hr None): the dense call may omit it
-        for k in (k for k in keys if schema[k] == "Tensor" and k not in ("proj_input", "proj_input_r")):
+        for k in (k for k in keys if schema[k] == "Tensor"):
             for meta in (False, True) if len(keys) > 1 else (False,):  # (state_copy: one tensor)
                 a = dict(args, **{k: None})
                 if meta:

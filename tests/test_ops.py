@@ -721,6 +721,44 @@ def test_state_copy_op():
     torch.library.opcheck(torch.ops.fastrnn.state_copy.default, (x,))
 
 
+def test_state_copy_names_a_bad_argument():
+    """state_copy given None or a tensor that is not dense names itself and the argument (once:
+    "tensor does not have a device", a nested tensor's internal error)."""
+    bad = [None, torch.ones(2, 2).to_sparse()]
+    for x in bad:
+        with pytest.raises(RuntimeError, match="fastrnn.state_copy: x must be"):
+            torch.ops.fastrnn.state_copy(x)
+
+
+BACKWARD_OPS = [op for op in ("lstm_backward", "gru_backward", "rnn_backward", "lstm_bidir_backward",
+                              "gru_bidir_backward", "rnn_bidir_backward", "sdpa_backward",
+                              "additive_attention_backward", "variant_lstm_backward", "variant_gru_backward")]
+
+
+@pytest.mark.parametrize("op", BACKWARD_OPS)
+def test_backward_ops_refuse_to_be_differentiated(op):
+    """The *_backward ops have no gradient of their own: given an argument that requires grad
+    under grad mode they raise, naming the op and the argument (once: outputs that required grad
+    and, on backward, gradients left None with a deprecation warning; or, for w_ih, an internal
+    "mm(): functions with out=..." error). Under no_grad the same call runs as before."""
+    import test_malformed_ops as M
+    assert set(BACKWARD_OPS) == {o for o in M.OPS if o.endswith("_backward")}
+    args = M.base_args(op, "dense")
+    fn = getattr(torch.ops.fastrnn, op)
+    with torch.no_grad():
+        expected = fn(*args.values())
+    floats = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+    assert len(floats) >= 4
+    for k in floats:
+        a = dict(args, **{k: args[k].detach().clone().requires_grad_()})
+        with pytest.raises(RuntimeError, match=f"fastrnn::{op} is not differentiable, and its argument {k} requires"):
+            fn(*a.values())
+        with torch.no_grad():
+            got = fn(*a.values())
+        for g, e in zip(got, expected):
+            assert torch.equal(g, e) and not g.requires_grad
+
+
 @pytest.mark.parametrize("H", [16, 33])
 def test_saturated_lstm_gates_match_torch(H, isa):
     """Saturated pre-activations (|x| of 20, 1e4, inf) through a float32 LSTM of two steps (the

@@ -85,12 +85,17 @@ FASTRNN_INLINE void softmax_grad_row(const T* FASTRNN_RESTRICT p, T* FASTRNN_RES
   for (int64_t c = 0; c < n; ++c) dp[c] = p[c] * (dp[c] - delta);
 }
 
-// Softmax of one row in place with fully masked rows (max = -inf) set to zeros.
+// Softmax of one row in place with fully masked rows (max = -inf) set to zeros. A row of NaN
+// (a NaN query or scale) has no max either: it stays NaN, as torch's softmax gives (a NaN
+// among finite entries makes the sum NaN below).
 template <typename T>
 FASTRNN_INLINE void softmax_row(T* FASTRNN_RESTRICT s, int64_t n) {
   T m = row_max(s, n);
   if (m == neg_inf<T>()) {
-    for (int64_t c = 0; c < n; ++c) s[c] = T(0);
+    bool nan = false;
+    for (int64_t c = 0; c < n; ++c) nan |= s[c] != s[c];
+    const T fill = nan ? std::numeric_limits<T>::quiet_NaN() : T(0);
+    for (int64_t c = 0; c < n; ++c) s[c] = fill;
     return;
   }
   T inv = T(1) / exp_shift_sum(s, n, m);
