@@ -1,7 +1,8 @@
 """convert(model): swap torch.nn recurrent layers and cells for their fastrnn equivalents.
 
-Only modules whose type is exactly torch.nn.LSTM, GRU, RNN, LSTMCell, GRUCell or RNNCell are
-replaced; subclasses (which may override forward) are left alone. The replacements share the
+Only modules whose type is exactly torch.nn.LSTM, GRU, RNN, LSTMCell, GRUCell or RNNCell (or
+that type parametrized by torch.nn.utils.parametrize) are replaced; subclasses (which may
+override forward) are left alone. The replacements share the
 original parameters (same tensors: device, dtype, requires_grad and optimizer state carry
 over), the training mode, and whatever else is registered on the old modules: extra parameters
 and buffers, hooks (weight_norm, spectral_norm, pruning, AWD-LSTM's WeightDrop keep working).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .modules._compat import plain_class
 from .modules.cells import GRUCell, LSTMCell, RNNCell
 from .modules.rnn import GRU, LSTM, RNN
 
@@ -21,7 +23,7 @@ def convert(model: nn.Module) -> nn.Module:
 
     Returns the model (or the replacement, if `model` itself is such a layer).
     """
-    swap = _SWAPS.get(type(model))
+    swap = _SWAPS.get(plain_class(model))
     if swap is not None:
         return swap.from_torch(model)
     for name, child in list(model.named_children()):
@@ -34,7 +36,7 @@ def convert(model: nn.Module) -> nn.Module:
 def to_torch(model: nn.Module) -> nn.Module:
     """The inverse of convert(): replace fastrnn layers and cells with torch.nn ones, in place."""
     back = {v: k for k, v in _SWAPS.items()}
-    if type(model) in back:
+    if plain_class(model) in back:
         return model.to_torch()
     for name, child in list(model.named_children()):
         new = to_torch(child)

@@ -39,10 +39,28 @@ def fx_leaf(forward):
     return wrapper
 
 
-# torch.nn.RNNBase's cache of its weights and their weak references: derived from the weight
-# names, rebuilt by the torch.nn class (_init_flat_weights); fastrnn's layers read the weights
-# by name on every call.
-_DERIVED = frozenset({"_flat_weights", "_flat_weight_refs"})
+
+
+def plain_class(module: nn.Module) -> type:
+    """The class `module` was made as. torch.nn.utils.parametrize gives a parametrized module a
+    class of its own, Parametrized<Name>, subclassing that one with a property per parametrized
+    tensor."""
+    cls = type(module)
+    bases = cls.__bases__
+    if (isinstance(module.__dict__.get("_modules", {}).get("parametrizations"), nn.ModuleDict) and len(bases) == 1
+            and cls.__name__ == "Parametrized" + bases[0].__name__):
+        return bases[0]
+    return cls
+
+
+def _class_like(cls, module: nn.Module) -> type:
+    """cls, or for a parametrized module cls made parametrized the same way (the properties of
+    module's class over cls)."""
+    made = type(module)
+    if plain_class(module) is made:
+        return cls
+    own = {k: v for k, v in made.__dict__.items() if k not in ("__dict__", "__weakref__", "__module__", "__doc__")}
+    return type(f"Parametrized{cls.__name__}", (cls,), own)
 
 
 def take_over(cls, module: nn.Module, drop=()) -> nn.Module:
@@ -54,16 +72,22 @@ def take_over(cls, module: nn.Module, drop=()) -> nn.Module:
     dict hooks, a user's forward hooks). The registries of parameters, buffers and submodules are
     the new module's own copies; the hook dictionaries are shared, so that a RemovableHandle
     taken on the old module removes its hook from the new one. `drop`: attributes `cls` lacks."""
+    cls = _class_like(cls, module)
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     for k, v in module.__dict__.items():
-        if k in _DERIVED or k in drop:
+        if k in drop:
             continue
-        if k in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_flat_weights_names"):
+        # (_flat_weights, _flat_weight_refs: nn.RNNBase's cache of the weights, which fastrnn's
+        # layers keep alike; taken as it is, as a rebuild would evaluate parametrized weights)
+        if k in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_flat_weights_names",
+                 "_flat_weights", "_flat_weight_refs"):
             v = v.copy()
         elif k == "_all_weights":
             v = [list(w) for w in v]
         new.__dict__[k] = v
+    if "_flat_weights" not in new.__dict__ and hasattr(new, "_init_flat_weights"):
+        new._init_flat_weights()
     return new
 
 
@@ -83,7 +107,7 @@ class TorchNNTwin:
         """A fastrnn module sharing the given torch.nn module's parameters (the same tensors),
         configuration and training mode, with anything else registered on it (extra parameters
         and buffers, hooks: take_over)."""
-        if type(module) is not cls._torch_class:
+        if plain_class(module) is not cls._torch_class:
             raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_class.__name__}, got "
                             f"{type(module).__name__}")
         return take_over(cls, module)
@@ -91,10 +115,7 @@ class TorchNNTwin:
     def to_torch(self) -> nn.Module:
         """The equivalent torch.nn module holding the same parameters (shared, not copied) and
         anything else registered on this one (take_over)."""
-        m = take_over(self._torch_class, self, drop=self._fastrnn_only)
-        if hasattr(m, "_init_flat_weights"):  # nn.RNNBase's weight cache, derived from the names
-            m._init_flat_weights()
-        return m
+        return take_over(self._torch_class, self, drop=self._fastrnn_only)
 
     def __prepare_scriptable__(self):
         return self.to_torch()

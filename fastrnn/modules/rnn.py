@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ __all__ = ["LSTM", "GRU", "RNN"]
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 # c_0 dtypes a float64 LSTM takes (see _prepare).
 _PROMOTED_C0 = (torch.float32, torch.float16, torch.bfloat16)
+_ABSENT = object()
 
 
 def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
@@ -104,6 +106,7 @@ class _RNNBase(TorchNNTwin, nn.Module):
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        self._init_flat_weights()
         self.reset_parameters()
 
     # ---------------------------------------------------------------- torch.nn API
@@ -112,13 +115,77 @@ class _RNNBase(TorchNNTwin, nn.Module):
         for weight in self.parameters():
             init.uniform_(weight, -stdv, stdv)
 
-    @property
-    def _flat_weights(self) -> list:
-        # Registered parameters straight from _parameters (a dict lookup; getattr goes through
-        # nn.Module.__getattr__, ~1 us a name); anything else (parametrizations, weight_norm's
-        # recomputed attribute, a plain tensor assigned in place of a parameter) by getattr.
+    # ------------------------------------------ the weight cache forward reads (torch.nn's)
+    # torch.nn.RNNBase's forward runs the weights in a list, _flat_weights, built by
+    # _init_flat_weights, updated entry by entry when a weight attribute is assigned (__setattr__)
+    # and rebuilt before a forward when a weight is no longer the tensor the list was built from
+    # (_update_flat_weights: torch.func.functional_call, parametrizations, a re-registered
+    # parameter). Scripts assign the list, or an entry of it, to run a forward on other weights
+    # (recurrent DropConnect in a subclass); fastrnn keeps the same cache, so those work alike and
+    # a parametrized weight is evaluated as often as torch.nn evaluates it (a spectral norm's power
+    # iteration advances per evaluation).
+    def _init_flat_weights(self) -> None:
+        self._flat_weights = [getattr(self, wn) if hasattr(self, wn) else None for wn in self._flat_weights_names]
+        self._flat_weight_refs = [weakref.ref(w) if w is not None else None for w in self._flat_weights]
+
+    def __setattr__(self, attr, value) -> None:
+        d = self.__dict__
+        if attr in d.get("_flat_weights_names", ()) and "_flat_weights" in d:
+            idx = self._flat_weights_names.index(attr)
+            if idx < len(self._flat_weights):
+                self._flat_weights[idx] = value
+        super().__setattr__(attr, value)
+
+    def _weights_have_changed(self) -> bool:
+        refs, names = self.__dict__.get("_flat_weight_refs"), self._flat_weights_names
+        if refs is None or len(refs) != len(names):
+            return True
+        # Registered parameters straight from _parameters (getattr goes through
+        # nn.Module.__getattr__, ~1 us a name); with any other weight (a parametrization,
+        # weight_norm's recomputed attribute, a plain tensor), torch.nn's loop as it is.
         params = self._parameters
-        return [params[wn] if wn in params else getattr(self, wn, None) for wn in self._flat_weights_names]
+        for ref, name in zip(refs, names):
+            w = params.get(name, _ABSENT)
+            if w is _ABSENT:
+                break
+            if w is not None and ref is not None and ref() is not w:
+                return True
+        else:
+            return False
+        for ref, name in zip(refs, names):
+            w = getattr(self, name) if hasattr(self, name) else None
+            if w is not None and ref is not None and ref() is not w:
+                return True
+        return False
+
+    def _update_flat_weights(self) -> None:
+        if self._weights_have_changed():
+            self._init_flat_weights()
+
+    def _weights(self) -> list:
+        """The weights forward runs: _flat_weights, brought up to date as torch.nn's forward does.
+        While compiling, read by name (dynamo does not trace through the weak references)."""
+        if torch.compiler.is_compiling():
+            params = self._parameters
+            return [params[wn] if wn in params else getattr(self, wn, None) for wn in self._flat_weights_names]
+        self._update_flat_weights()
+        return self._flat_weights
+
+    def _apply(self, fn, recurse=True):
+        self._flat_weight_refs = []
+        ret = super()._apply(fn, recurse)
+        self._init_flat_weights()
+        return ret
+
+    def __getstate__(self):
+        self._update_flat_weights()
+        state = self.__dict__.copy()
+        state.pop("_flat_weight_refs", None)  # (weak references do not pickle)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._init_flat_weights()
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
@@ -148,11 +215,15 @@ class _RNNBase(TorchNNTwin, nn.Module):
         return s.format(**self.__dict__)
 
     # ---------------------------------------------------------------- checks (torch.nn's)
+    def _first_weight(self) -> Tensor:
+        if torch.compiler.is_compiling():  # (as _weights)
+            name = self._flat_weights_names[0]
+            w = self._parameters.get(name)
+            return w if w is not None else getattr(self, name)
+        return self._flat_weights[0]
+
     def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
-        name = self._flat_weights_names[0]
-        w = self._parameters.get(name)
-        if w is None:
-            w = getattr(self, name)
+        w = self._first_weight()
         if input.dtype != w.dtype and not autocast_enabled(input.device.type):
             raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). Convert "
                              f"input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
@@ -283,9 +354,9 @@ class _RNNBase(TorchNNTwin, nn.Module):
         and the general path then checks one by one and names what is wrong."""
         if not isinstance(input, Tensor) or input.dim() != 3:
             return None
-        w = self._parameters.get(self._flat_weights_names[0])
+        w = self._first_weight()
         dtype, device = input.dtype, input.device
-        if w is None or dtype != w.dtype or device != w.device:
+        if dtype != w.dtype or device != w.device:
             return None
         T, B, I = input.shape
         if self.batch_first:
@@ -364,13 +435,14 @@ class LSTM(_RNNBase):
 
     @fx_leaf
     def forward(self, input, hx=None):
+        weights = self._weights()  # (first, as torch.nn's _update_flat_weights)
         data, batch_sizes, sidx, uidx, (h0, c0), is_batched = self._prepare(input, hx, 2)
         if _variant_active(self):
-            out, h, c = FR.variant_lstm(data, (h0, c0), self._flat_weights, self.bias, self.num_layers, self.dropout,
+            out, h, c = FR.variant_lstm(data, (h0, c0), weights, self.bias, self.num_layers, self.dropout,
                                         self.training, self.bidirectional, self.batch_first, batch_sizes,
                                         zoneout=self.zoneout, weight_drop=self.weight_drop)
         else:
-            out, h, c = FR.lstm(data, (h0, c0), self._flat_weights, self.bias, self.num_layers, self.dropout,
+            out, h, c = FR.lstm(data, (h0, c0), weights, self.bias, self.num_layers, self.dropout,
                                 self.training, self.bidirectional, self.batch_first, batch_sizes)
         output, (h, c) = self._finish(out, [h, c], batch_sizes, sidx, uidx, is_batched)
         return output, (h, c)
@@ -395,13 +467,14 @@ class GRU(_RNNBase):
 
     @fx_leaf
     def forward(self, input, hx=None):
+        weights = self._weights()  # (first, as torch.nn's _update_flat_weights)
         data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
         if _variant_active(self):
-            out, h = FR.variant_gru(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout,
+            out, h = FR.variant_gru(data, h0, weights, self.bias, self.num_layers, self.dropout,
                                     self.training, self.bidirectional, self.batch_first, batch_sizes,
                                     zoneout=self.zoneout, weight_drop=self.weight_drop)
         else:
-            out, h = FR.gru(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+            out, h = FR.gru(data, h0, weights, self.bias, self.num_layers, self.dropout, self.training,
                             self.bidirectional, self.batch_first, batch_sizes)
         output, (h,) = self._finish(out, [h], batch_sizes, sidx, uidx, is_batched)
         return output, h
@@ -437,8 +510,9 @@ class RNN(_RNNBase):
 
     @fx_leaf
     def forward(self, input, hx=None):
+        weights = self._weights()  # (first, as torch.nn's _update_flat_weights)
         data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
-        out, h = FR.rnn(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+        out, h = FR.rnn(data, h0, weights, self.bias, self.num_layers, self.dropout, self.training,
                         self.bidirectional, self.batch_first, batch_sizes, nonlinearity=self.nonlinearity)
         output, (h,) = self._finish(out, [h], batch_sizes, sidx, uidx, is_batched)
         return output, h

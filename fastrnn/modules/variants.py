@@ -86,6 +86,7 @@ class _VariantRNN(_RNNBase):
             groups.append(list(names) + new)
         self._all_weights = groups
         self._flat_weights_names = [n for g in groups for n in g]
+        self._init_flat_weights()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -110,8 +111,9 @@ class _VariantRNN(_RNNBase):
 class _VariantLSTM(_VariantRNN):
     @fx_leaf
     def forward(self, input, hx=None):
+        weights = self._weights()  # (first, as torch.nn's _update_flat_weights)
         data, batch_sizes, sidx, uidx, (h0, c0), is_batched = self._prepare(input, hx, 2)
-        out, h, c = FR.variant_lstm(data, (h0, c0), self._flat_weights, self.bias, self.num_layers, self.dropout,
+        out, h, c = FR.variant_lstm(data, (h0, c0), weights, self.bias, self.num_layers, self.dropout,
                                     self.training, self.bidirectional, self.batch_first, batch_sizes,
                                     layer_norm=self._layer_norm, peephole=self._peephole, zoneout=self.zoneout,
                                     weight_drop=self.weight_drop)
@@ -144,8 +146,9 @@ class LayerNormGRU(_VariantRNN):
 
     @fx_leaf
     def forward(self, input, hx=None):
+        weights = self._weights()  # (first, as torch.nn's _update_flat_weights)
         data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
-        out, h = FR.variant_gru(data, h0, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+        out, h = FR.variant_gru(data, h0, weights, self.bias, self.num_layers, self.dropout, self.training,
                                 self.bidirectional, self.batch_first, batch_sizes, layer_norm=True,
                                 zoneout=self.zoneout, weight_drop=self.weight_drop)
         output, (h,) = self._finish(out, [h], batch_sizes, sidx, uidx, is_batched)
