@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 _ops = torch.ops.fastrnn
@@ -37,6 +38,19 @@ def _needs_grad(*tensors):
     if torch.jit.is_tracing():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _forward_ad_active() -> bool:
+    """Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level: dual tensors,
+    jacobian(strategy="forward-mode")). The ops' autograd Functions have no jvp, so the layers
+    then run torch's implementation (or the reference), whose ops all have forward derivatives."""
+    return _forward_ad._current_level >= 0
+
+
+def _transforms_active() -> bool:
+    """torch.func transforms (grad, jacrev, vmap, ...), which refuse the ops' C++ autograd
+    Function, or forward-mode AD (_forward_ad_active). Not while compiling: dynamo traces the ops."""
+    return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active() or _forward_ad_active())
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -69,7 +83,7 @@ def _has_kernel(input: torch.Tensor, recurrent: bool = False, op: str = "lstm_fo
         return False
     if input.dtype not in dtypes or autocast_enabled(device.type):
         return False
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+    if _transforms_active():
         return False
     return device.type == "cpu" or op in _CUDA_OPS
 
@@ -96,8 +110,7 @@ def _recurrent_args(input, hx, params, autocast_ok):
     autocast_ok=False: torch.nn does not return bfloat16 for this layer under autocast
     (_autocast_bf16), so torch's implementation runs."""
     if input.is_cpu and not torch.is_autocast_enabled("cpu"):  # the common case, in a few cheap tests
-        fused = input.dtype in _RECURRENT_DTYPES and (
-            torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
+        fused = input.dtype in _RECURRENT_DTYPES and not _transforms_active()
         return fused, input, hx, params
     if autocast_ok and _autocast_bf16(input):
         return True, _bf16(input), tuple(_bf16(h) for h in hx), [_bf16(p) for p in params]
@@ -397,7 +410,8 @@ def _default_scale(query):
 def _attention_kernel(t):
     """Whether fastrnn's fused attention kernels run this tensor (CPU float32/float64, outside
     autocast); otherwise the functions fall back (see each docstring)."""
-    return t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and not torch.is_autocast_enabled("cpu")
+    return (t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and not torch.is_autocast_enabled("cpu")
+            and (torch.compiler.is_compiling() or not _forward_ad_active()))
 
 
 def _attention_mask_3d(mask, B, T, S, query, fn):

@@ -415,6 +415,9 @@ class Seq2SeqAttention(nn.Module):
             dec_out, _ = self.decoder(self.dropout(self.tgt_embedding(tgt_in)), state)  # [B, T, H]
             context, _ = self.attention(dec_out, enc, mask=mask)  # [B, T, D*H]
             return self._logits(dec_out, context)
+        if tgt_in.shape[1] == 0:  # (as the decoder LSTM refuses T = 0 without feed_context)
+            raise RuntimeError("Seq2SeqAttention: tgt_in must have at least one time step, got shape "
+                               f"{list(tgt_in.shape)}")
         prev_out, logits = state[0][-1], []
         for t in range(tgt_in.shape[1]):
             step_logits, state, prev_out = self._step(tgt_in[:, t], enc, mask, state, prev_out)
@@ -424,6 +427,8 @@ class Seq2SeqAttention(nn.Module):
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, bos: int, max_len: int, src_lengths: Tensor | None = None,
                       eos: int | None = None, return_logits: bool = False):
+        if not isinstance(max_len, int) or max_len < 0:
+            raise ValueError(f"Seq2SeqAttention.greedy_decode: max_len must be a non-negative int, got {max_len!r}")
         enc, mask, state = self.encode(src, src_lengths)
         y = torch.full((src.shape[0],), bos, dtype=torch.long, device=src.device)
         prev_out, tokens, logits = state[0][-1], [], []
@@ -436,5 +441,9 @@ class Seq2SeqAttention(nn.Module):
                 done = done | (y == eos)
             tokens.append(y)
             logits.append(step_logits)
-        tokens = torch.stack(tokens, dim=1)
-        return (tokens, torch.stack(logits, dim=1)) if return_logits else tokens
+        if max_len == 0:
+            tokens = y.new_empty((y.shape[0], 0))
+            logits = enc.new_empty((y.shape[0], 0, self.out.out_features))
+        else:
+            tokens, logits = torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
+        return (tokens, logits) if return_logits else tokens

@@ -302,6 +302,21 @@ def test_mha_empty_batch_or_target_as_torch(L, B, need_weights):
 
 
 @pytest.mark.parametrize("need_weights", [True, False])
+def test_mha_names_a_wrong_embedding_or_batch(need_weights):
+    """A query of the wrong width gets torch's message (once a bare "mat1 and mat2 shapes cannot
+    be multiplied"); a key batch other than the query's says which."""
+    ours, theirs = mha_pair({})
+    q, k, v = mha_inputs({})
+    wide = torch.cat([q, q[..., :1]], -1)
+    for m in (theirs, ours):
+        with pytest.raises((RuntimeError, AssertionError), match=f"embedding dimension of {q.shape[-1]}, but got "
+                                                                 f"{q.shape[-1] + 1}"):
+            m(wide, k, v, need_weights=need_weights)
+    with pytest.raises(RuntimeError, match="key's batch size 4 does not match query's 3"):
+        ours(q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), need_weights=need_weights)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("mask_dtype", [torch.float64, torch.float16])
 @pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
 def test_mha_float_mask_of_another_dtype_raises_as_torch(which, mask_dtype, need_weights):
@@ -613,3 +628,27 @@ def test_sdpa_nonfinite_scores_give_nan_rows_as_torch(dtype):
         torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(out, want, equal_nan=True, rtol=1e-6, atol=1e-6)
         assert torch.equal(lse.isnan(), nan_rows)
+
+
+def test_forward_mode_ad_as_the_reference():
+    """Dual tensors through the attention functions give the reference's (torch's) tangents:
+    inside a dual level they run the plain formulas (the fused ops' autograd has no jvp)."""
+    import torch.autograd.forward_ad as fwAD
+    c = additive_case()
+    t = torch.randn_like(c["query"])
+    q, k, v = (rnd(2, 2, 3, 4), rnd(2, 2, 5, 4), rnd(2, 2, 5, 3))
+    tq = torch.randn_like(q)
+    calls = [(lambda x: FR.additive_attention(**dict(c, query=x)), lambda x: R.additive_attention_ref(**dict(c, query=x)),
+              c["query"], t),
+             (lambda x: FR.scaled_dot_product_attention(x, k, v), lambda x: F.scaled_dot_product_attention(x, k, v),
+              q, tq)]
+    for ours, ref, x, tx in calls:
+        res = []
+        for fn in (ours, ref):
+            with fwAD.dual_level():
+                out = fn(fwAD.make_dual(x.detach(), tx))
+                res.append([fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))])
+        for (p, tp), (r, tr) in zip(*res):
+            assert_close(p, r)
+            assert tp is not None
+            assert_close(tp, tr)

@@ -475,3 +475,53 @@ def test_grad_output_layouts_match_torch(size, cfg, form, packed):
         torch.set_num_threads(threads)
     for a, b in zip(grads[1], grads[0]):
         assert_close(a, b)
+
+
+def test_constants_and_int_like_sizes_as_torch():
+    """__constants__ as torch.nn's classes have them (RNNCell's lists nonlinearity), and sizes
+    given as bools (ints to Python and to torch.nn) are taken as torch.nn takes them."""
+    for name in ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"):
+        assert getattr(fastrnn, name).__constants__ == getattr(nn, name).__constants__, name
+    x = torch.randn(2, 1, 1, dtype=torch.float64)
+    for kind in ("LSTM", "GRU"):  # (torch.nn.RNN(True, True) fails: torch.empty((True, True)))
+        ref, ours = make_pair(kind, True, True, dtype=torch.float64)
+        assert_close(ours(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_with_hidden_size_zero_as_torch(kind):
+    """torch.nn's cells take hidden_size=0 and return empty states (its layers refuse it)."""
+    ref, ours = getattr(nn, kind)(3, 0), getattr(fastrnn, kind)(3, 0)
+    x = torch.randn(2, 3)
+    for got, want in zip(flat(ours(x)), flat(ref(x))):
+        assert got.shape == want.shape == (2, 0)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_forward_mode_ad_as_torch(kind):
+    """Dual tensors (torch.autograd.forward_ad) through a layer or a cell give torch.nn's
+    tangents: the fused ops have no forward derivative, so the layers run torch's implementation
+    inside a dual level (the C++ autograd Function once raised "jvp is not implemented")."""
+    import torch.autograd.forward_ad as fwAD
+    cell = kind.endswith("Cell")
+    gen = torch.Generator().manual_seed(0)
+    ref = getattr(nn, kind)(3, 4).double()
+    ours = getattr(fastrnn, kind)(3, 4).double()
+    ours.load_state_dict(ref.state_dict())
+    shape = (2, 3) if cell else (5, 2, 3)
+    x, t = (torch.randn(shape, dtype=torch.float64, generator=gen) for _ in range(2))
+    res = []
+    for m in (ref, ours):
+        with fwAD.dual_level():
+            out = flat(m(fwAD.make_dual(x, t)))
+            res.append([fwAD.unpack_dual(o) for o in out])
+    for (p, tp), (q, tq) in zip(res[1], res[0]):
+        assert_close(p, q)
+        assert tp is not None
+        assert_close(tp, tq)
+    got = torch.autograd.functional.jacobian(lambda v: flat(ours(v))[0], x, strategy="forward-mode",
+                                             vectorize=True) if kind == "RNN" else None  # (torch.nn's others
+    # fail there: no batching rule for unsafe_split)
+    if got is not None:
+        want = torch.autograd.functional.jacobian(lambda v: flat(ref(v))[0], x)
+        assert_close(got, want)

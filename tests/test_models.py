@@ -160,6 +160,22 @@ def test_greedy_decode_matches_teacher_forcing_on_its_own_output(feed_context):
     assert_close(model(src, tgt_in, lengths), logits)
 
 
+@pytest.mark.parametrize("feed_context", [False, True])
+def test_greedy_decode_of_no_steps_and_an_empty_target(feed_context):
+    """max_len=0 decodes nothing: empty tokens [B, 0] and logits [B, 0, V] (it once raised from
+    torch.stack); a negative max_len and, with feed_context, an empty target are errors that say
+    so (without feed_context the decoder LSTM refuses T = 0 itself)."""
+    model = M.Seq2SeqAttention(11, 13, embed_size=8, hidden_size=12, feed_context=feed_context).eval()
+    src = _tokens(4, 6)
+    tokens, logits = model.greedy_decode(src, 1, 0, return_logits=True)
+    assert tokens.shape == (4, 0) and tokens.dtype == torch.long and logits.shape == (4, 0, 13)
+    assert model.greedy_decode(src, 1, 0, eos=2).shape == (4, 0)
+    with pytest.raises(ValueError, match="max_len must be a non-negative int"):
+        model.greedy_decode(src, 1, -1)
+    with pytest.raises(RuntimeError, match="at least one time step"):
+        model(src, torch.zeros(4, 0, dtype=torch.long))
+
+
 def test_greedy_decode_keeps_emitting_eos():
     torch.manual_seed(0)
     model = M.Seq2SeqAttention(11, 13, embed_size=8, hidden_size=12).eval()

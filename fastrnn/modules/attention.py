@@ -42,6 +42,10 @@ def _mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, bia
             key_padding_mask = key_padding_mask.unsqueeze(0)
     tgt_len, bsz, embed_dim = query.shape
     src_len = key.shape[0]
+    if embed_dim != out_proj_weight.shape[1]:
+        raise RuntimeError(f"was expecting embedding dimension of {out_proj_weight.shape[1]}, but got {embed_dim}")
+    if key.shape[1] != bsz:
+        raise RuntimeError(f"key's batch size {key.shape[1]} does not match query's {bsz}")
     head_dim = embed_dim // num_heads
 
     if is_causal and attn_mask is None:

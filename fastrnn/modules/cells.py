@@ -51,6 +51,10 @@ class _CellBase(TorchNNTwin, nn.Module):
         for weight in self.parameters():
             init.uniform_(weight, -stdv, stdv)
 
+    def _fused(self, x: Tensor) -> bool:
+        # hidden_size=0 (empty states, as torch.nn returns) runs torch's implementation.
+        return self.hidden_size > 0 and FR._has_kernel(x)
+
     def _prepare(self, input: Tensor, hx, n_states: int):
         name = type(self).__name__
         if input.dim() not in (1, 2):
@@ -112,7 +116,7 @@ class LSTMCell(_CellBase):
         x, (h, c), is_batched = self._prepare(input, hx, 2)
         # A c_0 of another dtype (float64 beside float32 input and h_0) is promoted by torch.nn,
         # which then returns states of the promoted dtype: its implementation runs such calls.
-        if not FR._has_kernel(x) or c.dtype != x.dtype:
+        if not self._fused(x) or c.dtype != x.dtype:
             h, c = torch._VF.lstm_cell(x[0], (h, c), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         else:
             _, h, c = FR.lstm_layer(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
@@ -132,7 +136,7 @@ class GRUCell(_CellBase):
     @fx_leaf
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, (h,), is_batched = self._prepare(input, hx, 1)
-        if not FR._has_kernel(x):
+        if not self._fused(x):
             h = torch._VF.gru_cell(x[0], h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         else:
             _, h = FR.gru_layer(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
@@ -144,6 +148,7 @@ class RNNCell(_CellBase):
     Returns h' [B, H]."""
 
     _torch_class = nn.RNNCell
+    __constants__ = ["input_size", "hidden_size", "bias", "nonlinearity"]
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None) -> None:
@@ -157,7 +162,7 @@ class RNNCell(_CellBase):
         if hx is not None and hx.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
         x, (h,), is_batched = self._prepare(input, hx, 1)
-        if not FR._has_kernel(x):
+        if not self._fused(x):
             fn = torch._VF.rnn_tanh_cell if self.nonlinearity == "tanh" else torch._VF.rnn_relu_cell
             h = fn(x[0], h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         else:

@@ -36,6 +36,7 @@ class _RNNBase(TorchNNTwin, nn.Module):
     """Parameters, checks and input handling shared by LSTM, GRU and RNN (torch.nn.RNNBase's)."""
 
     _torch_class: type = nn.RNNBase
+    __constants__ = list(nn.RNNBase.__constants__)
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
@@ -53,11 +54,11 @@ class _RNNBase(TorchNNTwin, nn.Module):
             raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
-        if not isinstance(input_size, int) or isinstance(input_size, bool):
+        if not isinstance(input_size, int):  # (a bool is an int to torch.nn too)
             raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
         if input_size <= 0:
             raise ValueError("input_size must be greater than zero")
-        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
+        if not isinstance(hidden_size, int):  # (a bool is an int to torch.nn too)
             raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
         if hidden_size <= 0:
             raise ValueError("hidden_size must be greater than zero")
