@@ -497,8 +497,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_gru_forward_a
 void check_state_copy_input(const Tensor& x) {
   TORCH_CHECK(x.defined(), "fastrnn.state_copy: x must be a tensor, got None");
   TORCH_CHECK(x.layout() == at::kStrided && !x.is_nested() && !x.is_mkldnn(),
-                    "fastrnn.state_copy: x must be a dense (strided) tensor, got layout ", x.layout(),
-                    x.is_nested() ? " (nested)" : "");
+              "fastrnn.state_copy: x must be a dense (strided) tensor, got layout ", x.layout(),
+              x.is_nested() ? " (nested)" : "");
 }
 
 Tensor state_copy(const Tensor& x) {

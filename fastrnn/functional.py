@@ -43,14 +43,15 @@ def _needs_grad(*tensors):
 def _forward_ad_active() -> bool:
     """Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level: dual tensors,
     jacobian(strategy="forward-mode")). The ops' autograd Functions have no jvp, so the layers
-    then run torch's implementation (or the reference), whose ops all have forward derivatives."""
-    return _forward_ad._current_level >= 0
+    then run torch's implementation (or the reference), whose ops all have forward derivatives.
+    Not while compiling: dynamo traces the ops."""
+    return _forward_ad._current_level >= 0 and not torch.compiler.is_compiling()
 
 
 def _transforms_active() -> bool:
     """torch.func transforms (grad, jacrev, vmap, ...), which refuse the ops' C++ autograd
-    Function, or forward-mode AD (_forward_ad_active). Not while compiling: dynamo traces the ops."""
-    return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active() or _forward_ad_active())
+    Function, or forward-mode AD (_forward_ad_active). Not while compiling."""
+    return _forward_ad_active() or (not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active())
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -411,7 +412,7 @@ def _attention_kernel(t):
     """Whether fastrnn's fused attention kernels run this tensor (CPU float32/float64, outside
     autocast); otherwise the functions fall back (see each docstring)."""
     return (t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and not torch.is_autocast_enabled("cpu")
-            and (torch.compiler.is_compiling() or not _forward_ad_active()))
+            and not _forward_ad_active())
 
 
 def _attention_mask_3d(mask, B, T, S, query, fn):

@@ -39,8 +39,6 @@ def fx_leaf(forward):
     return wrapper
 
 
-
-
 def plain_class(module: nn.Module) -> type:
     """The class `module` was made as. torch.nn.utils.parametrize gives a parametrized module a
     class of its own, Parametrized<Name>, subclassing that one with a property per parametrized

@@ -167,10 +167,13 @@ class _RNNBase(TorchNNTwin, nn.Module):
         """The weights forward runs: _flat_weights, brought up to date as torch.nn's forward does.
         While compiling, read by name (dynamo does not trace through the weak references)."""
         if torch.compiler.is_compiling():
-            params = self._parameters
-            return [params[wn] if wn in params else getattr(self, wn, None) for wn in self._flat_weights_names]
+            return [self._weight_by_name(wn) for wn in self._flat_weights_names]
         self._update_flat_weights()
         return self._flat_weights
+
+    def _weight_by_name(self, name: str):
+        w = self._parameters.get(name, _ABSENT)
+        return getattr(self, name, None) if w is _ABSENT else w
 
     def _apply(self, fn, recurse=True):
         self._flat_weight_refs = []
@@ -218,9 +221,7 @@ class _RNNBase(TorchNNTwin, nn.Module):
     # ---------------------------------------------------------------- checks (torch.nn's)
     def _first_weight(self) -> Tensor:
         if torch.compiler.is_compiling():  # (as _weights)
-            name = self._flat_weights_names[0]
-            w = self._parameters.get(name)
-            return w if w is not None else getattr(self, name)
+            return self._weight_by_name(self._flat_weights_names[0])
         return self._flat_weights[0]
 
     def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
