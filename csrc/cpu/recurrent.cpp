@@ -822,12 +822,18 @@ void one_step_kernel(const Args& a, bool train, ForwardOut& o) {
 }
 
 
-bool prefer_fused(const Args& a) {
+// A single step cannot amortise packing W_hh (or the check of a cached packing), except in
+// inference with many rows and both weights in one fused pass (fuse_input: up to 2 MB), where
+// the packings stay cached between calls and the one pass beats the two GEMMs (Zen 4, 2
+// threads, T=1, I=H=256: B=64 0.45 -> 0.40 ms, B=256 1.53 -> 1.38 ms; training and larger
+// weights ran slower).
+constexpr int64_t kFusedSingleStepMinRows = 32;
+
+bool prefer_fused(const Args& a, bool train) {
   const int o = gemm_backend_override().load();
   if (o == 4) return true;
   if (o != 0) return false;
-  // A single step cannot amortise packing W_hh (or the check of a cached packing).
-  if (a.sched.T == 1) return false;
+  if (a.sched.T == 1 && (train || a.sched.B < kFusedSingleStepMinRows || !fuse_input(a, false))) return false;
   return a.G * a.H * a.H <= kPanelMaxWeightElems;
 }
 
@@ -839,7 +845,7 @@ ForwardOut forward(Args a, bool train) {
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   ForwardOut o;
   a.bf16_rec = bf16_recurrent(a);
-  const bool fused = !a.w_hr.defined() && !a.bf16_rec && prefer_fused(a);
+  const bool fused = !a.w_hr.defined() && !a.bf16_rec && prefer_fused(a, train);
   // The single-step kernel reads x and W_ih as they lie, in the compute dtype: bfloat16 steps
   // take the GEMM path (bfloat16 projection) instead.
   const bool one_step = !a.lowp && !a.w_hr.defined() && a.sched.T == 1 && a.sched.N <= kStepMaxRows &&
