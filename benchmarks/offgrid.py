@@ -1,7 +1,7 @@
 """Off-grid sweep: torch.nn against fastrnn on shapes outside the standard grid (odd sizes, large
-batches with small hidden sizes, stacked and bidirectional layers), interleaved as bench.py does
-(its Spec, make_modules and time_pair), 9 rounds a side, medians. Prints one line per shape and
-mode; the README's "Off the grid" numbers come from it.
+batches with small hidden sizes, stacked and bidirectional layers, single steps over a batch),
+interleaved as bench.py does (its Spec, make_modules and time_pair), 9 rounds a side, medians.
+Prints one line per shape and mode; the README's "Off the grid" numbers come from it.
 
     .venv/bin/python benchmarks/offgrid.py            # every shape
     .venv/bin/python benchmarks/offgrid.py 0 1 11     # shapes by index
@@ -33,6 +33,8 @@ SHAPES = [
     ("GRU", 100, 16, 100, 300, 1, False),
     ("RNN", 100, 16, 100, 300, 1, False),
     ("GRU", 50, 64, 256, 256, 2, True),
+    ("LSTM", 1, 64, 256, 256, 1, False),
+    ("LSTM", 1, 256, 256, 256, 1, False),
 ]
 
 
