@@ -1,5 +1,8 @@
 """Fused attention ops vs the plain-PyTorch references and vs torch's own attention:
 scaled dot-product, MultiheadAttention, additive (Bahdanau) and Luong."""
+import copy
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -652,3 +655,41 @@ def test_forward_mode_ad_as_the_reference():
             assert_close(p, r)
             assert tp is not None
             assert_close(tp, tr)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_output_layout_as_torch(batch_first):
+    """The output's strides are torch.nn's in every mode: its native inference path (eval, no
+    grad, batch-first self-attention) returns a contiguous [B, L, E] where fastrnn once returned
+    a transposed view (and .view() on it failed); elsewhere both return the transposed layout."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    ours = fastrnn.MultiheadAttention(8, 2, batch_first=batch_first)
+    ours.load_state_dict(ref.state_dict())
+    x, y = torch.randn(3, 5, 8), torch.randn(3, 6, 8) if batch_first else torch.randn(6, 5, 8)
+    for training, grad, self_attn, need_weights in itertools.product([False, True], repeat=4):
+        kv = x if self_attn else y
+        for m in (ref, ours):
+            m.train(training)
+        with torch.set_grad_enabled(grad):
+            got, want = ours(x, kv, kv, need_weights=need_weights), ref(x, kv, kv, need_weights=need_weights)
+        assert got[0].stride() == want[0].stride(), (training, grad, self_attn, need_weights)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_mha_as_self_attn_of_torch_transformer_layers():
+    """fastrnn.MultiheadAttention as the self_attn of torch.nn.TransformerEncoderLayer: the
+    layer's inference fast path calls self_attn.merge_masks (once an AttributeError)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True).eval()
+    ours = copy.deepcopy(layer)
+    mha = fastrnn.MultiheadAttention(8, 2, batch_first=True)
+    mha.load_state_dict(layer.self_attn.state_dict())
+    ours.self_attn = mha
+    x = torch.randn(3, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    with torch.no_grad():
+        for kw in ({}, dict(src_key_padding_mask=pad)):
+            got, want = ours(x, **kw), layer(x, **kw)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert mha.merge_masks(None, pad, x) == layer.self_attn.merge_masks(None, pad, x)

@@ -214,6 +214,27 @@ class MultiheadAttention(nn.Module):
         if self.bias_v is not None:
             xavier_normal_(self.bias_v)
 
+    # torch.nn's, used by its Transformer layers' inference fast path on their self_attn.
+    merge_masks = nn.MultiheadAttention.merge_masks
+
+    def _torch_native_path(self, query, key, value, attn_mask, key_padding_mask) -> bool:
+        """Whether torch.nn.MultiheadAttention would answer this call on its native inference path
+        (torch._native_multi_head_attention: eval, no grad, batch-first self-attention, ...): its
+        output is then a contiguous [B, L, E], where the general path returns a transposed view,
+        and fastrnn's gives the same layout (code may .view() it)."""
+        if (not self.batch_first or self.training or query.dim() != 3 or query is not key or key is not value
+                or torch.compiler.is_compiling()):
+            return False
+        if any(m is not None and torch.is_floating_point(m) for m in (attn_mask, key_padding_mask)):
+            return False
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if (w is None or b is None or query.dtype != w.dtype or query.dtype != b.dtype or self.num_heads % 2
+                or self.bias_k is not None or self.bias_v is not None or self.add_zero_attn
+                or not torch.backends.mha.get_fastpath_enabled() or torch.is_autocast_enabled()):
+            return False
+        args = (query, w, b, self.out_proj.weight, self.out_proj.bias)
+        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args))
+
     def __setstate__(self, state):
         if "_qkv_same_embed_dim" not in state:
             state["_qkv_same_embed_dim"] = True
@@ -228,6 +249,7 @@ class MultiheadAttention(nn.Module):
         Returns (attn_output like query with E features, weights [B, L, S] averaged over heads or
         [B, num_heads, L, S], or None when need_weights=False)."""
         is_batched = query.dim() == 3
+        native_layout = self._torch_native_path(query, key, value, attn_mask, key_padding_mask)
         key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                              other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
                                              target_type=query.dtype)
@@ -253,6 +275,8 @@ class MultiheadAttention(nn.Module):
             average_attn_weights=average_attn_weights, is_causal=is_causal)
         if self.batch_first and is_batched:
             out = out.transpose(1, 0)
+            if native_layout:
+                out = out.contiguous()
         return out, weights
 
 
