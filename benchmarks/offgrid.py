@@ -3,14 +3,18 @@ batches with small hidden sizes, stacked and bidirectional layers, single steps 
 interleaved as bench.py does (its Spec, make_modules and time_pair), 9 rounds a side, medians.
 Prints one line per shape and mode; the README's "Off the grid" numbers come from it.
 
+    .venv/bin/python benchmarks/offgrid.py --ab       # one step over a batch: fused step vs GEMMs
     .venv/bin/python benchmarks/offgrid.py            # every shape
     .venv/bin/python benchmarks/offgrid.py 0 1 11     # shapes by index
 """
+import os
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+import fastrnn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
@@ -38,8 +42,38 @@ SHAPES = [
 ]
 
 
+# T=1 inference over a batch: (B, I, H)
+SINGLE_STEPS = [(32, 256, 256), (64, 256, 256), (256, 256, 256), (128, 128, 128), (64, 128, 256), (512, 64, 64)]
+
+
+def single_step_ab():
+    """fastrnn against itself: one LSTM step of inference over a batch on the fused step (the
+    default from 32 rows) and on the two GEMMs it replaced (FASTRNN_FUSE_INPUT=0, read per call),
+    interleaved as the shapes above, 15 rounds a side."""
+    def run(m, x, hx, fuse):
+        def f():
+            os.environ["FASTRNN_FUSE_INPUT"] = fuse
+            with torch.no_grad():
+                m(x, hx)
+        return f
+
+    print("one step of inference (T=1): GEMM path ms, fused step ms, speedup")
+    try:
+        for B, I, H in SINGLE_STEPS:
+            torch.manual_seed(0)
+            m = fastrnn.LSTM(I, H)
+            x, hx = torch.randn(1, B, I), (torch.randn(1, B, H), torch.randn(1, B, H))
+            ta, tb, _ = bench.time_pair(run(m, x, hx, "0"), run(m, x, hx, ""), 15, 3, 0.05)
+            a, b = statistics.median(ta), statistics.median(tb)
+            print(f"B={B:4d} I={I:4d} H={H:4d}  gemms {a * 1e3:7.3f}  fused {b * 1e3:7.3f}  {a / b:5.2f}x", flush=True)
+    finally:
+        os.environ.pop("FASTRNN_FUSE_INPUT", None)
+
+
 def main(argv):
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if argv == ["--ab"]:
+        return single_step_ab()
     pick = {int(a) for a in argv}
     print(f"threads {torch.get_num_threads()}; nn ms, fastrnn ms, speedup (nn / fastrnn)")
     for i, (cell, T, B, I, H, L, bi) in enumerate(SHAPES):
