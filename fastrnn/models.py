@@ -91,6 +91,8 @@ class CNNRNN(nn.Module):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError("kernel_size must be odd ('same' padding)")
+        if pool not in ("last", "mean"):
+            raise ValueError(f"pool must be 'last' or 'mean', got {pool!r}")
         blocks, c_in = [], input_size
         for c_out in conv_channels:
             blocks.append(nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
