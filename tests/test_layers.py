@@ -553,3 +553,25 @@ def test_single_step_inference_of_many_rows_matches_torch(dtype, monkeypatch, ca
         for g, w in zip(ours(x), ref(x)):
             assert_close(g, w)
     assert "fused forward" in capfd.readouterr().err
+
+
+def test_input_dtype_mismatch_raises_the_class_torch_raises():
+    """An input of another dtype than the weights: torch.nn raises ValueError for the layers'
+    dense and packed input, RuntimeError (from its kernels) for the cells and the packed LSTM;
+    fastrnn raises the same class, with its own message (its ValueError once escaped an
+    `except RuntimeError` around a packed LSTM or a cell)."""
+    from torch.nn.utils.rnn import pack_sequence as pack
+    x32 = torch.randn(4, 2, 3)
+    calls = []
+    for kind in ("LSTM", "GRU", "RNN"):
+        ref, ours = make_pair(kind, 3, 5, dtype=torch.float64)
+        calls += [(ref, ours, x32), (ref, ours, pack([x32[:, 0], x32[:3, 1]]))]
+    for kind in ("LSTMCell", "GRUCell", "RNNCell"):
+        ref, ours = getattr(nn, kind)(3, 5).double(), getattr(fastrnn, kind)(3, 5).double()
+        calls.append((ref, ours, x32[0]))
+    for ref, ours, x in calls:
+        with pytest.raises((ValueError, RuntimeError)) as want:
+            ref(x)
+        with pytest.raises((ValueError, RuntimeError), match="input dtype") as got:
+            ours(x)
+        assert got.type is want.type

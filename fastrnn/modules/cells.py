@@ -60,8 +60,8 @@ class _CellBase(TorchNNTwin, nn.Module):
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if input.dtype != self.weight_ih.dtype and not autocast_enabled(input.device.type):
-            raise ValueError(f"{name}: input dtype ({input.dtype}) does not match weight dtype "
-                             f"({self.weight_ih.dtype})")
+            raise RuntimeError(f"{name}: input dtype ({input.dtype}) does not match weight dtype "  # (torch.nn's
+                               f"({self.weight_ih.dtype})")  # class: its kernel raises)
         if input.device != self.weight_ih.device:
             raise RuntimeError(f"{name}: input and parameter tensors are not at the same device, found input tensor "
                                f"at {input.device} and parameter tensor at {self.weight_ih.device}")

@@ -227,8 +227,10 @@ class _RNNBase(TorchNNTwin, nn.Module):
     def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
         w = self._first_weight()
         if input.dtype != w.dtype and not autocast_enabled(input.device.type):
-            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). Convert "
-                             f"input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
+            # (torch.nn's LSTM does not check a packed input: its kernel raises a RuntimeError)
+            error = RuntimeError if batch_sizes is not None and self.mode == "LSTM" else ValueError
+            raise error(f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). Convert "
+                        f"input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
         if input.device != w.device:
             raise RuntimeError(f"Input and parameter tensors are not at the same device, found input tensor at "
                                f"{input.device} and parameter tensor at {w.device}")
