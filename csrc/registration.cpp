@@ -73,16 +73,16 @@ TORCH_LIBRARY(fastrnn, m) {
       "bool relu, Tensor output, Tensor output_r) -> (Tensor grad_input, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx, Tensor grad_w_ih_r, Tensor grad_w_hh_r, "
       "Tensor grad_b_ih_r, Tensor grad_b_hh_r, Tensor grad_hx_r)");
-  // A whole stack (num_layers, one or two directions) with the arguments of torch._VF.lstm / gru /
-  // rnn_tanh / rnn_relu: mode 'LSTM', 'GRU', 'RNN_TANH' or 'RNN_RELU'; hx [L*D, B, P], cx [L*D, B, H]
-  // (LSTM only); params per layer and direction w_ih, w_hh, (b_ih, b_hh), (w_hr). Composed of the
-  // ops above (csrc/autograd.cpp). Returns output [T, B, D*P] ([B, T, D*P] if batch_first; packed
-  // [N, D*P]), h_n, and c_n (empty for GRU and RNN).
   // x copied into a fresh contiguous tensor, with an identity gradient: what recurrent_stack
   // and fastrnn.functional give a layer op as its initial state while torch.compile traces (an
   // aten.clone would do, but Inductor removes clones as no-ops; see recurrent_stack in
   // csrc/autograd.cpp).
   m.def("state_copy(Tensor x) -> Tensor");
+  // A whole stack (num_layers, one or two directions) with the arguments of torch._VF.lstm / gru /
+  // rnn_tanh / rnn_relu: mode 'LSTM', 'GRU', 'RNN_TANH' or 'RNN_RELU'; hx [L*D, B, P], cx [L*D, B, H]
+  // (LSTM only); params per layer and direction w_ih, w_hh, (b_ih, b_hh), (w_hr). Composed of the
+  // ops above (csrc/autograd.cpp). Returns output [T, B, D*P] ([B, T, D*P] if batch_first; packed
+  // [N, D*P]), h_n, and c_n (empty for GRU and RNN).
   m.def(
       "recurrent_stack(str mode, Tensor input, Tensor hx, Tensor? cx, Tensor[] params, bool has_biases, "
       "int num_layers, float dropout, bool train, bool bidirectional, bool batch_first, Tensor? batch_sizes) -> "

@@ -730,9 +730,9 @@ def test_state_copy_names_a_bad_argument():
             torch.ops.fastrnn.state_copy(x)
 
 
-BACKWARD_OPS = [op for op in ("lstm_backward", "gru_backward", "rnn_backward", "lstm_bidir_backward",
-                              "gru_bidir_backward", "rnn_bidir_backward", "sdpa_backward",
-                              "additive_attention_backward", "variant_lstm_backward", "variant_gru_backward")]
+BACKWARD_OPS = ("lstm_backward", "gru_backward", "rnn_backward", "lstm_bidir_backward", "gru_bidir_backward",
+                "rnn_bidir_backward", "sdpa_backward", "additive_attention_backward", "variant_lstm_backward",
+                "variant_gru_backward")
 
 
 @pytest.mark.parametrize("op", BACKWARD_OPS)

@@ -143,18 +143,12 @@ class _RNNBase(TorchNNTwin, nn.Module):
             return True
         # Registered parameters straight from _parameters (getattr goes through
         # nn.Module.__getattr__, ~1 us a name); with any other weight (a parametrization,
-        # weight_norm's recomputed attribute, a plain tensor), torch.nn's loop as it is.
+        # weight_norm's recomputed attribute, a plain tensor), torch.nn's hasattr and getattr, as
+        # often as it calls them (a parametrization runs at each).
         params = self._parameters
+        plain = all(map(params.__contains__, names))
         for ref, name in zip(refs, names):
-            w = params.get(name, _ABSENT)
-            if w is _ABSENT:
-                break
-            if w is not None and ref is not None and ref() is not w:
-                return True
-        else:
-            return False
-        for ref, name in zip(refs, names):
-            w = getattr(self, name) if hasattr(self, name) else None
+            w = params[name] if plain else getattr(self, name) if hasattr(self, name) else None
             if w is not None and ref is not None and ref() is not w:
                 return True
         return False
