@@ -104,11 +104,14 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
 }
 
 // A tensor whose last dimension is contiguous and whose rows do not overlap (what the GEMMs
-// read through a leading dimension); other layouts are copied.
+// read through a leading dimension); other layouts are copied into fresh row-major memory.
+// (Not t.contiguous(): torch calls a tensor contiguous whatever the strides of its size-1
+// dimensions, so a single query row made by .mT, [.., 1, E] with row stride 1, came back as it
+// was and the GEMMs read it with a leading dimension below E: wrong values.)
 at::Tensor rows_contiguous(const at::Tensor& t) {
   const int64_t n = t.size(-1);
   const bool ok = (t.stride(-1) == 1 || n <= 1) && t.stride(-2) >= std::max<int64_t>(1, n);
-  return ok ? t : t.contiguous();
+  return ok ? t : at::empty(t.sizes(), t.options()).copy_(t);
 }
 
 // Strided 4-D view: element (b, h, i, j) at p[b*s0 + h*s1 + i*s2 + j] (last stride 1).
