@@ -10,6 +10,7 @@ one for the other. On devices fastrnn has no kernel for, they call torch's imple
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -341,14 +342,19 @@ def _check_mask(mask, name, fn, query, shape):
     return mask if mask.dtype in (torch.bool, query.dtype) else mask.to(query.dtype)
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
     """softmax(Q K^T * scale + mask) V, with the arguments and semantics of
     torch.nn.functional.scaled_dot_product_attention.
 
     query [..., L, E], key [..., S, E], value [..., S, Ev] (leading dims broadcast) -> [..., L, Ev].
     attn_mask: bool (True = attend) or float (added), broadcastable to [..., L, S].
-    is_causal: query i attends to keys j <= i (top-left aligned, as torch); not with attn_mask.
+    is_causal: query i attends to keys j <= i (top-left aligned, as torch). With attn_mask too,
+    both apply, where torch's CPU kernel takes the pair (4-D inputs of one batch and head count,
+    value width = query width, no dropout); elsewhere, as torch, a RuntimeError.
     scale: defaults to 1/sqrt(E). A query row with every key masked gives zeros (as torch on CPU).
+    enable_gqa: grouped-query attention: key and value may have fewer heads (dim -3), a divisor
+    of query's; each serves query.size(-3) // key.size(-3) consecutive query heads.
 
     CPU float32/float64 runs the fused kernel (blocked online softmax; backward recomputes the
     probabilities from the saved log-sum-exp, so nothing [L, S]-sized is kept). dropout_p > 0,
@@ -361,16 +367,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise RuntimeError(f"{fn}: {n} must be at least 2-D [..., seq, features], got shape {list(t.shape)}")
     _check_same(key, query, "key", "query", fn)
     _check_same(value, query, "value", "query", fn)
+    if scale is not None and not isinstance(scale, numbers.Real) and not (
+            isinstance(scale, torch.Tensor) and scale.numel() == 1):
+        raise TypeError(f"{fn}: argument 'scale' must be float, not {type(scale).__name__}")
+    if enable_gqa:
+        key, value = _gqa_heads(query, key, value, fn)
     if key.shape[-1] != query.shape[-1]:
         raise RuntimeError(f"{fn}: key.size(-1) must equal query.size(-1) = {query.shape[-1]}, "
                            f"got key of shape {list(key.shape)}")
     if value.shape[-2] != key.shape[-2]:
         raise RuntimeError(f"{fn}: value.size(-2) must equal key.size(-2) = {key.shape[-2]} (the key length), "
                            f"got value of shape {list(value.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
-    if is_causal and attn_mask is not None:
-        raise RuntimeError(f"{fn}: attn_mask must be None when is_causal=True (the causal mask is implied)")
+    if not 0.0 <= dropout_p <= 1.0:  # (torch's class; 1.0 drops everything, as torch's dropout)
+        raise RuntimeError(f"{fn}: dropout_p: dropout probability has to be between 0 and 1, but got {dropout_p}")
+    if is_causal and attn_mask is not None and not _causal_with_mask(query, key, value, dropout_p):
+        raise RuntimeError(f"{fn}: Explicit attn_mask should not be set when is_causal=True (torch takes both only "
+                           "for 4-D query, key and value of one batch and head count, equal query and value "
+                           "widths, and no dropout)")
     try:
         lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     except RuntimeError:
@@ -383,6 +396,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
     if attn_mask is not None:
         attn_mask = _check_mask(attn_mask, "attn_mask", fn, query, (*lead, L, S))
+        if is_causal:  # both masks: the causal one folded into attn_mask (top-left aligned)
+            keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+            attn_mask = attn_mask & keep if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, -math.inf)
+            is_causal = False
     scale = _default_scale(query) if scale is None else float(scale)
     if not _attention_kernel(query) or dropout_p > 0.0:
         # torch's own kernel: other devices and dtypes, and dropout (same semantics, its RNG).
@@ -394,13 +411,37 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     nlead = len(lead)
     q, k, v = (t.expand(*lead, *t.shape[-2:]) for t in (query, key, value))
     if nlead > 2:
-        q, k, v = (t.reshape(-1, lead[-1], *t.shape[-2:]) for t in (q, k, v))
+        nb = math.prod(lead[:-1])  # (not -1: a reshape cannot infer it when a length is 0)
+        q, k, v = (t.reshape(nb, lead[-1], *t.shape[-2:]) for t in (q, k, v))
         if attn_mask is not None:
-            attn_mask = attn_mask.expand(*lead, L, S).reshape(-1, lead[-1], L, S)
+            attn_mask = attn_mask.expand(*lead, L, S).reshape(nb, lead[-1], L, S)
     elif nlead < 2:
         q, k, v = (t.view((1,) * (2 - nlead) + tuple(t.shape)) for t in (q, k, v))
     out, _ = _ops.sdpa_forward(q, k, v, attn_mask, is_causal, scale)
     return out.view(*lead, L, value.shape[-1])
+
+
+def _gqa_heads(query, key, value, fn):
+    """key and value with their heads (dim -3) repeated to query's, as torch's enable_gqa."""
+    if query.dim() < 3 or key.dim() < 3 or value.dim() < 3:
+        return key, value  # (no head dimension: nothing to group, as torch)
+    hq = query.shape[-3]
+    for t in (key, value):
+        if t.shape[-3] == 0 or hq % t.shape[-3] != 0:
+            raise RuntimeError(f"{fn}: Number of heads in key and value must divide the number of heads in query "
+                               f"(enable_gqa=True), got query {list(query.shape)}, key {list(key.shape)} and value "
+                               f"{list(value.shape)}")
+    return tuple(t if t.shape[-3] == hq else t.repeat_interleave(hq // t.shape[-3], dim=-3) for t in (key, value))
+
+
+def _causal_with_mask(query, key, value, dropout_p):
+    """Whether torch's CPU scaled_dot_product_attention takes is_causal=True with an attn_mask
+    (applying both): where its flash kernel runs, 4-D inputs of one batch and head count, equal
+    query/key/value widths, non-empty lengths, no dropout. Elsewhere its math kernel refuses."""
+    return (query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and dropout_p == 0.0
+            and query.shape[:2] == key.shape[:2] == value.shape[:2]
+            and query.shape[-1] == key.shape[-1] == value.shape[-1]
+            and query.shape[-2] > 0 and key.shape[-2] > 0 and torch.backends.cuda.flash_sdp_enabled())
 
 
 def _default_scale(query):
@@ -412,7 +453,7 @@ def _attention_kernel(t):
     """Whether fastrnn's fused attention kernels run this tensor (CPU float32/float64, outside
     autocast); otherwise the functions fall back (see each docstring)."""
     return (t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and not torch.is_autocast_enabled("cpu")
-            and not _forward_ad_active())
+            and not _transforms_active())
 
 
 def _attention_mask_3d(mask, B, T, S, query, fn):
@@ -550,7 +591,6 @@ def variant_gru_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, ln=None, zone
 
 def check_probability(name, p):
     """Bad hyperparameters raise ValueError naming the argument and the value."""
-    import numbers
     if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
     return float(p)

@@ -189,7 +189,7 @@ def test_sdpa_opcheck():
     (lambda q: FR.scaled_dot_product_attention(q, q.float(), q), "dtype"),
     (lambda q: FR.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 4, dtype=torch.int64)), "attn_mask"),
     (lambda q: FR.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 5, dtype=torch.bool)), "attn_mask"),
-    (lambda q: FR.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool),
+    (lambda q: FR.scaled_dot_product_attention(q[0], q[0], q[0], attn_mask=torch.ones(5, 5, dtype=torch.bool),
                                                is_causal=True), "attn_mask"),
     (lambda q: FR.scaled_dot_product_attention(q, q, q, dropout_p=1.5), "dropout_p"),
     (lambda q: FR.scaled_dot_product_attention(q[0, 0, 0], q, q), "query"),
@@ -693,3 +693,160 @@ def test_mha_as_self_attn_of_torch_transformer_layers():
             got, want = ours(x, **kw), layer(x, **kw)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert mha.merge_masks(None, pad, x) == layer.self_attn.merge_masks(None, pad, x)
+
+
+# ------------------------------------------------- drop-in details of SDPA and MultiheadAttention
+def test_sdpa_single_rows_with_odd_strides_as_torch():
+    """A one-row query (a decoding step) or a one-step value made by .mT has a row stride below
+    its width; torch calls it contiguous, and the GEMMs once read it with that stride as the
+    leading dimension: wrong values (and oneMKL's "Parameter 8 was incorrect")."""
+    torch.manual_seed(0)
+    for qs, vs in (((2, 2, 8, 1), (2, 2, 4, 6)), ((2, 2, 3, 8), (2, 2, 6, 1))):
+        q = rnd(*qs).mT if qs[-1] == 1 else rnd(*qs)
+        S = 4 if vs[-1] != 1 else 1
+        k = rnd(2, 2, S, 8)
+        v = rnd(*vs).mT if vs[-1] == 1 else rnd(*vs)
+        assert q.is_contiguous() and v.is_contiguous()
+        got, want = FR.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+        assert_close(got, want)
+        cot = torch.randn_like(got)
+        for a, b in zip(grads(got, (q, k, v), cot), grads(want, (q, k, v), cot)):
+            assert_close(a, b)
+    # The additive kernel reads its projections the same way.
+    qp, kp = rnd(2, 5, 1).mT, rnd(2, 4, 5)
+    vals, v = rnd(2, 4, 3), rnd(5)
+    got = torch.ops.fastrnn.additive_attention_forward(qp, kp, vals, v, None, 1.0)
+    want = R.additive_attention_core_ref(qp, kp, vals, v, None, 1.0)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+
+
+def test_attention_under_torch_func_transforms():
+    """torch.func.grad / jacrev through fastrnn's SDPA and MultiheadAttention (need_weights=False)
+    as through torch's (the ops' autograd Function once refused functorch)."""
+    torch.manual_seed(0)
+    q, k, v = rnd(1, 2, 3, 4, grad=False), rnd(1, 2, 5, 4, grad=False), rnd(1, 2, 5, 4, grad=False)
+    for f in (FR.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        g = torch.func.grad(lambda q: f(q, k, v).sin().sum())(q)
+        j = torch.func.jacrev(lambda v: f(q, k, v))(v)
+        if f is FR.scaled_dot_product_attention:
+            got = (g, j)
+        else:
+            assert_close(got[0], g)
+            assert_close(got[1], j)
+    ours, theirs = mha_pair({})
+    x = rnd(4, 3, 8, grad=False)
+    run = lambda m: torch.func.grad(lambda x: m(x, x, x, need_weights=False)[0].sum())(x)  # noqa: E731
+    assert_close(run(ours), run(theirs))
+
+
+@pytest.mark.parametrize("q_heads, kv_heads, lead", [(4, (2, 2), (2,)), (4, (2, 1), (2,)), (4, (4, 4), (2,)),
+                                                      (4, (1, 1), ()), (6, (3, 2), (2, 2))])
+def test_sdpa_enable_gqa_as_torch(q_heads, kv_heads, lead):
+    torch.manual_seed(0)
+    q = rnd(*lead, q_heads, 3, 8)
+    k, v = rnd(*lead, kv_heads[0], 5, 8), rnd(*lead, kv_heads[1], 5, 6)
+    got = FR.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert_close(got, want)
+    cot = torch.randn_like(got)
+    for a, b in zip(grads(got, (q, k, v), cot), grads(want, (q, k, v), cot)):
+        assert_close(a, b)
+
+
+def test_sdpa_enable_gqa_refuses_what_torch_refuses():
+    q, k, v = rnd(2, 4, 3, 8), rnd(2, 3, 5, 8), rnd(2, 3, 5, 8)
+    for f in (FR.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        with pytest.raises(RuntimeError, match="must divide the number of heads"):
+            f(q, k, v, enable_gqa=True)
+        with pytest.raises(RuntimeError):
+            f(q, k[:, :2], v[:, :2])  # heads that do not broadcast without enable_gqa
+
+
+def test_sdpa_causal_with_mask_where_torch_takes_both():
+    """torch's CPU SDPA applies is_causal and an attn_mask together for 4-D inputs of one batch
+    and head count with equal widths; elsewhere it refuses the pair. fastrnn does the same."""
+    torch.manual_seed(0)
+    for L, S in ((4, 4), (3, 5), (5, 3)):
+        q, k, v = rnd(2, 2, L, 8), rnd(2, 2, S, 8), rnd(2, 2, S, 8)
+        for mask in (torch.rand(L, S) < 0.7, torch.randn(2, 1, L, S, dtype=torch.float64)):
+            got = FR.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+            want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+            assert_close(got, want)
+            cot = torch.randn_like(got)
+            for a, b in zip(grads(got, (q, k, v), cot), grads(want, (q, k, v), cot)):
+                assert_close(a, b)
+    m = torch.rand(3, 5) < 0.7
+    for q, k, v in ((rnd(2, 3, 8), rnd(2, 5, 8), rnd(2, 5, 8)),       # 3-D
+                    (rnd(2, 2, 3, 8), rnd(2, 2, 5, 8), rnd(2, 2, 5, 6)),  # value width != query width
+                    (rnd(2, 2, 3, 8), rnd(1, 2, 5, 8), rnd(1, 2, 5, 8))):  # broadcast batch
+        for f in (FR.scaled_dot_product_attention, F.scaled_dot_product_attention):
+            with pytest.raises(RuntimeError, match="Explicit attn_mask should not be set when is_causal=True"):
+                f(q, k, v, attn_mask=m, is_causal=True)
+
+
+@pytest.mark.parametrize("L, S", [(0, 4), (3, 0), (0, 0)])
+def test_sdpa_empty_lengths_with_many_leading_dims(L, S):
+    q, k, v = rnd(2, 3, 2, L, 4), rnd(2, 3, 2, S, 4), rnd(2, 3, 2, S, 5)
+    got, want = FR.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    assert got.shape == want.shape == (2, 3, 2, L, 5)
+    assert_close(got, want)
+
+
+def test_sdpa_dropout_bounds_and_scale_type_as_torch():
+    q = rnd(2, 2, 3, 4)
+    for f in (FR.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        assert f(q, q, q, dropout_p=1.0).abs().max() == 0  # everything dropped
+        for p in (1.5, -0.1):
+            with pytest.raises(RuntimeError):
+                f(q, q, q, dropout_p=p)
+        with pytest.raises(TypeError, match="scale"):
+            f(q, q, q, scale="a")
+        assert_close(f(q, q, q, scale=2), FR.scaled_dot_product_attention(q, q, q, scale=2.0))
+
+
+def test_mha_dropout_one_in_training_as_torch():
+    ours, theirs = mha_pair(dict(dropout=1.0))
+    q, k, v = mha_inputs({})
+    for m in (ours, theirs):
+        out, _ = m(q, k, v, need_weights=False)
+        assert torch.equal(out, F.linear(torch.zeros_like(q), m.out_proj.weight, m.out_proj.bias))
+
+
+def test_mha_shape_errors_raise_torchs_assertion_error():
+    """torch's multi_head_attention_forward checks these shapes with `assert`; code written for
+    torch.nn catches AssertionError, so fastrnn raises that class (once RuntimeError)."""
+    q = torch.randn(3, 2, 8, dtype=torch.float64)
+    cases = [({}, (torch.randn(3, 2, 6, dtype=torch.float64),) * 3, {}, "embedding dimension of 8"),
+             ({}, (q, torch.randn(4, 2, 8, dtype=torch.float64), torch.randn(5, 2, 8, dtype=torch.float64)), {},
+              "does not match value shape"),
+             ({}, (q, q, q), dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), "key_padd"),
+             (dict(kdim=5, vdim=7), (q, torch.randn(4, 2, 5, dtype=torch.float64),
+                                     torch.randn(6, 2, 7, dtype=torch.float64)), {}, "sequence and batch dims")]
+    for cfg, args, kw, match in cases:
+        ours, theirs = mha_pair(cfg)
+        for m in (theirs, ours):
+            for need_weights in (True, False):
+                with pytest.raises(AssertionError, match=match):
+                    m(*args, need_weights=need_weights, **kw)
+
+
+def test_mha_answers_as_torch_where_torch_takes_its_native_path():
+    """Eval, no grad, batch-first self-attention: torch.nn answers on its native path, whose
+    answers differ from its general path's (NaN for a fully masked row, is_causal without a mask
+    ignored, a 4-D mask taken, a contiguous output); fastrnn gives torch.nn's there too."""
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours = fastrnn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 8)
+    full = torch.zeros(3, 3, dtype=torch.bool)
+    full[1] = True
+    calls = [dict(attn_mask=full, need_weights=False), dict(is_causal=True, need_weights=False),
+             dict(attn_mask=torch.zeros(1, 1, 3, 3, dtype=torch.bool)), dict(attn_mask=torch.randn(3, 3)),
+             dict(key_padding_mask=torch.tensor([[False, False, True], [False, False, False]]))]
+    with torch.no_grad():
+        for kw in calls:
+            got, want = ours(x, x, x, **kw), theirs(x, x, x, **kw)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+            assert got[0].stride() == want[0].stride()

@@ -19,11 +19,13 @@ from ._compat import fx_leaf
 __all__ = ["MultiheadAttention", "AdditiveAttention", "LuongAttention"]
 
 
+# Shape errors torch's multi_head_attention_forward reports with `assert` raise AssertionError
+# here too (code written for torch.nn catches that class), with its messages.
 def _check_key_padding_mask(key_padding_mask, src_len, bsz):
     # torch's own check builds its message in a closure over the tensor, which fullgraph compile rejects.
     if tuple(key_padding_mask.shape) != (bsz, src_len):
-        raise RuntimeError(f"key_padding_mask should have shape ({bsz}, {src_len}), got "
-                           f"{tuple(key_padding_mask.shape)}")
+        raise AssertionError(f"expecting key_padding_mask shape of {(bsz, src_len)}, but got "
+                             f"{key_padding_mask.shape}")
 
 
 def _mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v, add_zero_attn,
@@ -43,7 +45,7 @@ def _mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, bia
     tgt_len, bsz, embed_dim = query.shape
     src_len = key.shape[0]
     if embed_dim != out_proj_weight.shape[1]:
-        raise RuntimeError(f"was expecting embedding dimension of {out_proj_weight.shape[1]}, but got {embed_dim}")
+        raise AssertionError(f"was expecting embedding dimension of {out_proj_weight.shape[1]}, but got {embed_dim}")
     if key.shape[1] != bsz:
         raise RuntimeError(f"key's batch size {key.shape[1]} does not match query's {bsz}")
     head_dim = embed_dim // num_heads
@@ -58,11 +60,12 @@ def _mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, bia
 
     if q_proj_weight is None:
         if key.shape != value.shape:
-            raise RuntimeError(f"key shape {key.shape} does not match value shape {value.shape}")
+            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
         q, k, v = F._in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
     else:
         if key.shape[:2] != value.shape[:2]:
-            raise RuntimeError(f"key's sequence and batch dims {key.shape[:2]} do not match value's {value.shape[:2]}")
+            raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's "
+                                 f"{value.shape[:2]}")
         b_q, b_k, b_v = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
         q, k, v = F._in_projection(query, key, value, q_proj_weight, k_proj_weight, v_proj_weight, b_q, b_k, b_v)
 
@@ -153,8 +156,9 @@ class MultiheadAttention(nn.Module):
 
     With need_weights=False the attention runs on fastrnn's fused scaled-dot-product kernel
     (CPU float32/float64). need_weights=True has to form the [B, H, L, S] weights anyway and
-    computes them as torch does. There is no separate inference "fast path": the same fused
-    kernel serves training and inference.
+    computes them as torch does. Where torch.nn would take its native inference path (eval, no
+    grad, batch-first self-attention, ...: see _torch_native_path), torch.nn's forward runs, so
+    the answers are torch.nn's exactly, quirks of that path included.
     """
 
     __constants__ = ["batch_first"]
@@ -217,22 +221,19 @@ class MultiheadAttention(nn.Module):
     # torch.nn's, used by its Transformer layers' inference fast path on their self_attn.
     merge_masks = nn.MultiheadAttention.merge_masks
 
-    def _torch_native_path(self, query, key, value, attn_mask, key_padding_mask) -> bool:
-        """Whether torch.nn.MultiheadAttention would answer this call on its native inference path
-        (torch._native_multi_head_attention: eval, no grad, batch-first self-attention, ...): its
-        output is then a contiguous [B, L, E], where the general path returns a transposed view,
-        and fastrnn's gives the same layout (code may .view() it)."""
+    def _torch_native_path(self, query, key, value) -> bool:
+        """Whether torch.nn.MultiheadAttention may answer this call on its native inference path
+        (torch._native_multi_head_attention: eval, no grad, batch-first self-attention, ...). Its
+        answers there differ from its general path's (a contiguous [B, L, E] output, NaN for a
+        fully masked row, is_causal without a mask ignored, 4-D masks taken), so such calls run
+        torch.nn's forward itself, which decides as it always does. The tests here are the cheap
+        necessary ones; torch's own checks settle the rest."""
         if (not self.batch_first or self.training or query.dim() != 3 or query is not key or key is not value
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or not torch.backends.mha.get_fastpath_enabled()):
             return False
-        if any(m is not None and torch.is_floating_point(m) for m in (attn_mask, key_padding_mask)):
+        if self.in_proj_weight is None or self.in_proj_bias is None or self.num_heads % 2:
             return False
-        w, b = self.in_proj_weight, self.in_proj_bias
-        if (w is None or b is None or query.dtype != w.dtype or query.dtype != b.dtype or self.num_heads % 2
-                or self.bias_k is not None or self.bias_v is not None or self.add_zero_attn
-                or not torch.backends.mha.get_fastpath_enabled() or torch.is_autocast_enabled()):
-            return False
-        args = (query, w, b, self.out_proj.weight, self.out_proj.bias)
+        args = (query, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
         return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args))
 
     def __setstate__(self, state):
@@ -248,8 +249,10 @@ class MultiheadAttention(nn.Module):
         NOT attended, torch.nn's convention) or float (added).
         Returns (attn_output like query with E features, weights [B, L, S] averaged over heads or
         [B, num_heads, L, S], or None when need_weights=False)."""
+        if self._torch_native_path(query, key, value):
+            return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                                 average_attn_weights, is_causal)
         is_batched = query.dim() == 3
-        native_layout = self._torch_native_path(query, key, value, attn_mask, key_padding_mask)
         key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                              other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
                                              target_type=query.dtype)
@@ -275,8 +278,6 @@ class MultiheadAttention(nn.Module):
             average_attn_weights=average_attn_weights, is_causal=is_causal)
         if self.batch_first and is_batched:
             out = out.transpose(1, 0)
-            if native_layout:
-                out = out.contiguous()
         return out, weights
 
 
