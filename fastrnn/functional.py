@@ -617,6 +617,17 @@ def drop_connect(w_hh, p, training):
     return F.dropout(w_hh, p, training=True)
 
 
+def _check_variant_args(params, num_layers, bidirectional, per_layer, zoneout, weight_drop):
+    """The stacked variant functions' hyperparameters and parameter count, before any kernel
+    (zoneout's Bernoulli draw, or an index into a short list, failed without naming them)."""
+    check_probability("zoneout", zoneout)
+    check_probability("weight_drop", weight_drop)
+    LD = num_layers * (2 if bidirectional else 1)
+    if len(params) not in tuple(LD * n for n in per_layer):
+        raise ValueError(f"params: expected {' or '.join(str(LD * n) for n in per_layer)} tensors "
+                         f"({' or '.join(map(str, per_layer))} per layer and direction, for {LD}), got {len(params)}")
+
+
 def variant_lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
                  batch_sizes=None, *, layer_norm=False, peephole=False, zoneout=0.0, weight_drop=0.0):
     """Stacked variant LSTM (arguments as lstm(), no projection). params per layer and direction:
@@ -624,6 +635,9 @@ def variant_lstm(input, hx, params, has_biases, num_layers, dropout, train, bidi
     if peephole). `train` selects zoneout's and DropConnect's training behaviour (masks drawn
     here) and inter-layer dropout. Returns (output, h_n, c_n)."""
     n_ln = 6 if layer_norm else 0
+    base = (4 if has_biases else 2) + n_ln + (3 if peephole else 0)
+    _check_variant_args(params, num_layers, bidirectional, (base,) if n_ln or peephole else (base, base + 1),
+                        zoneout, weight_drop)
 
     def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
         ln = tuple(extra[:n_ln]) if layer_norm else None
@@ -650,6 +664,9 @@ def variant_gru(input, hx, params, has_biases, num_layers, dropout, train, bidir
                 batch_sizes=None, *, layer_norm=False, zoneout=0.0, weight_drop=0.0):
     """Stacked variant GRU; params per layer and direction: w_ih, w_hh, (b_ih, b_hh), (4 LayerNorm
     tensors if layer_norm). Returns (output, h_n)."""
+    _check_variant_args(params, num_layers, bidirectional, ((4 if has_biases else 2) + (4 if layer_norm else 0),),
+                        zoneout, weight_drop)
+
     def layer(x, st, w_ih, w_hh, b_ih, b_hh, extra, bsz, rev):
         ln = tuple(extra[:4]) if layer_norm else None
         w_hh = drop_connect(w_hh, weight_drop, train)

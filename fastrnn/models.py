@@ -57,15 +57,24 @@ def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
+def _check_pool(pool: str) -> str:
+    # (at construction: an unknown pool once surfaced only at the first forward)
+    if pool not in ("last", "mean"):
+        raise ValueError(f"pool must be 'last' or 'mean', got {pool!r}")
+    return pool
+
+
 def _pool(out: Tensor, h_n: Tensor, pool: str, bidirectional: bool, mask: Tensor | None) -> Tensor:
-    if pool == "last":
+    if _check_pool(pool) == "last":
         return _last_hidden(h_n, bidirectional)
-    if pool == "mean":
-        return _masked_mean(out, mask)
-    raise ValueError(f"pool must be 'last' or 'mean', got {pool!r}")
+    return _masked_mean(out, mask)
 
 
 def _head(in_features: int, num_outputs: int, dropout: float) -> nn.Sequential:
+    # nn.Dropout takes a NaN (its range test is false for it) and fails only at a training
+    # forward; the head refuses it here, with nn.Dropout's message and class.
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout}")
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_outputs))
 
 
@@ -91,8 +100,7 @@ class CNNRNN(nn.Module):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError("kernel_size must be odd ('same' padding)")
-        if pool not in ("last", "mean"):
-            raise ValueError(f"pool must be 'last' or 'mean', got {pool!r}")
+        _check_pool(pool)
         blocks, c_in = [], input_size
         for c_out in conv_channels:
             blocks.append(nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
@@ -152,7 +160,7 @@ class FrameCNNLSTM(nn.Module):
         self.cnn = nn.Sequential(*blocks)
         self.lstm = LSTM(c_in, hidden_size, num_layers, batch_first=True, bidirectional=bidirectional,
                          dropout=dropout if num_layers > 1 else 0.0)
-        self.pool = pool
+        self.pool = _check_pool(pool)
         self.bidirectional = bidirectional
         self.head = _head((2 if bidirectional else 1) * hidden_size, num_outputs, dropout)
 
@@ -194,6 +202,8 @@ class LSTMAttentionClassifier(nn.Module):
         self.lstm = LSTM(input_size, hidden_size, num_layers, batch_first=True, bidirectional=bidirectional,
                          dropout=dropout if num_layers > 1 else 0.0)
         out_size = (2 if bidirectional else 1) * hidden_size
+        if not isinstance(attention_size, int) or isinstance(attention_size, bool) or attention_size <= 0:
+            raise ValueError(f"LSTMAttentionClassifier: attention_size must be a positive int, got {attention_size!r}")
         self.query = nn.Parameter(torch.empty(attention_size).uniform_(-1 / math.sqrt(attention_size),
                                                                        1 / math.sqrt(attention_size)))
         self.attention = AdditiveAttention(attention_size, out_size, attention_size)

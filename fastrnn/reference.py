@@ -154,6 +154,8 @@ def masked_softmax_ref(scores, mask=None):
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
+    if scores.shape[-1] == 0:  # no keys (an empty source): empty weights, as the fused kernels
+        return torch.softmax(scores, dim=-1)
     dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
     # The dead rows' scores are replaced (not just their output), so no NaN reaches backward.
     weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1)

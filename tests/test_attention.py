@@ -850,3 +850,14 @@ def test_mha_answers_as_torch_where_torch_takes_its_native_path():
             got, want = ours(x, x, x, **kw), theirs(x, x, x, **kw)
             torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
             assert got[0].stride() == want[0].stride()
+
+
+@pytest.mark.parametrize("method", ["general", "dot"])
+def test_luong_attention_of_an_empty_source_as_additive(method):
+    """No keys (S = 0): zero context and empty weights, as additive attention gives (the
+    reference's softmax once raised an IndexError on the empty dimension)."""
+    q, k = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 0, 4, dtype=torch.float64)
+    for m in (fastrnn.LuongAttention(4, method=method).double(), fastrnn.AdditiveAttention(4, 4, 5).double()):
+        context, weights = m(q, k)
+        assert context.shape == (2, 3, 4) and weights.shape == (2, 3, 0)
+        assert torch.equal(context, torch.zeros_like(context))

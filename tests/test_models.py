@@ -107,6 +107,14 @@ def test_bad_options_are_refused():
         M.CNNRNN(3, 2, pool="first")  # at construction, as LSTMTransformer (once only at the first call)
     with pytest.raises(ValueError, match="pool"):
         M.LSTMTransformer(3, 2, pool="first")
+    with pytest.raises(ValueError, match="pool must be 'last' or 'mean', got 'first'"):
+        M.FrameCNNLSTM(1, 2, pool="first")
+    with pytest.raises(ValueError, match="attention_size must be a positive int, got 0"):
+        M.LSTMAttentionClassifier(3, 2, attention_size=0)  # (once a ZeroDivisionError)
+    for make in (M.CNNRNN, M.LSTMAttentionClassifier, M.FrameCNNLSTM):
+        # nn.Dropout takes a NaN and fails only at a training forward
+        with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1, but got nan"):
+            make(3, 2, dropout=float("nan"))
 
 
 def test_attention_weights_are_a_distribution_over_valid_steps():

@@ -554,3 +554,28 @@ def test_packed_weight_cache_sees_every_write(mutate):
             m.weight_hh_l0.mul_(1.5)
     out, _ = m(x)
     assert_close(out, layer_ref(m, x)[0])
+
+
+def test_variant_details_found_by_review():
+    """repr names each option once (it named zoneout/weight_drop twice); the variant cells refuse
+    hidden_size=0 with a ValueError, as the variant layers (a ZeroDivisionError once); the stacked
+    variant functions check zoneout, weight_drop and the parameter count before any kernel."""
+    assert repr(fastrnn.LayerNormLSTM(3, 5, zoneout=0.1, weight_drop=0.2)) == (
+        "LayerNormLSTM(3, 5, zoneout=0.1, weight_drop=0.2)")
+    assert repr(fastrnn.PeepholeLSTM(3, 5, weight_drop=0.3)) == "PeepholeLSTM(3, 5, weight_drop=0.3)"
+    for cls in (fastrnn.LayerNormLSTMCell, fastrnn.LayerNormGRUCell, fastrnn.PeepholeLSTMCell):
+        with pytest.raises(ValueError, match="hidden_size must be greater than zero, got 0"):
+            cls(3, 0)
+    T, B, I, H = 3, 2, 3, 4
+    x, h, c = torch.randn(T, B, I), torch.randn(1, B, H), torch.randn(1, B, H)
+    P = [torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H)]
+    for train in (True, False):
+        with pytest.raises(ValueError, match="zoneout must be a probability in"):
+            FR.variant_lstm(x, (h, c), P, True, 1, 0.0, train, False, False, zoneout=2.0)
+        with pytest.raises(ValueError, match="weight_drop must be a probability in"):
+            FR.variant_gru(x, h, [p[:3 * H] for p in P], True, 1, 0.0, train, False, False, weight_drop=-1.0)
+    with pytest.raises(ValueError, match="params: expected 4 tensors"):
+        FR.variant_gru(x, h, [p[:3 * H] for p in P[:3]], True, 1, 0.0, False, False, False)
+    with pytest.raises(ValueError, match="params: expected 10 tensors"):
+        FR.variant_lstm(x, (h, c), P, True, 1, 0.0, False, False, False, layer_norm=True)
+

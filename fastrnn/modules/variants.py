@@ -92,14 +92,6 @@ class _VariantRNN(_RNNBase):
     def reset_parameters(self) -> None:
         _reset(self, self.hidden_size)
 
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if self.zoneout:
-            s += f", zoneout={self.zoneout}"
-        if self.weight_drop:
-            s += f", weight_drop={self.weight_drop}"
-        return s
-
     @classmethod
     def from_torch(cls, module):
         raise TypeError(f"{cls.__name__} has no torch.nn counterpart to convert from")
@@ -162,6 +154,8 @@ class _VariantCell(_CellBase):
     _mode = "LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        if isinstance(hidden_size, int) and hidden_size <= 0:  # (as the variant layers: no kernel for H = 0)
+            raise ValueError(f"{type(self).__name__}: hidden_size must be greater than zero, got {hidden_size}")
         super().__init__(input_size, hidden_size, bias, num_chunks=_GATES[self._mode], device=device, dtype=dtype)
         for name, shape in _extra_params(self._mode, self._layer_norm, self._peephole, hidden_size):
             setattr(self, name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
