@@ -20,26 +20,34 @@ _SWAPS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN, nn.LSTMCell: LSTMCell, nn.GRU
 
 def convert(model: nn.Module) -> nn.Module:
     """Replace every torch.nn LSTM/GRU/RNN (and cell) in `model` with fastrnn's, in place.
-
-    Returns the model (or the replacement, if `model` itself is such a layer).
+    Returns the model (or the replacement, if `model` itself is such a layer). A layer reachable
+    under several names (encoder and decoder sharing one) becomes one fastrnn layer, still shared.
     """
-    swap = _SWAPS.get(plain_class(model))
-    if swap is not None:
-        return swap.from_torch(model)
-    for name, child in list(model.named_children()):
-        new = convert(child)
-        if new is not child:
-            setattr(model, name, new)
-    return model
+    return _swap(model, lambda m: _SWAPS.get(plain_class(m)) is not None,
+                 lambda m: _SWAPS[plain_class(m)].from_torch(m), {})
 
 
 def to_torch(model: nn.Module) -> nn.Module:
     """The inverse of convert(): replace fastrnn layers and cells with torch.nn ones, in place."""
     back = {v: k for k, v in _SWAPS.items()}
-    if plain_class(model) in back:
-        return model.to_torch()
-    for name, child in list(model.named_children()):
-        new = to_torch(child)
-        if new is not child:
-            setattr(model, name, new)
-    return model
+    return _swap(model, lambda m: plain_class(m) in back, lambda m: m.to_torch(), {})
+
+
+def _swap(model: nn.Module, wanted, make, done: dict) -> nn.Module:
+    """model with every submodule for which wanted(m) replaced by make(m), each such module
+    made once (done: id -> replacement), so modules shared between parents stay shared."""
+    if id(model) in done:
+        return done[id(model)][1]
+    if wanted(model):
+        new = make(model)
+    else:
+        # (every name: named_children() yields a module registered twice only once)
+        for name, child in list(model._modules.items()):
+            if child is None:
+                continue
+            new_child = _swap(child, wanted, make, done)
+            if new_child is not child:
+                setattr(model, name, new_child)
+        new = model
+    done[id(model)] = (model, new)  # (the original kept alive, so its id is not reused)
+    return new

@@ -323,3 +323,21 @@ def test_flat_weights_cache_works_as_torch_nn():
     assert_close(ours2(x)[0], ref2(x)[0])
     assert_close(ours(x)[0], ref(x)[0])  # (and the plain layers are as they were)
     assert not torch.allclose(ref2(x)[0], ref(x)[0])
+
+
+def test_convert_keeps_a_shared_layer_shared():
+    """A layer registered under two names (a tied encoder/decoder, a Sequential repeating one
+    layer) becomes one fastrnn layer, still under both names (each name got its own once, so a
+    weight assigned through one name was not seen through the other); to_torch likewise."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.LSTM(4, 4)
+            self.dec = self.enc
+            self.seq = nn.Sequential(self.enc, nn.Identity(), self.enc)
+
+    m = fastrnn.convert(Tied())
+    assert isinstance(m.enc, fastrnn.LSTM) and m.enc is m.dec is m.seq[0] is m.seq[2]
+    assert len(list(m.modules())) == len(list(Tied().modules()))
+    m = to_torch(m)
+    assert type(m.enc) is nn.LSTM and m.enc is m.dec is m.seq[0] is m.seq[2]

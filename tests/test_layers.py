@@ -179,6 +179,68 @@ def test_float64_lstm_promotes_lower_precision_c0_as_torch(kw, packed, c_dtype):
     assert c.dtype == h.dtype == torch.float64
 
 
+@pytest.mark.parametrize("c_dtype", [torch.float16, torch.int32, torch.bool, torch.uint8, torch.float64])
+@pytest.mark.parametrize("how", ["dense", "packed", "proj", "proj_unbatched", "f64_dense", "f64_packed"])
+def test_c0_of_another_dtype_as_torch(how, c_dtype):
+    """torch.nn's LSTM takes a c_0 whose dtype promotes to the input's wherever it does not run
+    oneDNN (packed input, proj_size, float64): c' = f c + i g with c_0 promoted, states in the
+    input's dtype. fastrnn refused all but float64's float32/16 c_0 (the oneDNN case, dense
+    float32 without projection, refuses one in both)."""
+    f64 = how.startswith("f64")
+    dtype = torch.float64 if f64 else torch.float32
+    ref, ours = make_pair("LSTM", 3, 4, proj_size=2 if how.startswith("proj") else 0)
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    torch.manual_seed(1)
+    x = torch.randn(5, 2, 3, dtype=dtype)
+    h0 = torch.randn(1, 2, ref.proj_size or 4, dtype=dtype)
+    c0 = (torch.randn(1, 2, 4) * 3).to(c_dtype)
+    if "packed" in how:
+        x = pack_padded_sequence(x, [5, 3])
+    if how == "proj_unbatched":
+        x, h0, c0 = x[:, 0], h0[:, 0], c0[:, 0]
+    outcome = []
+    for m in (ref, ours):
+        try:
+            out = m(x, (h0, c0))
+            outcome.append(flat(out))
+        except RuntimeError:
+            outcome.append(RuntimeError)
+    assert (outcome[0] is RuntimeError) == (outcome[1] is RuntimeError), outcome
+    if outcome[0] is not RuntimeError:
+        for a, b in zip(outcome[1], outcome[0]):
+            assert a.dtype == b.dtype == dtype
+            torch.testing.assert_close(a, b, **({} if f64 else dict(rtol=1e-5, atol=1e-6)))
+    accepted = torch.promote_types(c_dtype, dtype) == dtype and how != "dense"
+    assert (outcome[1] is not RuntimeError) == accepted
+
+
+def test_batched_lstm_refuses_one_tensor_for_h0_and_c0_as_torch():
+    """A batched LSTM's hx as one [2, L*D, B, H] tensor: torch.nn raises TypeError (fastrnn split
+    it into h_0 and c_0); unbatched, both take one."""
+    ref, ours = make_pair("LSTM", 3, 4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for m in (ref, ours):
+        with pytest.raises(TypeError):
+            m(x, torch.zeros(2, 1, 2, 4, dtype=torch.float64))
+        with pytest.raises(TypeError):
+            m(pack_padded_sequence(x, [5, 3]), torch.zeros(2, 1, 2, 4, dtype=torch.float64))
+    hx = torch.randn(2, 1, 4, dtype=torch.float64)
+    for a, b in zip(flat(ours(x[:, 0], hx)), flat(ref(x[:, 0], hx))):
+        assert_close(a, b)
+
+
+def test_num_layers_true_is_one_as_torch():
+    """torch.nn builds a layer with num_layers=True (range(True)); fastrnn's runs it as 1 layer
+    (torch.nn's own forward then passes the bool on to _VF and fails)."""
+    ref, _ = make_pair("GRU", 3, 4, dtype=torch.float64)
+    ours = fastrnn.GRU(3, 4, num_layers=True, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.num_layers == 1
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for a, b in zip(flat(ours(x)), flat(ref(x))):
+        assert_close(a, b)
+
+
 def test_float32_lstm_refuses_c0_of_another_dtype():
     """(torch.nn's float32 LSTM, on oneDNN, refuses one too, in words about oneDNN.)"""
     m = fastrnn.LSTM(3, 4)

@@ -23,8 +23,6 @@ from ._compat import TorchNNTwin, autocast_enabled, fx_leaf
 __all__ = ["LSTM", "GRU", "RNN"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-# c_0 dtypes a float64 LSTM takes (see _prepare).
-_PROMOTED_C0 = (torch.float32, torch.float16, torch.bfloat16)
 _ABSENT = object()
 
 
@@ -62,8 +60,9 @@ class _RNNBase(TorchNNTwin, nn.Module):
             raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
         if hidden_size <= 0:
             raise ValueError("hidden_size must be greater than zero")
-        if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+        if not isinstance(num_layers, int):  # (True is 1 to torch.nn: range(True))
             raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        num_layers = int(num_layers)
         if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
         if not isinstance(proj_size, int) or isinstance(proj_size, bool):
@@ -292,6 +291,7 @@ class _RNNBase(TorchNNTwin, nn.Module):
             return fast
         name = type(self).__name__
         num_directions = 2 if self.bidirectional else 1
+        hx_given, one_tensor = hx, n_states == 2 and isinstance(hx, Tensor)  # ((h_0, c_0) as one: checked last)
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             is_batched = True
@@ -338,12 +338,26 @@ class _RNNBase(TorchNNTwin, nn.Module):
                         torch._check(have == want)
                 else:
                     self.check_hidden_size(h, e, msg)
-                if k == 1 and data.dtype == torch.float64 and h.dtype in _PROMOTED_C0:
-                    # torch.nn's float64 LSTM promotes such a c_0 (c' = f c + i g: exact, float32
-                    # to float64) and returns float64 states; its float32 LSTM (oneDNN) refuses one.
-                    hx[1] = h = h.to(torch.float64)
+                if k == 1 and self._promotes_c0(h, data, batch_sizes):
+                    hx[1] = h = h.to(data.dtype)
                 self._check_state_tensor(h, "hx" if k == 0 else "cx", data)
+        if one_tensor and is_batched:
+            # torch.nn indexes it as (h_0, c_0) for its checks (so their errors come first),
+            # then its _VF.lstm refuses a tensor for the pair with a TypeError; list(hx) would
+            # have split it. (Unbatched, torch.nn takes one.)
+            raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) for batched input, got a Tensor of shape "
+                            f"{list(hx_given.shape)}")
         return data, batch_sizes, sorted_indices, unsorted_indices, hx, is_batched
+
+    def _promotes_c0(self, c0, data, batch_sizes) -> bool:
+        """Whether torch.nn's LSTM takes this c_0 of another dtype: outside its oneDNN path (used
+        for a dense float32/bfloat16/float16 input without projection) it computes c' = f c + i g
+        with c_0 promoted, so any c_0 whose dtype promotes to the input's (float32 or an integer
+        c_0 to float64, float16, bool or an integer to float32: exact) gives the input's dtype."""
+        if c0.dtype == data.dtype or torch.promote_types(c0.dtype, data.dtype) != data.dtype:
+            return False
+        onednn = data.dtype != torch.float64 and batch_sizes is None and self.proj_size == 0
+        return not onednn
 
     def _prepare_common(self, input, hx, n_states):
         """_prepare's result for the common call, a batched dense input of the weights' dtype and
