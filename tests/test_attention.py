@@ -25,6 +25,14 @@ def grads(outs, inputs, cots):
     return torch.autograd.grad(outs, [t for t in inputs if t is not None and t.requires_grad], cots)
 
 
+def assert_same_values_and_grads(got, want, inputs):
+    """got and want equal, and so are their gradients w.r.t. inputs for one random cotangent."""
+    assert_close(got, want)
+    cot = torch.randn_like(got)
+    for a, b in zip(grads(got, inputs, cot), grads(want, inputs, cot)):
+        assert_close(a, b)
+
+
 def make_mask(kind, B, H, L, S, dtype):
     """Masks of every supported form; each leaves some rows fully masked where torch defines it."""
     g = torch.Generator().manual_seed(7)
@@ -98,10 +106,7 @@ def test_sdpa_leading_dims_and_broadcast(lead):
         k1, v1 = rnd(1, *lead[1:], S, E), rnd(1, *lead[1:], S, E)
         out = FR.scaled_dot_product_attention(q, k1, v1)
         ref = R.scaled_dot_product_attention_ref(q, k1, v1)
-        assert_close(out, ref)
-        cot = torch.randn_like(out)
-        for a, b in zip(grads(out, (q, k1, v1), cot), grads(ref, (q, k1, v1), cot)):
-            assert_close(a, b)
+        assert_same_values_and_grads(out, ref, (q, k1, v1))
 
 
 def test_sdpa_non_contiguous_inputs():
@@ -124,10 +129,7 @@ def test_sdpa_gemm_paths_and_threads(backend, threads):
         q, k, v = rnd(1, 1, 300, 8), rnd(1, 1, 50, 8), rnd(1, 1, 50, 8)
         out = FR.scaled_dot_product_attention(q, k, v, is_causal=True)
         ref = R.scaled_dot_product_attention_ref(q, k, v, is_causal=True)
-        assert_close(out, ref)
-        cot = torch.randn_like(out)
-        for a, b in zip(grads(out, (q, k, v), cot), grads(ref, (q, k, v), cot)):
-            assert_close(a, b)
+        assert_same_values_and_grads(out, ref, (q, k, v))
     finally:
         _C.set_gemm_backend(old_b)
         torch.set_num_threads(old_t)
@@ -708,10 +710,7 @@ def test_sdpa_single_rows_with_odd_strides_as_torch():
         v = rnd(*vs).mT if vs[-1] == 1 else rnd(*vs)
         assert q.is_contiguous() and v.is_contiguous()
         got, want = FR.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
-        assert_close(got, want)
-        cot = torch.randn_like(got)
-        for a, b in zip(grads(got, (q, k, v), cot), grads(want, (q, k, v), cot)):
-            assert_close(a, b)
+        assert_same_values_and_grads(got, want, (q, k, v))
     # The additive kernel reads its projections the same way.
     qp, kp = rnd(2, 5, 1).mT, rnd(2, 4, 5)
     vals, v = rnd(2, 4, 3), rnd(5)
@@ -748,10 +747,7 @@ def test_sdpa_enable_gqa_as_torch(q_heads, kv_heads, lead):
     k, v = rnd(*lead, kv_heads[0], 5, 8), rnd(*lead, kv_heads[1], 5, 6)
     got = FR.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    assert_close(got, want)
-    cot = torch.randn_like(got)
-    for a, b in zip(grads(got, (q, k, v), cot), grads(want, (q, k, v), cot)):
-        assert_close(a, b)
+    assert_same_values_and_grads(got, want, (q, k, v))
 
 
 def test_sdpa_enable_gqa_refuses_what_torch_refuses():
@@ -772,10 +768,7 @@ def test_sdpa_causal_with_mask_where_torch_takes_both():
         for mask in (torch.rand(L, S) < 0.7, torch.randn(2, 1, L, S, dtype=torch.float64)):
             got = FR.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
             want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
-            assert_close(got, want)
-            cot = torch.randn_like(got)
-            for a, b in zip(grads(got, (q, k, v), cot), grads(want, (q, k, v), cot)):
-                assert_close(a, b)
+            assert_same_values_and_grads(got, want, (q, k, v))
     m = torch.rand(3, 5) < 0.7
     for q, k, v in ((rnd(2, 3, 8), rnd(2, 5, 8), rnd(2, 5, 8)),       # 3-D
                     (rnd(2, 2, 3, 8), rnd(2, 2, 5, 8), rnd(2, 2, 5, 6)),  # value width != query width
