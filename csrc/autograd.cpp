@@ -42,6 +42,42 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// The recurrent ops' biases are kept out of save_for_backward, whose version check refused an
+// in-place edit of a bias between forward and backward (an EMA or optimizer step taken before
+// backward): the fused backward needs only whether they were given (their gradients are sums of
+// the gate gradients), and torch.nn's GRU, RNN and cells, which do not save them either, allow
+// the edit. They stay in saved_data (slot k of the saved list) for double backward, which
+// recomputes through their values: there an edit since the forward raises autograd's error.
+void save_biases_apart(AutogradContext* ctx, variable_list saved, std::initializer_list<size_t> slots) {
+  c10::List<int64_t> idx;
+  for (size_t k : slots) {
+    const Tensor& b = saved[k];
+    const std::string key = "bias" + std::to_string(k);
+    ctx->saved_data[key] = b.defined() ? c10::IValue(b) : c10::IValue();
+    ctx->saved_data[key + "_version"] = (b.defined() && !b.is_inference()) ? int64_t(b._version()) : int64_t(0);
+    saved[k] = Tensor();
+    idx.push_back(int64_t(k));
+  }
+  ctx->saved_data["bias_slots"] = idx;
+  ctx->save_for_backward(saved);
+}
+
+variable_list saved_with_biases(AutogradContext* ctx) {
+  variable_list s = ctx->get_saved_variables();
+  for (int64_t k : ctx->saved_data["bias_slots"].toIntList()) {
+    const std::string key = "bias" + std::to_string(k);
+    const c10::IValue& v = ctx->saved_data[key];
+    if (v.isNone()) continue;
+    s[k] = v.toTensor();
+    TORCH_CHECK(!at::GradMode::is_enabled() || s[k].is_inference() ||
+                    s[k]._version() == ctx->saved_data[key + "_version"].toInt(),
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                "a bias of a fastrnn recurrent layer, edited after its forward (double backward recomputes through "
+                "its values; a first-order backward allows the edit, as torch.nn's)");
+  }
+  return s;
+}
+
 // Double backward (create_graph=True) of every recurrent op: fastrnn._autograd.reference_backward
 // (kind, saved, grads, reverse, relu, p) differentiates the plain-PyTorch reference on the op's
 // tensor inputs (the first n_saved saved tensors) and returns their gradients (None where not
@@ -79,14 +115,14 @@ struct LstmFunction : public torch::autograd::Function<LstmFunction> {
     auto [out, hy, cy, gates, cells, pin] = op.call(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse,
                                                     train);
     ctx->mark_non_differentiable({gates, cells, pin});
-    ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(w_hr), hx, cx, opt(batch_sizes), out, gates,
-                            cells, pin});
+    save_biases_apart(ctx, {input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(w_hr), hx, cx, opt(batch_sizes), out, gates,
+                            cells, pin}, {3, 4});
     ctx->saved_data["reverse"] = reverse;
     return {out, hy, cy, gates, cells, pin};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
+    const variable_list s = saved_with_biases(ctx);
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &w_hr = s[5], &hx = s[6], &cx = s[7];
     const Tensor &bsz = s[8], &out = s[9];
@@ -137,14 +173,14 @@ struct LstmBidirFunction : public torch::autograd::Function<LstmBidirFunction> {
     variable_list out = std::apply([](auto&&... t) { return variable_list{t...}; }, r);
     ctx->mark_non_differentiable({out[3], out[4], out[5], out[9], out[10], out[11]});
     // Per direction, as LstmFunction saves: the op's tensor inputs, then output and workspace.
-    ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(w_hr), hx, cx, opt(batch_sizes), out[0],
+    save_biases_apart(ctx, {input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(w_hr), hx, cx, opt(batch_sizes), out[0],
                             out[3], out[4], out[5], input, w_ih_r, w_hh_r, opt(b_ih_r), opt(b_hh_r), opt(w_hr_r),
-                            hx_r, cx_r, opt(batch_sizes), out[6], out[9], out[10], out[11]});
+                            hx_r, cx_r, opt(batch_sizes), out[6], out[9], out[10], out[11]}, {3, 4, 16, 17});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
+    const variable_list s = saved_with_biases(ctx);
     const variable_list f(s.begin(), s.begin() + 13), r(s.begin() + 13, s.end());  // [input ... workspace]
     if (at::GradMode::is_enabled()) {
       variable_list gf = reference_backward("lstm", f, 9, {grads[0], grads[1], grads[2]}, 9, false);
@@ -195,13 +231,13 @@ struct GruFunction : public torch::autograd::Function<GruFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, hy, gates, hn] = op.call(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train);
     ctx->mark_non_differentiable({gates, hn});
-    ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), hx, opt(batch_sizes), out, gates, hn});
+    save_biases_apart(ctx, {input, w_ih, w_hh, opt(b_ih), opt(b_hh), hx, opt(batch_sizes), out, gates, hn}, {3, 4});
     ctx->saved_data["reverse"] = reverse;
     return {out, hy, gates, hn};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
+    const variable_list s = saved_with_biases(ctx);
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &hx = s[5], &bsz = s[6], &out = s[7];
     if (at::GradMode::is_enabled()) return reference_backward("gru", s, 7, {grads[0], grads[1]}, 9, reverse);
@@ -238,14 +274,14 @@ struct RnnFunction : public torch::autograd::Function<RnnFunction> {
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, hy] = op.call(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, relu);
-    ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), hx, opt(batch_sizes), out});
+    save_biases_apart(ctx, {input, w_ih, w_hh, opt(b_ih), opt(b_hh), hx, opt(batch_sizes), out}, {3, 4});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["relu"] = relu;
     return {out, hy};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
+    const variable_list s = saved_with_biases(ctx);
     const bool reverse = ctx->saved_data["reverse"].toBool(), relu = ctx->saved_data["relu"].toBool();
     const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &hx = s[5], &bsz = s[6], &out = s[7];
     if (at::GradMode::is_enabled()) return reference_backward("rnn", s, 7, {grads[0], grads[1]}, 9, reverse, relu);
@@ -314,13 +350,13 @@ struct GruRnnBidirFunction : public torch::autograd::Function<GruRnnBidirFunctio
     const variable_list rev = {input, w_ih_r, w_hh_r, opt(b_ih_r), opt(b_hh_r), hx_r, opt(batch_sizes), out[kOuts]};
     saved.insert(saved.end(), rev.begin(), rev.end());
     if (Gru) saved.insert(saved.end(), {out[6], out[7]});
-    ctx->save_for_backward(saved);
+    save_biases_apart(ctx, saved, {3, 4, kSaved + 3, kSaved + 4});
     ctx->saved_data["flag"] = flag;
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
+    const variable_list s = saved_with_biases(ctx);
     const variable_list f(s.begin(), s.begin() + kSaved), r(s.begin() + kSaved, s.end());
     const bool flag = ctx->saved_data["flag"].toBool(), relu = !Gru && flag;
     const Tensor &go = grads[0], &ghy = grads[1], &go_r = grads[kOuts], &ghy_r = grads[kOuts + 1];

@@ -637,3 +637,52 @@ def test_input_dtype_mismatch_raises_the_class_torch_raises():
         with pytest.raises((ValueError, RuntimeError), match="input dtype") as got:
             ours(x)
         assert got.type is want.type
+
+
+@pytest.mark.parametrize("kind, kw", [("LSTM", {}), ("GRU", {}), ("RNN", {}), ("LSTM", dict(bidirectional=True)),
+                                      ("GRU", dict(bidirectional=True, num_layers=2)), ("LSTM", dict(proj_size=2))],
+                         ids=["lstm", "gru", "rnn", "lstm_bi", "gru_bi2", "lstm_proj"])
+def test_bias_edited_in_place_before_backward_as_torch(kind, kw):
+    """torch.nn (float64, and its GRU/RNN/cells in float32) lets a bias be edited in place between
+    forward and backward (an EMA or optimizer step taken first): its backward does not read the
+    biases. fastrnn's ops saved them, so autograd's version check raised. The gradients are
+    those of the forward that ran; a backward with create_graph=True, which recomputes through
+    the biases, still refuses the edit."""
+    ref, ours = make_pair(kind, 3, 4, dtype=torch.float64, **kw)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    got = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        out = m(xi)[0]
+        with torch.no_grad():
+            m.bias_hh_l0.add_(1.0)
+            m.bias_ih_l0.mul_(0.5)
+        out.pow(2).sum().backward()
+        got.append([xi.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*got):
+        assert_close(a, b)
+    xi = x.clone().requires_grad_()
+    out = ours(xi)[0]
+    with torch.no_grad():
+        ours.bias_ih_l0.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out.pow(2).sum(), xi, create_graph=True)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_bias_edited_in_place_before_backward_as_torch(kind):
+    torch.manual_seed(0)
+    ref = getattr(nn, kind)(3, 4)
+    ours = getattr(fastrnn, kind)(3, 4)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3)
+    got = []
+    for m in (ref, ours):
+        out = m(x)
+        out = out[0] if isinstance(out, tuple) else out
+        with torch.no_grad():
+            m.bias_hh.add_(1.0)
+        out.pow(2).sum().backward()
+        got.append([p.grad for p in m.parameters()])
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
