@@ -368,8 +368,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     _check_same(key, query, "key", "query", fn)
     _check_same(value, query, "value", "query", fn)
     if scale is not None and not isinstance(scale, numbers.Real) and not (
-            isinstance(scale, torch.Tensor) and scale.numel() == 1):
+            isinstance(scale, torch.Tensor) and scale.dim() == 0):
         raise TypeError(f"{fn}: argument 'scale' must be float, not {type(scale).__name__}")
+    # (decided on key and value as given: torch's kernel takes the pair with grouped heads too)
+    causal_with_mask = is_causal and attn_mask is not None and _causal_with_mask(query, key, value, attn_mask,
+                                                                                 dropout_p, enable_gqa)
     if enable_gqa:
         key, value = _gqa_heads(query, key, value, fn)
     if key.shape[-1] != query.shape[-1]:
@@ -380,10 +383,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            f"got value of shape {list(value.shape)}")
     if not 0.0 <= dropout_p <= 1.0:  # (torch's class; 1.0 drops everything, as torch's dropout)
         raise RuntimeError(f"{fn}: dropout_p: dropout probability has to be between 0 and 1, but got {dropout_p}")
-    if is_causal and attn_mask is not None and not _causal_with_mask(query, key, value, dropout_p):
+    if is_causal and attn_mask is not None and not causal_with_mask:
         raise RuntimeError(f"{fn}: Explicit attn_mask should not be set when is_causal=True (torch takes both only "
-                           "for 4-D query, key and value of one batch and head count, equal query and value "
-                           "widths, and no dropout)")
+                           "where its CPU flash kernel runs: see _causal_with_mask)")
     try:
         lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     except RuntimeError:
@@ -423,8 +425,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def _gqa_heads(query, key, value, fn):
     """key and value with their heads (dim -3) repeated to query's, as torch's enable_gqa."""
-    if query.dim() < 3 or key.dim() < 3 or value.dim() < 3:
-        return key, value  # (no head dimension: nothing to group, as torch)
+    if query.dim() < 3 or key.dim() < 3 or value.dim() < 3:  # (torch's class: it indexes dim -3)
+        raise IndexError(f"{fn}: enable_gqa=True needs a heads dimension (-3), got query {list(query.shape)}, "
+                         f"key {list(key.shape)} and value {list(value.shape)}")
     hq = query.shape[-3]
     for t in (key, value):
         if t.shape[-3] == 0 or hq % t.shape[-3] != 0:
@@ -434,14 +437,21 @@ def _gqa_heads(query, key, value, fn):
     return tuple(t if t.shape[-3] == hq else t.repeat_interleave(hq // t.shape[-3], dim=-3) for t in (key, value))
 
 
-def _causal_with_mask(query, key, value, dropout_p):
+def _causal_with_mask(query, key, value, attn_mask, dropout_p, enable_gqa):
     """Whether torch's CPU scaled_dot_product_attention takes is_causal=True with an attn_mask
-    (applying both): where its flash kernel runs, 4-D inputs of one batch and head count, equal
-    query/key/value widths, non-empty lengths, no dropout. Elsewhere its math kernel refuses."""
-    return (query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and dropout_p == 0.0
-            and query.shape[:2] == key.shape[:2] == value.shape[:2]
-            and query.shape[-1] == key.shape[-1] == value.shape[-1]
-            and query.shape[-2] > 0 and key.shape[-2] > 0 and torch.backends.cuda.flash_sdp_enabled())
+    (applying both): where its flash kernel runs (torch 2.13's checks): 4-D inputs with a last
+    stride of 1, one batch size, one head count (or, with enable_gqa, key and value heads equal
+    and dividing query's), equal query/key/value widths, a 2-D or 4-D mask that needs no
+    gradient, no dropout, flash enabled. Elsewhere its math kernel refuses the pair."""
+    if not (query.dim() == key.dim() == value.dim() == 4 and attn_mask.dim() in (2, 4) and dropout_p == 0.0
+            and not attn_mask.requires_grad and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
+            and query.shape[0] == key.shape[0] == value.shape[0]
+            and query.shape[-1] == key.shape[-1] == value.shape[-1]):
+        return False
+    hq, hk, hv = query.shape[1], key.shape[1], value.shape[1]
+    heads_ok = hk == hv and hk > 0 and hq % hk == 0 if enable_gqa else hq == hk == hv
+    # (the backend flag is not read while compiling: dynamo cannot trace it)
+    return heads_ok and (torch.compiler.is_compiling() or torch.backends.cuda.flash_sdp_enabled())
 
 
 def _default_scale(query):

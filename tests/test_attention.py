@@ -757,6 +757,8 @@ def test_sdpa_enable_gqa_refuses_what_torch_refuses():
             f(q, k, v, enable_gqa=True)
         with pytest.raises(RuntimeError):
             f(q, k[:, :2], v[:, :2])  # heads that do not broadcast without enable_gqa
+        with pytest.raises(IndexError):
+            f(q[0, 0], k[0, 0], v[0, 0], enable_gqa=True)  # no heads dimension
 
 
 def test_sdpa_causal_with_mask_where_torch_takes_both():
@@ -769,13 +771,32 @@ def test_sdpa_causal_with_mask_where_torch_takes_both():
             got = FR.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
             want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
             assert_same_values_and_grads(got, want, (q, k, v))
+    for L, S in ((0, 5), (3, 0)):  # empty lengths: taken by both
+        q, k, v = rnd(2, 2, L, 8), rnd(2, 2, S, 8), rnd(2, 2, S, 8)
+        m = torch.rand(L, S) < 0.7
+        assert_close(FR.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True),
+                     F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True))
     m = torch.rand(3, 5) < 0.7
-    for q, k, v in ((rnd(2, 3, 8), rnd(2, 5, 8), rnd(2, 5, 8)),       # 3-D
-                    (rnd(2, 2, 3, 8), rnd(2, 2, 5, 8), rnd(2, 2, 5, 6)),  # value width != query width
-                    (rnd(2, 2, 3, 8), rnd(1, 2, 5, 8), rnd(1, 2, 5, 8))):  # broadcast batch
+    q4, k4 = rnd(2, 2, 3, 8), rnd(2, 2, 5, 8)
+    refused = [((rnd(2, 3, 8), rnd(2, 5, 8), rnd(2, 5, 8)), m),         # 3-D
+               ((q4, k4, rnd(2, 2, 5, 6)), m),                           # value width != query width
+               ((q4, rnd(1, 2, 5, 8), rnd(1, 2, 5, 8)), m),               # broadcast batch
+               ((q4, k4, k4), m.expand(2, 3, 5)),                         # a 3-D mask
+               ((q4, k4, k4), rnd(3, 5)),                                 # a mask that needs a gradient
+               ((rnd(2, 2, 8, 3).mT, k4, k4), m)]                         # a last stride other than 1
+    for (q, k, v), mask in refused:
         for f in (FR.scaled_dot_product_attention, F.scaled_dot_product_attention):
             with pytest.raises(RuntimeError, match="Explicit attn_mask should not be set when is_causal=True"):
-                f(q, k, v, attn_mask=m, is_causal=True)
+                f(q, k, v, attn_mask=mask, is_causal=True)
+
+
+def test_sdpa_causal_with_mask_compiles_fullgraph():
+    """(The check of torch's flash flag is not traceable: it is skipped while compiling.)"""
+    q, k, v = (torch.randn(2, 2, n, 8) for n in (4, 5, 5))
+    m = torch.rand(4, 5) < 0.7
+    fn = torch.compile(lambda q, k, v: FR.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True),
+                       fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(q, k, v), F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True))
 
 
 @pytest.mark.parametrize("L, S", [(0, 4), (3, 0), (0, 0)])
@@ -793,8 +814,9 @@ def test_sdpa_dropout_bounds_and_scale_type_as_torch():
         for p in (1.5, -0.1):
             with pytest.raises(RuntimeError):
                 f(q, q, q, dropout_p=p)
-        with pytest.raises(TypeError, match="scale"):
-            f(q, q, q, scale="a")
+        for bad in ("a", torch.tensor([0.5])):
+            with pytest.raises(TypeError, match="scale"):
+                f(q, q, q, scale=bad)
         assert_close(f(q, q, q, scale=2), FR.scaled_dot_product_attention(q, q, q, scale=2.0))
 
 
@@ -835,6 +857,16 @@ def test_mha_answers_as_torch_where_torch_takes_its_native_path():
     x = torch.randn(2, 3, 8)
     full = torch.zeros(3, 3, dtype=torch.bool)
     full[1] = True
+    nobias = fastrnn.MultiheadAttention(8, 2, batch_first=True, bias=False).eval()
+    nobias_ref = nn.MultiheadAttention(8, 2, batch_first=True, bias=False).eval()
+    nobias.load_state_dict(nobias_ref.state_dict())
+    with torch.no_grad():  # (bias=False: torch merges the masks, then runs its general path)
+        for mask in (torch.zeros(1, 1, 3, 3, dtype=torch.bool), torch.zeros(2, 2, 3, 3, dtype=torch.bool)):
+            with pytest.raises(Exception) as want:
+                nobias_ref(x, x, x, attn_mask=mask)
+            with pytest.raises(want.type):
+                nobias(x, x, x, attn_mask=mask)
+        torch.testing.assert_close(nobias(x, x, x), nobias_ref(x, x, x), rtol=0, atol=0)
     calls = [dict(attn_mask=full, need_weights=False), dict(is_causal=True, need_weights=False),
              dict(attn_mask=torch.zeros(1, 1, 3, 3, dtype=torch.bool)), dict(attn_mask=torch.randn(3, 3)),
              dict(key_padding_mask=torch.tensor([[False, False, True], [False, False, False]]))]

@@ -231,8 +231,8 @@ class MultiheadAttention(nn.Module):
         if (not self.batch_first or self.training or query.dim() != 3 or query is not key or key is not value
                 or torch.compiler.is_compiling() or not torch.backends.mha.get_fastpath_enabled()):
             return False
-        if self.in_proj_weight is None or self.in_proj_bias is None or self.num_heads % 2:
-            return False
+        if self.in_proj_weight is None or self.num_heads % 2:  # (bias=False: torch's forward still merges
+            return False                                            # the masks first, then its general path)
         args = (query, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
         return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args))
 
