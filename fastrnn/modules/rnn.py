@@ -352,8 +352,9 @@ class _RNNBase(TorchNNTwin, nn.Module):
     def _promotes_c0(self, c0, data, batch_sizes) -> bool:
         """Whether torch.nn's LSTM takes this c_0 of another dtype: outside its oneDNN path (used
         for a dense float32/bfloat16/float16 input without projection) it computes c' = f c + i g
-        with c_0 promoted, so any c_0 whose dtype promotes to the input's (float32 or an integer
-        c_0 to float64, float16, bool or an integer to float32: exact) gives the input's dtype."""
+        with c_0 promoted, so any c_0 whose dtype promotes to the input's (a lower-precision float,
+        an integer or bool c_0) gives states in the input's dtype, with the values torch.nn's
+        promotion gives."""
         if c0.dtype == data.dtype or torch.promote_types(c0.dtype, data.dtype) != data.dtype:
             return False
         onednn = data.dtype != torch.float64 and batch_sizes is None and self.proj_size == 0
