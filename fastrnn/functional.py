@@ -370,11 +370,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if scale is not None and not isinstance(scale, numbers.Real) and not (
             isinstance(scale, torch.Tensor) and scale.dim() == 0):
         raise TypeError(f"{fn}: argument 'scale' must be float, not {type(scale).__name__}")
-    # (decided on key and value as given: torch's kernel takes the pair with grouped heads too)
-    causal_with_mask = is_causal and attn_mask is not None and _causal_with_mask(query, key, value, attn_mask,
-                                                                                 dropout_p, enable_gqa)
-    if enable_gqa:
-        key, value = _gqa_heads(query, key, value, fn)
+    if attn_mask is not None:
+        _check_tensor(attn_mask, "attn_mask", fn)  # (before the pair check reads its rank)
     if key.shape[-1] != query.shape[-1]:
         raise RuntimeError(f"{fn}: key.size(-1) must equal query.size(-1) = {query.shape[-1]}, "
                            f"got key of shape {list(key.shape)}")
@@ -383,9 +380,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            f"got value of shape {list(value.shape)}")
     if not 0.0 <= dropout_p <= 1.0:  # (torch's class; 1.0 drops everything, as torch's dropout)
         raise RuntimeError(f"{fn}: dropout_p: dropout probability has to be between 0 and 1, but got {dropout_p}")
-    if is_causal and attn_mask is not None and not causal_with_mask:
+    # (on key and value as given, before enable_gqa repeats their heads: torch decides so)
+    if is_causal and attn_mask is not None and not _causal_with_mask(query, key, value, attn_mask, dropout_p,
+                                                                     enable_gqa):
         raise RuntimeError(f"{fn}: Explicit attn_mask should not be set when is_causal=True (torch takes both only "
                            "where its CPU flash kernel runs: see _causal_with_mask)")
+    if enable_gqa:  # (after the checks that do not need the heads: no copy for a call that fails)
+        key, value = _gqa_heads(query, key, value, fn)
     try:
         lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     except RuntimeError:

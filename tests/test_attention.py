@@ -817,6 +817,8 @@ def test_sdpa_dropout_bounds_and_scale_type_as_torch():
         for bad in ("a", torch.tensor([0.5])):
             with pytest.raises(TypeError, match="scale"):
                 f(q, q, q, scale=bad)
+        with pytest.raises(TypeError, match="attn_mask"):  # (not read as a tensor by the pair check)
+            f(q, q, q, attn_mask=[1], is_causal=True)
         assert_close(f(q, q, q, scale=2), FR.scaled_dot_product_attention(q, q, q, scale=2.0))
 
 
@@ -875,6 +877,26 @@ def test_mha_answers_as_torch_where_torch_takes_its_native_path():
             got, want = ours(x, x, x, **kw), theirs(x, x, x, **kw)
             torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
             assert got[0].stride() == want[0].stride()
+
+
+def test_mha_without_masks_runs_the_fused_kernel_on_torchs_native_path(monkeypatch):
+    """Without masks torch's native path answers as its general one (up to rounding), so fastrnn's
+    fused attention runs there (what benchmarks/bench_attention.py measures), in torch's
+    contiguous layout; with a mask torch.nn's forward runs instead."""
+    calls = []
+    real = FR.scaled_dot_product_attention
+    monkeypatch.setattr(FR, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours = fastrnn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        got, want = ours(x, x, x, need_weights=False), theirs(x, x, x, need_weights=False)
+        assert calls == [1] and got[0].stride() == want[0].stride()
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        ours(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
+        assert calls == [1]
 
 
 @pytest.mark.parametrize("method", ["general", "dot"])

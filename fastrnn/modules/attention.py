@@ -157,8 +157,9 @@ class MultiheadAttention(nn.Module):
     With need_weights=False the attention runs on fastrnn's fused scaled-dot-product kernel
     (CPU float32/float64). need_weights=True has to form the [B, H, L, S] weights anyway and
     computes them as torch does. Where torch.nn would take its native inference path (eval, no
-    grad, batch-first self-attention, ...: see _torch_native_path), torch.nn's forward runs, so
-    the answers are torch.nn's exactly, quirks of that path included.
+    grad, batch-first self-attention, ...: see _torch_native_path) with masks or is_causal,
+    torch.nn's forward runs, so the answers are torch.nn's exactly, quirks of that path included;
+    without them the fused kernel runs and returns that path's contiguous layout.
     """
 
     __constants__ = ["batch_first"]
@@ -223,18 +224,22 @@ class MultiheadAttention(nn.Module):
 
     def _torch_native_path(self, query, key, value) -> bool:
         """Whether torch.nn.MultiheadAttention may answer this call on its native inference path
-        (torch._native_multi_head_attention: eval, no grad, batch-first self-attention, ...). Its
-        answers there differ from its general path's (a contiguous [B, L, E] output, NaN for a
-        fully masked row, is_causal without a mask ignored, 4-D masks taken), so such calls run
-        torch.nn's forward itself, which decides as it always does. The tests here are the cheap
-        necessary ones; torch's own checks settle the rest."""
+        (torch._native_multi_head_attention: eval, no grad, batch-first self-attention, ...): the
+        cheap necessary tests; _native_layout adds the rest that decide it without masks."""
         if (not self.batch_first or self.training or query.dim() != 3 or query is not key or key is not value
                 or torch.compiler.is_compiling() or not torch.backends.mha.get_fastpath_enabled()):
             return False
-        if self.in_proj_weight is None or self.num_heads % 2:  # (bias=False: torch's forward still merges
-            return False                                            # the masks first, then its general path)
+        if self.in_proj_weight is None or self.num_heads % 2:
+            return False
         args = (query, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
         return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args))
+
+    def _native_layout(self, query) -> bool:
+        """(After _torch_native_path.) Whether torch.nn answers a call without masks natively: its
+        output is then a contiguous [B, L, E] (its general path returns a transposed view)."""
+        b = self.in_proj_bias
+        return (b is not None and query.dtype == b.dtype == self.in_proj_weight.dtype and self.bias_k is None
+                and self.bias_v is None and not self.add_zero_attn and not torch.is_autocast_enabled())
 
     def __setstate__(self, state):
         if "_qkv_same_embed_dim" not in state:
@@ -249,9 +254,14 @@ class MultiheadAttention(nn.Module):
         NOT attended, torch.nn's convention) or float (added).
         Returns (attn_output like query with E features, weights [B, L, S] averaged over heads or
         [B, num_heads, L, S], or None when need_weights=False)."""
-        if self._torch_native_path(query, key, value):
+        native = self._torch_native_path(query, key, value)
+        if native and (attn_mask is not None or key_padding_mask is not None or is_causal):
+            # With masks torch's native path answers otherwise than its general one (NaN for a
+            # fully masked row, is_causal without a mask ignored, 4-D masks taken; with
+            # bias=False it still merges the masks first): torch.nn's forward runs, and decides.
             return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                                  average_attn_weights, is_causal)
+        native = native and self._native_layout(query)
         is_batched = query.dim() == 3
         key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                              other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
@@ -278,6 +288,8 @@ class MultiheadAttention(nn.Module):
             average_attn_weights=average_attn_weights, is_causal=is_causal)
         if self.batch_first and is_batched:
             out = out.transpose(1, 0)
+            if native:
+                out = out.contiguous()
         return out, weights
 
 
