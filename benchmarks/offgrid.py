@@ -4,6 +4,7 @@ interleaved as bench.py does (its Spec, make_modules and time_pair), 9 rounds a 
 Prints one line per shape and mode; the README's "Off the grid" numbers come from it.
 
     .venv/bin/python benchmarks/offgrid.py --ab       # one step over a batch: fused step vs GEMMs
+    .venv/bin/python benchmarks/offgrid.py --data     # the grid's training over data (see data_input)
     .venv/bin/python benchmarks/offgrid.py            # every shape
     .venv/bin/python benchmarks/offgrid.py 0 1 11     # shapes by index
 """
@@ -70,10 +71,35 @@ def single_step_ab():
         os.environ.pop("FASTRNN_FUSE_INPUT", None)
 
 
+# The standard grid's single-layer shapes (bench.py's cases), for data_input.
+GRID = {"fastrnns-default": (100, 64, 512, 512), "small-batch": (100, 1, 256, 256), "mid": (100, 16, 256, 256),
+        "large-hidden": (50, 32, 1024, 1024), "long-seq": (1000, 8, 128, 128)}
+
+
+def data_input():
+    """Training where the layer's input is data (needs no gradient, as in a model whose first
+    layer is the RNN): the backward ops then skip grad_input (their output_mask), and torch.nn's
+    LSTM (oneDNN) computes it anyway. bench.py's training rows give the input requires_grad, so
+    they time grad_input on both sides. Per grid shape and cell, both sides interleaved, 9 rounds."""
+    print("training, input needs no gradient: nn ms, fastrnn ms, speedup (nn / fastrnn)")
+    for cell in ("LSTM", "GRU", "RNN"):
+        for case, (T, B, I, H) in GRID.items():
+            spec = bench.Spec(case, cell, T, B, I, H)
+            base, fast = bench.make_modules(spec)
+            x = bench.make_input(spec)  # (requires no grad)
+            ta, tb, _ = bench.time_pair(bench.make_runner(base, x, "training"),
+                                        bench.make_runner(fast, x, "training"), 9, 2, 0.05)
+            a, b = statistics.median(ta), statistics.median(tb)
+            print(f"{cell:4s} {case:16s} {spec.shape:20s} nn {a * 1e3:8.3f}  fastrnn {b * 1e3:8.3f}  {a / b:5.2f}x",
+                  flush=True)
+
+
 def main(argv):
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if argv == ["--ab"]:
         return single_step_ab()
+    if argv == ["--data"]:
+        return data_input()
     pick = {int(a) for a in argv}
     print(f"threads {torch.get_num_threads()}; nn ms, fastrnn ms, speedup (nn / fastrnn)")
     for i, (cell, T, B, I, H, L, bi) in enumerate(SHAPES):

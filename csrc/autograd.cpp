@@ -14,6 +14,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include <array>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -35,6 +36,37 @@ Tensor zeros_if_undefined(const Tensor& g, const Tensor& like) {
   // (sym_sizes: a packed input's batch under torch.compile is data-dependent, and sizes() would
   // have to specialise it)
   return g.defined() ? g : at::zeros({}, like.options()).expand_symint(like.sym_sizes());
+}
+
+// Where a recurrent forward's input, weights and biases, and initial states sit among its
+// arguments (the positions of their gradients among backward's results too).
+struct GradSlots {
+  std::vector<size_t> input, weights, states;
+};
+
+// A recurrent backward op's output_mask (csrc/registration.cpp): whether the input, any weight or
+// bias, any initial state needs a gradient. `args`: the forward's arguments up to its last tensor,
+// undefined where not given or not a tensor (autograd numbers its edges over the given tensors).
+std::array<bool, 3> needed_grads(AutogradContext* ctx, const variable_list& args, const GradSlots& at) {
+  auto any = [&](const std::vector<size_t>& ks) {
+    for (size_t k : ks) {
+      if (!args[k].defined()) continue;
+      size_t edge = 0;
+      for (size_t j = 0; j < k; ++j) edge += args[j].defined() ? 1 : 0;
+      if (ctx->needs_input_grad(edge)) return true;
+    }
+    return false;
+  };
+  return {any(at.input), any(at.weights), any(at.states)};
+}
+
+// backward's results with the gradients left out of `need` undefined (the op returned empty ones).
+variable_list masked(variable_list g, std::array<bool, 3> need, const GradSlots& at) {
+  const std::vector<size_t>* groups[3] = {&at.input, &at.weights, &at.states};
+  for (size_t i = 0; i < 3; ++i)
+    if (!need[i])
+      for (size_t k : *groups[i]) g[k] = Tensor();
+  return g;
 }
 
 template <typename Sig>
@@ -102,7 +134,8 @@ using LstmFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const OptT&, bool, bool);
 using LstmBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&,
-    const Tensor&, const Tensor&, const OptT&, bool, const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+    const Tensor&, const Tensor&, const OptT&, bool, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    std::array<bool, 3>);
 
 struct LstmFunction : public torch::autograd::Function<LstmFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
@@ -129,12 +162,15 @@ struct LstmFunction : public torch::autograd::Function<LstmFunction> {
     if (at::GradMode::is_enabled())  // (batch_sizes, reverse, train: no gradient)
       return reference_backward("lstm", s, 9, {grads[0], grads[1], grads[2]}, 11, reverse);
     static const auto op = op_handle<LstmBwdSig>("fastrnn::lstm_backward");
+    static const GradSlots at{{0}, {1, 2, 3, 4, 5}, {6, 7}};
+    const auto need = needed_grads(ctx, variable_list(s.begin(), s.begin() + 9), at);
     auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, ghx, gcx] =
         op.call(zeros_if_undefined(grads[0], out), zeros_if_undefined(grads[1], hx), zeros_if_undefined(grads[2], cx),
-                input, w_ih, w_hh, as_opt(w_hr), hx, cx, as_opt(bsz), reverse, out, s[10], s[11], s[12]);
+                input, w_ih, w_hh, as_opt(w_hr), hx, cx, as_opt(bsz), reverse, out, s[10], s[11], s[12], need);
     const bool bias = b_ih.defined();
-    return {gi, gw_ih, gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), w_hr.defined() ? gw_hr : Tensor(),
-            ghx, gcx, Tensor(), Tensor(), Tensor()};
+    return masked({gi, gw_ih, gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(),
+                   w_hr.defined() ? gw_hr : Tensor(), ghx, gcx, Tensor(), Tensor(), Tensor()},
+                  need, at);
   }
 };
 
@@ -153,7 +189,7 @@ using LstmBidirBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&,
     const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, std::array<bool, 3>);
 using T12 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using LstmBidirFwdSig = T12(const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&, const OptT&,
                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&,
@@ -190,17 +226,21 @@ struct LstmBidirFunction : public torch::autograd::Function<LstmBidirFunction> {
               gr[4], gr[5], gr[6], gr[7], Tensor(), Tensor()};
     }
     static const auto op = op_handle<LstmBidirBwdSig>("fastrnn::lstm_bidir_backward");
+    static const GradSlots at{{0}, {1, 2, 3, 4, 5, 8, 9, 10, 11, 12}, {6, 7, 13, 14}};
+    const auto need = needed_grads(
+        ctx, {f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], r[1], r[2], r[3], r[4], r[5], r[6], r[7], f[8]}, at);
     auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, ghx, gcx, gw_ih_r, gw_hh_r, gb_ih_r, gb_hh_r, gw_hr_r, ghx_r, gcx_r] =
         op.call(zeros_if_undefined(grads[0], f[9]), zeros_if_undefined(grads[1], f[6]),
                 zeros_if_undefined(grads[2], f[7]), zeros_if_undefined(grads[6], r[9]),
                 zeros_if_undefined(grads[7], r[6]), zeros_if_undefined(grads[8], r[7]), f[0], f[1], f[2], as_opt(f[5]),
                 f[6], f[7], r[1], r[2], as_opt(r[5]), r[6], r[7], as_opt(f[8]), f[9], f[10], f[11], f[12], r[9],
-                r[10], r[11], r[12]);
+                r[10], r[11], r[12], need);
     // A gradient for each optional argument only where it was given (f[3] b_ih, f[5] w_hr).
     auto given = [](const Tensor& arg, const Tensor& grad) { return arg.defined() ? grad : Tensor(); };
-    return {gi, gw_ih, gw_hh, given(f[3], gb_ih), given(f[3], gb_hh), given(f[5], gw_hr), ghx, gcx,
-            /* reverse direction: */ gw_ih_r, gw_hh_r, given(r[3], gb_ih_r), given(r[3], gb_hh_r),
-            given(r[5], gw_hr_r), ghx_r, gcx_r, Tensor(), Tensor()};
+    return masked({gi, gw_ih, gw_hh, given(f[3], gb_ih), given(f[3], gb_hh), given(f[5], gw_hr), ghx, gcx,
+                   /* reverse direction: */ gw_ih_r, gw_hh_r, given(r[3], gb_ih_r), given(r[3], gb_hh_r),
+                   given(r[5], gw_hr_r), ghx_r, gcx_r, Tensor(), Tensor()},
+                  need, at);
   }
 };
 
@@ -219,7 +259,10 @@ using GruFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, cons
                                                              const OptT&, const Tensor&, const OptT&, bool, bool);
 using GruBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&, bool,
-    const Tensor&, const Tensor&, const Tensor&);
+    const Tensor&, const Tensor&, const Tensor&, std::array<bool, 3>);
+
+// The GRU's and RNN's forward arguments: input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, ...
+const GradSlots kGruRnnSlots{{0}, {1, 2, 3, 4}, {5}};
 
 struct GruFunction : public torch::autograd::Function<GruFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
@@ -242,11 +285,14 @@ struct GruFunction : public torch::autograd::Function<GruFunction> {
     const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &hx = s[5], &bsz = s[6], &out = s[7];
     if (at::GradMode::is_enabled()) return reference_backward("gru", s, 7, {grads[0], grads[1]}, 9, reverse);
     static const auto op = op_handle<GruBwdSig>("fastrnn::gru_backward");
+    const auto need = needed_grads(ctx, variable_list(s.begin(), s.begin() + 7), kGruRnnSlots);
     auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx] =
         op.call(zeros_if_undefined(grads[0], out), zeros_if_undefined(grads[1], hx), input, w_ih, w_hh, hx,
-                as_opt(bsz), reverse, out, s[8], s[9]);
+                as_opt(bsz), reverse, out, s[8], s[9], need);
     const bool bias = b_ih.defined();
-    return {gi, gw_ih, gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), ghx, Tensor(), Tensor(), Tensor()};
+    return masked({gi, gw_ih, gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), ghx, Tensor(), Tensor(),
+                   Tensor()},
+                  need, kGruRnnSlots);
   }
 };
 
@@ -263,7 +309,7 @@ using RnnFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const
                                              const Tensor&, const OptT&, bool, bool);
 using RnnBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&, bool, bool,
-    const Tensor&);
+    const Tensor&, std::array<bool, 3>);
 
 struct RnnFunction : public torch::autograd::Function<RnnFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
@@ -286,11 +332,14 @@ struct RnnFunction : public torch::autograd::Function<RnnFunction> {
     const Tensor &input = s[0], &w_ih = s[1], &w_hh = s[2], &b_ih = s[3], &hx = s[5], &bsz = s[6], &out = s[7];
     if (at::GradMode::is_enabled()) return reference_backward("rnn", s, 7, {grads[0], grads[1]}, 9, reverse, relu);
     static const auto op = op_handle<RnnBwdSig>("fastrnn::rnn_backward");
+    const auto need = needed_grads(ctx, variable_list(s.begin(), s.begin() + 7), kGruRnnSlots);
     auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx] = op.call(zeros_if_undefined(grads[0], out),
                                                          zeros_if_undefined(grads[1], hx), input, w_ih, w_hh, hx,
-                                                         as_opt(bsz), reverse, relu, out);
+                                                         as_opt(bsz), reverse, relu, out, need);
     const bool bias = b_ih.defined();
-    return {gi, gw_ih, gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), ghx, Tensor(), Tensor(), Tensor()};
+    return masked({gi, gw_ih, gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), ghx, Tensor(), Tensor(),
+                   Tensor()},
+                  need, kGruRnnSlots);
   }
 };
 
@@ -316,10 +365,11 @@ using RnnBidirFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&,
 using GruBidirBwdSig = GruRnnBidirBwdRet(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                          const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
-                                         const Tensor&, const Tensor&, const Tensor&);
+                                         const Tensor&, const Tensor&, const Tensor&, std::array<bool, 3>);
 using RnnBidirBwdSig = GruRnnBidirBwdRet(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                          const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                         const Tensor&, const OptT&, bool, const Tensor&, const Tensor&);
+                                         const Tensor&, const OptT&, bool, const Tensor&, const Tensor&,
+                                         std::array<bool, 3>);
 
 template <bool Gru>
 struct GruRnnBidirFunction : public torch::autograd::Function<GruRnnBidirFunction<Gru>> {
@@ -367,21 +417,25 @@ struct GruRnnBidirFunction : public torch::autograd::Function<GruRnnBidirFunctio
       const Tensor gi = !gf[0].defined() ? gr[0] : !gr[0].defined() ? gf[0] : gf[0] + gr[0];
       return {gi, gf[1], gf[2], gf[3], gf[4], gf[5], gr[1], gr[2], gr[3], gr[4], gr[5], Tensor(), Tensor()};
     }
+    static const GradSlots at{{0}, {1, 2, 3, 4, 6, 7, 8, 9}, {5, 10}};
+    const auto need =
+        needed_grads(ctx, {f[0], f[1], f[2], f[3], f[4], f[5], r[1], r[2], r[3], r[4], r[5], f[6]}, at);
     GruRnnBidirBwdRet g;
     const Tensor a0 = zeros_if_undefined(go, f[7]), a1 = zeros_if_undefined(ghy, f[5]),
                  a2 = zeros_if_undefined(go_r, r[7]), a3 = zeros_if_undefined(ghy_r, r[5]);
     if constexpr (Gru) {
       static const auto op = op_handle<GruBidirBwdSig>("fastrnn::gru_bidir_backward");
       g = op.call(a0, a1, a2, a3, f[0], f[1], f[2], f[5], r[1], r[2], r[5], as_opt(f[6]), f[7], f[8], f[9], r[7],
-                  r[8], r[9]);
+                  r[8], r[9], need);
     } else {
       static const auto op = op_handle<RnnBidirBwdSig>("fastrnn::rnn_bidir_backward");
-      g = op.call(a0, a1, a2, a3, f[0], f[1], f[2], f[5], r[1], r[2], r[5], as_opt(f[6]), relu, f[7], r[7]);
+      g = op.call(a0, a1, a2, a3, f[0], f[1], f[2], f[5], r[1], r[2], r[5], as_opt(f[6]), relu, f[7], r[7], need);
     }
     auto [gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx, gw_ih_r, gw_hh_r, gb_ih_r, gb_hh_r, ghx_r] = g;
     const bool bias = f[3].defined(), bias_r = r[3].defined();
-    return {gi,      gw_ih,   gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), ghx,
-            gw_ih_r, gw_hh_r, bias_r ? gb_ih_r : Tensor(), bias_r ? gb_hh_r : Tensor(), ghx_r, Tensor(), Tensor()};
+    return masked({gi, gw_ih, gw_hh, bias ? gb_ih : Tensor(), bias ? gb_hh : Tensor(), ghx, gw_ih_r, gw_hh_r,
+                   bias_r ? gb_ih_r : Tensor(), bias_r ? gb_hh_r : Tensor(), ghx_r, Tensor(), Tensor()},
+                  need, at);
   }
 };
 

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -18,6 +19,26 @@ namespace fastrnn {
 enum class Cell { LSTM, GRU, RNN };
 
 inline int64_t gates_of(Cell c) { return c == Cell::LSTM ? 4 : (c == Cell::GRU ? 3 : 1); }
+
+// A backward op's output_mask (csrc/registration.cpp): which gradients to compute.
+struct GradMask {
+  bool input = true, weights = true, state = true;
+  GradMask() = default;
+  explicit GradMask(std::array<bool, 3> m) : input(m[0]), weights(m[1]), state(m[2]) {}
+};
+
+// Replaces the gradients `m` leaves out with empty tensors (G: a kernel's BackwardOut). The
+// kernels skip their work; this makes what they return say so whatever they skipped.
+template <typename G>
+void drop_unmasked(G& g, GradMask m, const at::TensorOptions& opts) {
+  // (a fresh one each: an op's outputs must not alias each other)
+  auto none = [&](std::initializer_list<at::Tensor*> ts) {
+    for (at::Tensor* t : ts) *t = at::empty({0}, opts);
+  };
+  if (!m.input) none({&g.grad_input});
+  if (!m.weights) none({&g.grad_w_ih, &g.grad_w_hh, &g.grad_b_ih, &g.grad_b_hh, &g.grad_w_hr});
+  if (!m.state) none({&g.grad_hx, &g.grad_cx});
+}
 
 struct RecurrentShape {
   int64_t I = 0, H = 0, P = 0, G = 0;  // input, hidden, state (proj_size or H) sizes; gates per unit

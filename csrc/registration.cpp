@@ -6,6 +6,10 @@
 // [T, B, I], or packed [N, I] when `batch_sizes` ([T], int64, CPU, non-increasing) is given.
 // The *_forward ops return the output and final state, then the workspace backward needs
 // (empty tensors when train=False).
+// The *_backward ops' output_mask says which gradients to compute: the input's, the weights' and
+// biases', the initial states'. Each one left out is not computed and comes back as an empty
+// tensor (autograd passes which of the forward's inputs need a gradient: a layer over data needs
+// no grad_input, a frozen layer no weight gradients).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastrnn, m) {
@@ -16,21 +20,24 @@ TORCH_LIBRARY(fastrnn, m) {
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor w_ih, Tensor w_hh, "
       "Tensor? w_hr, Tensor hx, Tensor cx, Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, "
-      "Tensor cells, Tensor proj_input) -> (Tensor grad_input, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor cells, Tensor proj_input, bool[3] output_mask=[True, True, True]) -> (Tensor grad_input, Tensor grad_w_ih, "
+      "Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_hx, Tensor grad_cx)");
   m.def(
       "gru_forward(Tensor input, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor hx, "
       "Tensor? batch_sizes, bool reverse, bool train) -> (Tensor output, Tensor hy, Tensor gates, Tensor hn)");
   m.def(
       "gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor w_ih, Tensor w_hh, Tensor hx, "
-      "Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor hn) -> (Tensor grad_input, "
+      "Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor hn, bool[3] output_mask=[True, True, True]) -> "
+      "(Tensor grad_input, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx)");
   m.def(
       "rnn_forward(Tensor input, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor hx, "
       "Tensor? batch_sizes, bool reverse, bool relu) -> (Tensor output, Tensor hy)");
   m.def(
       "rnn_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor w_ih, Tensor w_hh, Tensor hx, "
-      "Tensor? batch_sizes, bool reverse, bool relu, Tensor output) -> (Tensor grad_input, Tensor grad_w_ih, "
+      "Tensor? batch_sizes, bool reverse, bool relu, Tensor output, bool[3] output_mask=[True, True, True]) -> "
+      "(Tensor grad_input, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx)");
   // Both directions of a bidirectional layer in one call (run at once where the CPU has
   // two threads): the arguments of lstm_forward / lstm_backward for the forward direction, then
@@ -47,7 +54,8 @@ TORCH_LIBRARY(fastrnn, m) {
       "Tensor grad_hy_r, Tensor grad_cy_r, Tensor input, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor hx, "
       "Tensor cx, Tensor w_ih_r, Tensor w_hh_r, Tensor? w_hr_r, Tensor hx_r, Tensor cx_r, Tensor? batch_sizes, "
       "Tensor output, Tensor gates, Tensor cells, Tensor proj_input, Tensor output_r, Tensor gates_r, "
-      "Tensor cells_r, Tensor proj_input_r) -> (Tensor grad_input, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor cells_r, Tensor proj_input_r, bool[3] output_mask=[True, True, True]) -> (Tensor grad_input, Tensor grad_w_ih, "
+      "Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih_r, "
       "Tensor grad_w_hh_r, Tensor grad_b_ih_r, Tensor grad_b_hh_r, Tensor grad_w_hr_r, Tensor grad_hx_r, "
       "Tensor grad_cx_r)");
@@ -60,7 +68,8 @@ TORCH_LIBRARY(fastrnn, m) {
   m.def(
       "gru_bidir_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_output_r, Tensor grad_hy_r, Tensor input, "
       "Tensor w_ih, Tensor w_hh, Tensor hx, Tensor w_ih_r, Tensor w_hh_r, Tensor hx_r, Tensor? batch_sizes, "
-      "Tensor output, Tensor gates, Tensor hn, Tensor output_r, Tensor gates_r, Tensor hn_r) -> (Tensor grad_input, "
+      "Tensor output, Tensor gates, Tensor hn, Tensor output_r, Tensor gates_r, Tensor hn_r, "
+      "bool[3] output_mask=[True, True, True]) -> (Tensor grad_input, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx, Tensor grad_w_ih_r, "
       "Tensor grad_w_hh_r, Tensor grad_b_ih_r, Tensor grad_b_hh_r, Tensor grad_hx_r)");
   m.def(
@@ -70,7 +79,8 @@ TORCH_LIBRARY(fastrnn, m) {
   m.def(
       "rnn_bidir_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_output_r, Tensor grad_hy_r, Tensor input, "
       "Tensor w_ih, Tensor w_hh, Tensor hx, Tensor w_ih_r, Tensor w_hh_r, Tensor hx_r, Tensor? batch_sizes, "
-      "bool relu, Tensor output, Tensor output_r) -> (Tensor grad_input, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "bool relu, Tensor output, Tensor output_r, bool[3] output_mask=[True, True, True]) -> (Tensor grad_input, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx, Tensor grad_w_ih_r, Tensor grad_w_hh_r, "
       "Tensor grad_b_ih_r, Tensor grad_b_hh_r, Tensor grad_hx_r)");
   // x copied into a fresh contiguous tensor, with an identity gradient: what recurrent_stack

@@ -90,16 +90,30 @@ def _lstm_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes,
     return out, hx.new_empty(hx.shape), cx.new_empty(cx.shape), gates, cells, proj
 
 
+_FULL_MASK = (True, True, True)
+
+
+def _masked(grads, output_mask, weights, states):
+    """The backward ops' results with those output_mask leaves out (input, weights, states) empty,
+    as the kernels return them."""
+    torch._check(len(output_mask) == 3, lambda: f"output_mask: expected 3 bools (input, weights, states), got "
+                 f"{len(output_mask)}")
+    groups = ((0,), weights, states)
+    return tuple(g.new_empty((0,)) if any(i in groups[k] and not output_mask[k] for k in range(3)) else g
+                 for i, g in enumerate(grads))
+
+
 @_register_fake("lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, reverse,
-                        output, gates, cells, proj_input):
+                        output, gates, cells, proj_input, output_mask=_FULL_MASK):
     _check_devices("fastrnn.lstm_backward", input, grad_output=grad_output, grad_hy=grad_hy, grad_cy=grad_cy,
                    w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, hx=hx, cx=cx, batch_sizes=batch_sizes, output=output,
                    gates=gates, cells=cells, proj_input=proj_input)
     H = w_ih.shape[0] // 4
     gw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty((0,))
-    return (input.new_empty(input.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), input.new_empty((4 * H,)),
-            input.new_empty((4 * H,)), gw_hr, hx.new_empty(hx.shape), cx.new_empty(cx.shape))
+    return _masked((input.new_empty(input.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+                    input.new_empty((4 * H,)), input.new_empty((4 * H,)), gw_hr, hx.new_empty(hx.shape),
+                    cx.new_empty(cx.shape)), output_mask, (1, 2, 3, 4, 5), (6, 7))
 
 
 @_register_fake("lstm_bidir_forward")
@@ -112,11 +126,11 @@ def _lstm_bidir_forward_fake(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, w_ih_r
 @_register_fake("lstm_bidir_backward")
 def _lstm_bidir_backward_fake(grad_output, grad_hy, grad_cy, grad_output_r, grad_hy_r, grad_cy_r, input, w_ih, w_hh,
                               w_hr, hx, cx, w_ih_r, w_hh_r, w_hr_r, hx_r, cx_r, batch_sizes, output, gates, cells,
-                              proj_input, output_r, gates_r, cells_r, proj_input_r):
+                              proj_input, output_r, gates_r, cells_r, proj_input_r, output_mask=_FULL_MASK):
     f = _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, w_ih, w_hh, w_hr, hx, cx, batch_sizes, False,
-                            output, gates, cells, proj_input)
+                            output, gates, cells, proj_input, output_mask)
     r = _lstm_backward_fake(grad_output_r, grad_hy_r, grad_cy_r, input, w_ih_r, w_hh_r, w_hr_r, hx_r, cx_r,
-                            batch_sizes, True, output_r, gates_r, cells_r, proj_input_r)
+                            batch_sizes, True, output_r, gates_r, cells_r, proj_input_r, output_mask)
     return f + r[1:]
 
 
@@ -139,12 +153,18 @@ def _rnn_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, r
 
 
 def _gru_rnn_backward_fake(gates_per_h):
-    def fake(grad_output, grad_hy, input, w_ih, w_hh, hx, batch_sizes, reverse, *rest):
+    # rest: (gru) output, gates, hn; (rnn) relu, output; then output_mask where given
+    n_rest = 3 if gates_per_h == 3 else 2
+
+    def fake(grad_output, grad_hy, input, w_ih, w_hh, hx, batch_sizes, reverse, *rest, output_mask=_FULL_MASK):
+        if len(rest) > n_rest:
+            rest, output_mask = rest[:n_rest], rest[n_rest]
         _check_devices("fastrnn backward", input, grad_output=grad_output, grad_hy=grad_hy, w_ih=w_ih, w_hh=w_hh,
                        hx=hx, batch_sizes=batch_sizes, **{f"arg{i}": t for i, t in enumerate(rest)})
         G = w_ih.shape[0]
-        return (input.new_empty(input.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), input.new_empty((G,)),
-                input.new_empty((G,)), hx.new_empty(hx.shape))
+        return _masked((input.new_empty(input.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+                        input.new_empty((G,)), input.new_empty((G,)), hx.new_empty(hx.shape)),
+                       output_mask, (1, 2, 3, 4), (5,))
     return fake
 
 
@@ -169,12 +189,18 @@ def _rnn_bidir_forward_fake(input, w_ih, w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b
 def _gru_rnn_bidir_backward_fake(gates_per_h):
     one = _gru_rnn_backward_fake(gates_per_h)
 
+    n_rest = 6 if gates_per_h == 3 else 3
+
     def fake(grad_output, grad_hy, grad_output_r, grad_hy_r, input, w_ih, w_hh, hx, w_ih_r, w_hh_r, hx_r,
-             batch_sizes, *rest):
-        # rest: (gru) output, gates, hn, output_r, gates_r, hn_r; (rnn) relu, output, output_r
+             batch_sizes, *rest, output_mask=_FULL_MASK):
+        # rest: (gru) output, gates, hn, output_r, gates_r, hn_r; (rnn) relu, output, output_r; then
+        # output_mask where given
+        if len(rest) > n_rest:
+            rest, output_mask = rest[:n_rest], rest[n_rest]
         saved, saved_r = (rest[:3], rest[3:]) if gates_per_h == 3 else ((rest[0], rest[1]), (rest[0], rest[2]))
-        f = one(grad_output, grad_hy, input, w_ih, w_hh, hx, batch_sizes, False, *saved)
-        r = one(grad_output_r, grad_hy_r, input, w_ih_r, w_hh_r, hx_r, batch_sizes, True, *saved_r)
+        f = one(grad_output, grad_hy, input, w_ih, w_hh, hx, batch_sizes, False, *saved, output_mask=output_mask)
+        r = one(grad_output_r, grad_hy_r, input, w_ih_r, w_hh_r, hx_r, batch_sizes, True, *saved_r,
+                output_mask=output_mask)
         return f + r[1:]
     return fake
 

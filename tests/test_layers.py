@@ -539,6 +539,73 @@ def test_grad_output_layouts_match_torch(size, cfg, form, packed):
         assert_close(a, b)
 
 
+# Which of a layer's inputs need a gradient: x (the input), h (the initial states), w (the
+# parameters); the backward ops compute only those (their output_mask).
+NEEDS = ["x", "h", "w", "xh", "xw", "hw"]
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("size,cfg", GRAD_CASES)
+def test_gradients_of_some_inputs_match_torch(size, cfg, packed, needs):
+    """A layer over data needs no grad_input, an initial state that needs no gradient spares the
+    last step's recurrent product, a frozen layer needs no weight gradients: the backward skips
+    each, and every gradient asked for must still be torch.nn's, in each of its step loops."""
+    kind = cfg[0]
+    T, B, I, H = GRAD_SIZES[size]
+    ref, ours = make_pair(kind, I, H, **kwargs_of(cfg))
+    bf, D, L = ref.batch_first, 2 if ref.bidirectional else 1, ref.num_layers
+    x0 = torch.randn(B, T, I, dtype=torch.float64) if bf else torch.randn(T, B, I, dtype=torch.float64)
+    h0 = torch.randn(L * D, B, ref.proj_size or H, dtype=torch.float64)
+    c0 = torch.randn(L * D, B, H, dtype=torch.float64)
+    lengths = [T - (T * i) // (B + 1) for i in range(B)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for m in (ref, ours):
+            for p in m.parameters():
+                p.requires_grad_("w" in needs)
+            x = x0.clone().requires_grad_("x" in needs)
+            states = [t.clone().requires_grad_("h" in needs) for t in ((h0, c0) if kind == "LSTM" else (h0,))]
+            inp = pack_padded_sequence(x, lengths, batch_first=bf) if packed else x
+            out, h = m(inp, tuple(states) if kind == "LSTM" else states[0])
+            out = out.data if packed else out
+            torch.manual_seed(1)
+            loss = (out * torch.randn_like(out)).sum() + (flat(h)[0] * torch.randn_like(flat(h)[0])).sum()
+            wrt = ([x] if "x" in needs else []) + (states if "h" in needs else []) + \
+                (list(m.parameters()) if "w" in needs else [])
+            grads.append(torch.autograd.grad(loss, wrt))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(grads[1], grads[0]):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_backward_skips_the_gradients_no_one_needs(kind, monkeypatch, capfd):
+    """What the output_mask saves is work: FASTRNN_PROFILE names the backward's phases, and a layer
+    over data runs no grad_input product, a frozen one no weight-gradient products."""
+    monkeypatch.setenv("FASTRNN_PROFILE", "1")
+    m = getattr(fastrnn, kind)(64, 64)
+    x = torch.randn(20, 40, 64)
+
+    def phases(x_grad, w_grad):
+        for p in m.parameters():
+            p.requires_grad_(w_grad)
+        out, _ = m(x.clone().requires_grad_(x_grad))
+        capfd.readouterr()
+        out.sum().backward()
+        return capfd.readouterr().err
+
+    err = phases(True, True)
+    assert "grad_input" in err and "dW_hh" in err
+    err = phases(False, True)
+    assert "grad_input" not in err and "dW_hh" in err
+    err = phases(True, False)
+    assert "grad_input" in err and "dW_hh" not in err
+
+
 def test_constants_and_int_like_sizes_as_torch():
     """__constants__ as torch.nn's classes have them (RNNCell's lists nonlinearity), and sizes
     given as bools (ints to Python and to torch.nn) are taken as torch.nn takes them."""

@@ -90,7 +90,8 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
         out, hy, cy, gates, cells, pin = ops.lstm_forward(*fwd.values())
         return OrderedDict(grad_output=randn(gen, *out.shape), grad_hy=randn(gen, *hy.shape),
                            grad_cy=randn(gen, *cy.shape), input=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, hx=hx, cx=cx,
-                           batch_sizes=bsz, reverse=False, output=out, gates=gates, cells=cells, proj_input=pin)
+                           batch_sizes=bsz, reverse=False, output=out, gates=gates, cells=cells, proj_input=pin,
+                           output_mask=[True, True, True])
     if cell == "gru":
         fwd = OrderedDict(input=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, hx=hx, batch_sizes=bsz, reverse=False,
                           train=True)
@@ -98,14 +99,16 @@ def base_args(op: str, variant: str, batch: int = B) -> "OrderedDict[str, object
             return fwd
         out, hy, gates, hn = ops.gru_forward(*fwd.values())
         return OrderedDict(grad_output=randn(gen, *out.shape), grad_hy=randn(gen, *hy.shape), input=x, w_ih=w_ih,
-                           w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, output=out, gates=gates, hn=hn)
+                           w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, output=out, gates=gates, hn=hn,
+                           output_mask=[True, True, True])
     fwd = OrderedDict(input=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, hx=hx, batch_sizes=bsz, reverse=False,
                       relu=False)
     if kind == "forward":
         return fwd
     out, hy = ops.rnn_forward(*fwd.values())
     return OrderedDict(grad_output=randn(gen, *out.shape), grad_hy=randn(gen, *hy.shape), input=x, w_ih=w_ih,
-                       w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, relu=False, output=out)
+                       w_hh=w_hh, hx=hx, batch_sizes=bsz, reverse=False, relu=False, output=out,
+                       output_mask=[True, True, True])
 
 
 def bidir_base_args(cell: str, kind: str, variant: str, batch: int = B) -> "OrderedDict[str, object]":
@@ -132,6 +135,7 @@ def bidir_base_args(cell: str, kind: str, variant: str, batch: int = B) -> "Orde
         for sfx, t in (("", res[i]), ("_r", res[len(outs) + i])):
             vals[name + sfx] = t
             vals["grad_" + name + sfx] = _randn(gen, *t.shape).to(t.dtype)
+    vals["output_mask"] = [True, True, True]
     return OrderedDict((k, vals[k]) for k in schema_names(cell + "_backward"))
 
 
@@ -485,7 +489,19 @@ def build_cases() -> list[Case]:
                 if isinstance(value, bool):
                     cases.append(Case(op, variant, arg, "str", "error", _set(arg, "yes")))
                     cases.append(Case(op, variant, arg, "tensor", "error", _set(arg, torch.ones(2))))
-            cases.append(Case(op, variant, "args", "too_few", "error", lambda a: OrderedDict(list(a.items())[:-1])))
+            # the recurrent backward ops' output_mask (input, weights, states): a list of 3 bools, which
+            # may be left out (all computed)
+            if "output_mask" in args:
+                for what, v in (("short", [True]), ("long", [True] * 4), ("str", "yes"), ("None", None),
+                                ("tensor", torch.ones(3, dtype=torch.bool))):
+                    cases.append(Case(op, variant, "output_mask", what, "error", _set("output_mask", v)))
+                cases.append(Case(op, variant, "output_mask", "all_false", "ok", _set("output_mask", [False] * 3)))
+                cases.append(Case(op, variant, "output_mask", "omitted", "same",
+                                  lambda a: OrderedDict(list(a.items())[:-1])))
+            # (the last argument without a default value left out)
+            n_required = len(args) - ("output_mask" in args)
+            cases.append(Case(op, variant, "args", "too_few", "error",
+                              lambda a, n=n_required: OrderedDict(list(a.items())[:n - 1])))
             cases.append(Case(op, variant, "args", "too_many", "error",
                               lambda a: OrderedDict(list(a.items()) + [("extra", torch.ones(1))])))
             cases.append(Case(op, variant, "all", "meta", "ok",
@@ -569,8 +585,9 @@ def _expected_shapes_ok(op, args, res):
         value = args["value"] if op.startswith("sdpa") else args["values"]
         return tuple(out[0].shape) == (*first.shape[:-1], value.shape[-1])
     if op.endswith("_backward"):
-        return all(isinstance(t, torch.Tensor) for t in out) and tuple(out[0].shape) == tuple(
-            args["input"].shape)
+        # (grad_input: empty where output_mask leaves it out)
+        gi_shape = tuple(args["input"].shape) if args.get("output_mask", [True])[0] else (0,)
+        return all(isinstance(t, torch.Tensor) for t in out) and tuple(out[0].shape) == gi_shape
     H_out = args["w_hr"].shape[0] if args.get("w_hr") is not None else args["w_ih"].shape[0] // GATES[cell_kind(op)[0]]
     return tuple(out[0].shape) == (*args["input"].shape[:-1], H_out) and tuple(out[1].shape) == tuple(
         args["hx"].shape)

@@ -253,6 +253,27 @@ def test_opcheck_forward(name, packed, fuse, monkeypatch):
         torch.library.opcheck(op, args)
 
 
+# output_mask: (input, weights and biases, initial states)
+MASKS = [(True, True, True), (False, True, True), (True, False, True), (True, True, False), (False, False, True),
+         (False, True, False)]
+
+
+def check_masked_results(op, args, names, groups):
+    """op run with each output_mask: what the mask leaves out comes back empty, the rest equal to
+    the full call's, and the fake kernel agrees (opcheck). groups: the result names of the
+    input's, the weights', the states' gradients."""
+    full = op(*args)
+    for mask in MASKS:
+        got = op(*args, list(mask))
+        torch.library.opcheck(op, (*args, list(mask)))
+        for name, g, f in zip(names, got, full):
+            left_out = any(name in groups[k] and not mask[k] for k in range(3))
+            if left_out:
+                assert g.numel() == 0, (mask, name)
+            else:
+                assert torch.equal(g, f), (mask, name)
+
+
 @pytest.mark.parametrize("name", list(OPCHECK_CASES))
 def test_opcheck_backward(name):
     x, st, w, bsz = OPCHECK_CASES[name]()
@@ -266,16 +287,22 @@ def test_opcheck_backward(name):
                 d(w["w_hr"]) if "w_hr" in w else None, d(st["hx"]), d(st["cx"]), None, False, d(out), d(gates),
                 d(cells), d(pin))
         torch.library.opcheck(ops.lstm_backward.default, args)
+        op = ops.lstm_backward.default
     elif kind == "gru":
         out, hy, gates, hn = ops.gru_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], st["hx"], None, False, True)
         args = (torch.randn_like(out), torch.randn_like(hy), d(x), d(w["w_ih"]), d(w["w_hh"]), d(st["hx"]), None, False,
                 d(out), d(gates), d(hn))
         torch.library.opcheck(ops.gru_backward.default, args)
+        op = ops.gru_backward.default
     else:
         out, hy = ops.rnn_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], st["hx"], None, False, False)
         args = (torch.randn_like(out), torch.randn_like(hy), d(x), d(w["w_ih"]), d(w["w_hh"]), d(st["hx"]), None, False,
                 False, d(out))
         torch.library.opcheck(ops.rnn_backward.default, args)
+        op = ops.rnn_backward.default
+    names = [r.name for r in op._schema.returns]
+    check_masked_results(op, args, names, (["grad_input"], [n for n in names if "_w_" in n or "_b_" in n],
+                                           ["grad_hx", "grad_cx"]))
 
 
 def test_inference_saves_nothing():
@@ -614,7 +641,11 @@ def test_bidir_opcheck(cell, packed):
         vals[ret.name] = t.detach()
         vals["grad_" + ret.name] = torch.randn_like(t)
     bwd = getattr(torch.ops.fastrnn, kind + "_bidir_backward").default
-    torch.library.opcheck(bwd, tuple(vals[a.name] for a in bwd._schema.arguments))
+    args = tuple(vals[a.name] for a in bwd._schema.arguments if a.name != "output_mask")
+    torch.library.opcheck(bwd, args)
+    names = [r.name for r in bwd._schema.returns]
+    check_masked_results(bwd, args, names, (["grad_input"], [n for n in names if "_w_" in n or "_b_" in n],
+                                            [n for n in names if n.startswith(("grad_hx", "grad_cx"))]))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])

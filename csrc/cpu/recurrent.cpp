@@ -529,6 +529,7 @@ struct XgChunk {
 // keeps the packing between calls (pack_cache.h); training packs for the call (the weight
 // changes every step, and a cached copy would cost a second copy).
 constexpr int64_t kPanelProjectionMinRows = 32;
+constexpr int64_t kPanelWeightGradMinRows = 8;
 // Below this input size oneDNN's GEMM wins (5120x32 @ 32x128: 110 us against 142).
 constexpr int64_t kPanelProjectionMinK = 64;
 
@@ -932,7 +933,7 @@ struct GradRows {
 template <typename T>
 void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
                      const at::Tensor& output_, const at::Tensor& ws0_, const at::Tensor& ws1_, const at::Tensor& ws2_,
-                     BackwardOut& g) {
+                     GradMask need, BackwardOut& g) {
   const Schedule& s = a.sched;
   const int64_t H = a.H, P = a.P, GH = a.G * a.H, B = s.B, N = s.N;
   const bool proj = a.w_hr.defined();
@@ -949,7 +950,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
 
   at::Tensor dh = grad_hy.to(compute).contiguous().clone();
   at::Tensor dc = a.cell == Cell::LSTM ? grad_cy.to(compute).contiguous().clone() : at::Tensor();
-  at::Tensor dh_all = proj ? empty_big({N, P}, a.opts) : at::Tensor();
+  at::Tensor dh_all = proj && need.weights ? empty_big({N, P}, a.opts) : at::Tensor();
   at::Tensor drbuf = proj ? at::empty({B, H}, a.opts) : at::Tensor();
   const Nonlinearity act = a.relu ? Nonlinearity::Relu : Nonlinearity::Tanh;
 
@@ -1012,12 +1013,23 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   // 32, half-empty panels: training T=5, B=1024 ran 2.75 -> 3.05-3.55 ms).
   constexpr int64_t kNR = panel::kGemmV * panel::Vec<T>::L;
   const int backend = gemm_backend_override().load();
-  const bool panel_products = !a.lowp && (backend == 0 || backend == 4) && N >= kPanelProjectionMinRows &&
-                              a.I >= kNR && P >= kNR && GH * a.I <= kPanelMaxWeightElems;
-  const bool chunked =
-      N > 0 && (panel_products || use_onednn_for(GH, std::max(a.I, P), N, std::is_same_v<T, float>));
-  const int64_t chunk_bytes =
-      panel_products ? int64_t(8) << 20 : std::clamp<int64_t>(2 * grad_bytes, int64_t(8) << 20, int64_t(32) << 20);
+  // The weight gradients take the panel kernel from fewer rows than grad_input, whose W_ih it
+  // would pack for the call: with few rows their product is bound by writing the [GH, I + P]
+  // result, which the panel kernel writes once, into pooled memory (oneDNN's result is fresh
+  // memory, its pages faulted in). Measured, training a layer, 2 threads, panel from 8 rows
+  // against from 32 (two interleaved runs): T=1, I=H=1024, B=12 1.12x / 1.59x, B=31 1.49x /
+  // 1.24x; I=H=512, B=24 1.48x / 1.35x; GRU I=H=256, B=16 1.05x / 1.04x; T=3, B=8, GRU I=H=300
+  // 1.05x / 1.08x; but I=H=512, B=31 0.94x / 0.96x, I=128, H=1024, B=31 0.98x / 0.99x and T=2,
+  // B=10, I=H=768 0.93x / 0.98x.
+  const bool panel_ok = !a.lowp && (backend == 0 || backend == 4) && a.I >= kNR && P >= kNR &&
+                        GH * a.I <= kPanelMaxWeightElems;
+  const bool panel_products = panel_ok && N >= kPanelProjectionMinRows && need.input;
+  const bool panel_wgrad = panel_ok && N >= kPanelWeightGradMinRows && need.weights;
+  const bool chunked = N > 0 && (panel_products || panel_wgrad ||
+                                 use_onednn_for(GH, std::max(a.I, P), N, std::is_same_v<T, float>));
+  const int64_t chunk_bytes = panel_products || panel_wgrad
+                                  ? int64_t(8) << 20
+                                  : std::clamp<int64_t>(2 * grad_bytes, int64_t(8) << 20, int64_t(32) << 20);
   int64_t chunk_steps = chunked ? std::max<int64_t>(1, chunk_bytes / step_bytes) : std::max<int64_t>(1, s.T);
   if (const char* forced = std::getenv("FASTRNN_CHUNK_STEPS")) chunk_steps = std::max<int64_t>(1, std::atoll(forced));
   const int64_t cap_rows = std::max<int64_t>(1, std::min(N, chunk_steps * B));
@@ -1050,7 +1062,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   T* dcp = dc.defined() ? dc.data_ptr<T>() : nullptr;
   T* dgxp = dgx.data_ptr<T>();
   T* dghp = dgh.data_ptr<T>();
-  T* dhall = proj ? dh_all.data_ptr<T>() : nullptr;
+  T* dhall = dh_all.defined() ? dh_all.data_ptr<T>() : nullptr;
   T* drp = proj ? drbuf.data_ptr<T>() : nullptr;
   const int64_t grain = row_grain(GH);
 
@@ -1078,6 +1090,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
           go.add_to(dhp + r0 * P, off + r0, e - r0);
           const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dhp, dhp, dcp, dgxp, dghp, row0};
           backward_rows(rows, r0, e);
+          if (step == 0 && !need.state) continue;  // (its dh would only be grad_hx)
           rec_panel->run_panels(dghp + (off + r0 - row0) * GH, e - r0, GH, dhp + r0 * P, P, gru, 0,
                                 rec_panel->panels());
         }
@@ -1097,6 +1110,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
           go.add_to(dhp + r0 * P, off + r0, r1 - r0);
           const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dhp, dhp, dcp, dgxp, dghp, row0};
           backward_rows(rows, r0, r1);
+          if (step == 0 && !need.state) break;  // (its dh would only be grad_hx)
           barrier.arrive_and_wait(s1 - s0, target += slices);
           for (int64_t sl = s0; sl < s1; ++sl)
             share_panels(bs, sl, slices, rec_panel->panels(), panel::kGemmV, rec_panel->last_vecs(), 2,
@@ -1113,12 +1127,13 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       go.add_to(dhp, off, bs);
       const T* dr = dhp;
       if (proj) {
-        if (bs > 0) std::memcpy(dhall + off * P, dhp, sizeof(T) * bs * P);
+        if (bs > 0 && dhall) std::memcpy(dhall + off * P, dhp, sizeof(T) * bs * P);
         projg->run(dhp, bs, P, drp, H, T(0));
         dr = drp;
       }
       const BwdRows<T> rows{a.cell, act, H, P, GH, off, t, &s, g0, g1, outp, hx, cx, dr, dhp, dcp, dgxp, dghp, row0};
       at::parallel_for(0, bs, grain, [&](int64_t b0, int64_t b1) { backward_rows(rows, b0, b1); });
+      if (step == 0 && !need.state) continue;  // (its dh would only be grad_hx)
       // The GRU's row pass left z * dh in dh: the recurrent GEMM adds to it.
       T* dg = dghp + (off - row0) * GH;
       if constexpr (std::is_same_v<T, float>) {
@@ -1147,12 +1162,13 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   // Or on the panel kernel (panel_products, above), W_ih packed for the call.
   std::unique_ptr<PanelGemm<T>> gi_panel;
   if (panel_products) gi_panel = std::make_unique<PanelGemm<T>>(a.w_ih, /*trans_b=*/false, a.I, GH, -1);
-  const bool onednn_gi = !gi_panel && !a.lowp && use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
+  const bool onednn_gi =
+      need.input && !gi_panel && !a.lowp && use_onednn_for(N, a.I, GH, std::is_same_v<T, float>);
   at::Tensor w_ih_t = onednn_gi ? transposed<T>(a.w_ih) : at::Tensor();
-  g.grad_input = empty_big({N, a.I}, a.x.options());
-  g.grad_b_ih = at::zeros({GH}, a.opts);
+  if (need.input) g.grad_input = empty_big({N, a.I}, a.x.options());
+  if (need.weights) g.grad_b_ih = at::zeros({GH}, a.opts);
   at::Tensor lp_dgx, lp_dgh, lp_hprev;  // bfloat16 calls: per-chunk bf16 operands
-  at::Tensor grad_b_hn = a.cell == Cell::GRU ? at::zeros({GH}, a.opts) : at::Tensor();
+  at::Tensor grad_b_hn = a.cell == Cell::GRU && need.weights ? at::zeros({GH}, a.opts) : at::Tensor();
   bool first = true;
   for (int64_t c_hi = s.T; c_hi > 0; c_hi -= chunk_steps) {
     const int64_t c_lo = std::max<int64_t>(0, c_hi - chunk_steps);
@@ -1178,14 +1194,18 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
         lp_dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.x.options()) : lp_dgx;
         lp_hprev = empty_big({cap_rows, P}, a.x.options());
       }
-      at::Tensor hprev = scratch(kScratchHprev, {rows, P}, a.opts);
-      T* hpv = hprev.data_ptr<T>();
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(hpv + r * P, hprev_row(r), sizeof(T) * P);
       dgx_b = lp_dgx.narrow(0, 0, rows).copy_(dgx_c);
-      const at::Tensor dgh_b = a.cell == Cell::GRU ? lp_dgh.narrow(0, 0, rows).copy_(dgh_c) : dgx_b;
-      gw_hh = at::mm(dgh_b.t(), lp_hprev.narrow(0, 0, rows).copy_(hprev)).to(at::kFloat);
-      gw_ih = at::mm(dgx_b.t(), a.x.narrow(0, row0, rows)).to(at::kFloat);
-    } else if (panel_products) {
+      if (need.weights) {
+        at::Tensor hprev = scratch(kScratchHprev, {rows, P}, a.opts);
+        T* hpv = hprev.data_ptr<T>();
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(hpv + r * P, hprev_row(r), sizeof(T) * P);
+        const at::Tensor dgh_b = a.cell == Cell::GRU ? lp_dgh.narrow(0, 0, rows).copy_(dgh_c) : dgx_b;
+        gw_hh = at::mm(dgh_b.t(), lp_hprev.narrow(0, 0, rows).copy_(hprev)).to(at::kFloat);
+        gw_ih = at::mm(dgx_b.t(), a.x.narrow(0, row0, rows)).to(at::kFloat);
+      }
+    } else if (!need.weights) {
+      // (no weight gradients)
+    } else if (panel_wgrad) {
       // Both gradients accumulate in place over the chunks; so do the bias gradients, summed as
       // dG is transposed (as on oneDNN, below: gemm.h's col_sums).
       const bool gru = a.cell == Cell::GRU;
@@ -1208,8 +1228,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       gw_ih = weight_grad<T>(dgx_c, a.x.narrow(0, row0, rows), &dgx_t, kScratchXT, gru ? &g.grad_b_ih : nullptr);
     }
     timer.mark("dW_ih");
-    if (panel_products) {
-      // (accumulated in place)
+    if (panel_wgrad || !need.weights) {
+      // (accumulated in place, or none)
     } else if (first) {
       g.grad_w_hh = gw_hh;
       g.grad_w_ih = gw_ih;
@@ -1219,35 +1239,39 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     }
     first = false;
     timer.mark("dW sums");
-    at::Tensor gi_rows = g.grad_input.narrow(0, row0, rows);
-    if (a.lowp)
-      at::mm_out(gi_rows, dgx_b, a.w_ih);  // bfloat16 rows, rounded once
-    else if (gi_panel)
-      gi_panel->run(dgxp, rows, GH, gi_rows.data_ptr<T>(), a.I, false);
-    else if (onednn_gi)
-      gi_rows.copy_(onednn_linear(dgx_c, w_ih_t, at::Tensor()));
-    else
-      at::mm_out(gi_rows, dgx_c, a.w_ih);
-    timer.mark("grad_input");
-    if (a.lowp) {  // (else summed with the weight gradients)
+    if (need.input) {
+      at::Tensor gi_rows = g.grad_input.narrow(0, row0, rows);
+      if (a.lowp)
+        at::mm_out(gi_rows, dgx_b, a.w_ih);  // bfloat16 rows, rounded once
+      else if (gi_panel)
+        gi_panel->run(dgxp, rows, GH, gi_rows.data_ptr<T>(), a.I, false);
+      else if (onednn_gi)
+        gi_rows.copy_(onednn_linear(dgx_c, w_ih_t, at::Tensor()));
+      else
+        at::mm_out(gi_rows, dgx_c, a.w_ih);
+      timer.mark("grad_input");
+    }
+    if (a.lowp && need.weights) {  // (else summed with the weight gradients)
       g.grad_b_ih.add_(dgx_c.sum(0));
       if (grad_b_hn.defined()) grad_b_hn.add_(dgh_c.sum(0));
       timer.mark("bias sums");
     }
   }
-  if (first) {  // no rows at all
-    g.grad_w_hh = at::zeros({GH, P}, a.opts);
-    g.grad_w_ih = at::zeros({GH, a.I}, a.opts);
+  if (need.weights) {
+    if (first) {  // no rows at all
+      g.grad_w_hh = at::zeros({GH, P}, a.opts);
+      g.grad_w_ih = at::zeros({GH, a.I}, a.opts);
+    }
+    g.grad_b_hh = a.cell == Cell::GRU ? grad_b_hn : g.grad_b_ih.clone();
+    g.grad_w_hr = proj ? weight_grad<T>(dh_all, ws2) : at::empty({0}, a.opts);
   }
-  g.grad_input = g.grad_input.reshape(lead_with(a, a.I));
-  g.grad_b_hh = a.cell == Cell::GRU ? grad_b_hn : g.grad_b_ih.clone();
-  g.grad_w_hr = proj ? weight_grad<T>(dh_all, ws2) : at::empty({0}, a.opts);
+  if (need.input) g.grad_input = g.grad_input.reshape(lead_with(a, a.I));
   g.grad_hx = dh;
   g.grad_cx = dc.defined() ? dc : at::empty({0}, a.opts);
   if (a.lowp) {  // every gradient in the dtype of its input, as torch.nn in bfloat16
     for (at::Tensor* t : {&g.grad_w_ih, &g.grad_w_hh, &g.grad_b_ih, &g.grad_b_hh, &g.grad_w_hr, &g.grad_hx,
                           &g.grad_cx})
-      *t = t->to(at::kBFloat16);
+      if (t->defined()) *t = t->to(at::kBFloat16);
   }
 }
 
@@ -1262,7 +1286,7 @@ void validate_backward(const Args& a, const at::Tensor& grad_output, const at::T
 // check = false: the caller has validated the arguments (validate_backward).
 BackwardOut backward(Args a, const at::Tensor& grad_output, const at::Tensor& grad_hy,
                      const c10::optional<at::Tensor>& grad_cy, const at::Tensor& output, const at::Tensor& ws0,
-                     const at::Tensor& ws1, const at::Tensor& ws2, bool check = true) {
+                     const at::Tensor& ws1, const at::Tensor& ws2, GradMask need, bool check = true) {
   if (check) validate_backward(a, grad_output, grad_hy, grad_cy, output, ws0, ws1, ws2);
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   a.bf16_rec = bf16_recurrent(a);
@@ -1270,8 +1294,9 @@ BackwardOut backward(Args a, const at::Tensor& grad_output, const at::Tensor& gr
   BackwardOut g;
   AT_DISPATCH_FLOATING_TYPES(a.opts.dtype().toScalarType(), "fastrnn_backward", [&] {
     backward_kernel<scalar_t>(a, grad_output, grad_hy, grad_cy.has_value() ? *grad_cy : at::Tensor(), output, ws0,
-                              ws1, ws2, g);
+                              ws1, ws2, need, g);
   });
+  drop_unmasked(g, need, a.x.options());
   return g;
 }
 
@@ -1294,10 +1319,10 @@ lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at
               const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& w_hr,
               const at::Tensor& hx, const at::Tensor& cx, const OptT& batch_sizes, bool reverse,
               const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-              const at::Tensor& proj_input) {
+              const at::Tensor& proj_input, std::array<bool, 3> output_mask) {
   Args a = prepare("fastrnn.lstm_backward", Cell::LSTM, input, w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr, hx, cx,
                    batch_sizes, reverse);
-  BackwardOut g = backward(a, grad_output, grad_hy, grad_cy, output, gates, cells, proj_input);
+  BackwardOut g = backward(a, grad_output, grad_hy, grad_cy, output, gates, cells, proj_input, GradMask(output_mask));
   return {g.grad_input, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr, g.grad_hx, g.grad_cx};
 }
 
@@ -1315,11 +1340,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_forward(const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& hx, const OptT& batch_sizes, bool reverse, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& hn) {
+    const at::Tensor& gates, const at::Tensor& hn, std::array<bool, 3> output_mask) {
   Args a = prepare("fastrnn.gru_backward", Cell::GRU, input, w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt, hx,
                    c10::nullopt, batch_sizes, reverse);
   at::Tensor none = at::empty({0}, input.options());
-  BackwardOut g = backward(a, grad_output, grad_hy, c10::nullopt, output, gates, hn, none);
+  BackwardOut g = backward(a, grad_output, grad_hy, c10::nullopt, output, gates, hn, none, GradMask(output_mask));
   return {g.grad_input, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_hx};
 }
 
@@ -1336,12 +1361,12 @@ std::tuple<at::Tensor, at::Tensor> rnn_forward(const at::Tensor& input, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& hx, const OptT& batch_sizes, bool reverse, bool relu,
-    const at::Tensor& output) {
+    const at::Tensor& output, std::array<bool, 3> output_mask) {
   Args a = prepare("fastrnn.rnn_backward", Cell::RNN, input, w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt, hx,
                    c10::nullopt, batch_sizes, reverse);
   a.relu = relu;
   at::Tensor none = at::empty({0}, input.options());
-  BackwardOut g = backward(a, grad_output, grad_hy, c10::nullopt, output, none, none, none);
+  BackwardOut g = backward(a, grad_output, grad_hy, c10::nullopt, output, none, none, none, GradMask(output_mask));
   return {g.grad_input, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_hx};
 }
 
@@ -1391,15 +1416,15 @@ struct DirectionGrads {
 
 // Both directions' backward, every argument validated before either starts; grad_input summed
 // into g[0].
-void bidir_backward(const Args* a, const DirectionGrads* in, BackwardOut* g) {
+void bidir_backward(const Args* a, const DirectionGrads* in, GradMask need, BackwardOut* g) {
   for (int d = 0; d < 2; ++d)
     validate_backward(a[d], in[d].grad_output, in[d].grad_hy, in[d].grad_cy, in[d].output, in[d].ws0, in[d].ws1,
                       in[d].ws2);
   both_directions(a[0], [&](int64_t d) {
     const DirectionGrads& x = in[d];
-    g[d] = backward(a[d], x.grad_output, x.grad_hy, x.grad_cy, x.output, x.ws0, x.ws1, x.ws2, false);
+    g[d] = backward(a[d], x.grad_output, x.grad_hy, x.grad_cy, x.output, x.ws0, x.ws1, x.ws2, need, false);
   });
-  g[0].grad_input.add_(g[1].grad_input);
+  if (need.input) g[0].grad_input.add_(g[1].grad_input);
 }
 
 using T12 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -1430,7 +1455,7 @@ lstm_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, co
                     const OptT& w_hr_r, const at::Tensor& hx_r, const at::Tensor& cx_r, const OptT& batch_sizes,
                     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
                     const at::Tensor& proj_input, const at::Tensor& output_r, const at::Tensor& gates_r,
-                    const at::Tensor& cells_r, const at::Tensor& proj_input_r) {
+                    const at::Tensor& cells_r, const at::Tensor& proj_input_r, std::array<bool, 3> output_mask) {
   const Args a[2] = {prepare("fastrnn.lstm_bidir_backward", Cell::LSTM, input, w_ih, w_hh, c10::nullopt, c10::nullopt,
                              w_hr, hx, cx, batch_sizes, false),
                      prepare(FASTRNN_REVERSE("fastrnn.lstm_bidir_backward"), Cell::LSTM, input,
@@ -1438,7 +1463,7 @@ lstm_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, co
   const DirectionGrads in[2] = {{grad_output, grad_hy, grad_cy, output, gates, cells, proj_input},
                                 {grad_output_r, grad_hy_r, grad_cy_r, output_r, gates_r, cells_r, proj_input_r}};
   BackwardOut g[2];
-  bidir_backward(a, in, g);
+  bidir_backward(a, in, GradMask(output_mask), g);
   return {g[0].grad_input,
           g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_w_hr, g[0].grad_hx, g[0].grad_cx,
           g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_w_hr, g[1].grad_hx, g[1].grad_cx};
@@ -1483,7 +1508,7 @@ T11 gru_rnn_bidir_backward(const char* op, const char* op_r, Cell cell, bool rel
                            const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
                            const at::Tensor& hx_r, const OptT& batch_sizes, const at::Tensor& output,
                            const at::Tensor& gates, const at::Tensor& hn, const at::Tensor& output_r,
-                           const at::Tensor& gates_r, const at::Tensor& hn_r) {
+                           const at::Tensor& gates_r, const at::Tensor& hn_r, GradMask need) {
   Args a[2];
   prepare_pair(a, op, op_r, cell, input, w_ih, w_hh, c10::nullopt, c10::nullopt, hx, w_ih_r, w_hh_r, c10::nullopt,
                c10::nullopt, hx_r, batch_sizes, relu);
@@ -1492,7 +1517,7 @@ T11 gru_rnn_bidir_backward(const char* op, const char* op_r, Cell cell, bool rel
   const DirectionGrads in[2] = {{grad_output, grad_hy, c10::nullopt, output, ws(gates), ws(hn), none},
                                 {grad_output_r, grad_hy_r, c10::nullopt, output_r, ws(gates_r), ws(hn_r), none}};
   BackwardOut g[2];
-  bidir_backward(a, in, g);
+  bidir_backward(a, in, need, g);
   return {g[0].grad_input, g[0].grad_w_ih, g[0].grad_w_hh, g[0].grad_b_ih, g[0].grad_b_hh, g[0].grad_hx,
           g[1].grad_w_ih, g[1].grad_w_hh, g[1].grad_b_ih, g[1].grad_b_hh, g[1].grad_hx};
 }
@@ -1502,10 +1527,11 @@ T11 gru_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy,
                        const at::Tensor& w_hh, const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
                        const at::Tensor& hx_r, const OptT& batch_sizes, const at::Tensor& output,
                        const at::Tensor& gates, const at::Tensor& hn, const at::Tensor& output_r,
-                       const at::Tensor& gates_r, const at::Tensor& hn_r) {
+                       const at::Tensor& gates_r, const at::Tensor& hn_r, std::array<bool, 3> output_mask) {
   return gru_rnn_bidir_backward("fastrnn.gru_bidir_backward", FASTRNN_REVERSE("fastrnn.gru_bidir_backward"), Cell::GRU,
                                 false, grad_output, grad_hy, grad_output_r, grad_hy_r, input, w_ih, w_hh, hx, w_ih_r,
-                                w_hh_r, hx_r, batch_sizes, output, gates, hn, output_r, gates_r, hn_r);
+                                w_hh_r, hx_r, batch_sizes, output, gates, hn, output_r, gates_r, hn_r,
+                                GradMask(output_mask));
 }
 
 T4 rnn_bidir_forward(const at::Tensor& input, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptT& b_ih,
@@ -1524,11 +1550,12 @@ T11 rnn_bidir_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy,
                        const at::Tensor& grad_hy_r, const at::Tensor& input, const at::Tensor& w_ih,
                        const at::Tensor& w_hh, const at::Tensor& hx, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
                        const at::Tensor& hx_r, const OptT& batch_sizes, bool relu, const at::Tensor& output,
-                       const at::Tensor& output_r) {
+                       const at::Tensor& output_r, std::array<bool, 3> output_mask) {
   const at::Tensor none;  // (no workspace)
   return gru_rnn_bidir_backward("fastrnn.rnn_bidir_backward", FASTRNN_REVERSE("fastrnn.rnn_bidir_backward"), Cell::RNN,
                                 relu, grad_output, grad_hy, grad_output_r, grad_hy_r, input, w_ih, w_hh, hx, w_ih_r,
-                                w_hh_r, hx_r, batch_sizes, output, none, none, output_r, none, none);
+                                w_hh_r, hx_r, batch_sizes, output, none, none, output_r, none, none,
+                                GradMask(output_mask));
 }
 
 }  // namespace

@@ -405,10 +405,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(const Te
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
     const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& input, const Tensor& w_ih,
     const Tensor& w_hh, const OptT& w_hr, const Tensor& hx, const Tensor& cx, const OptT& batch_sizes, bool reverse,
-    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& proj_input) {
+    const Tensor& output, const Tensor& gates, const Tensor& cells, const Tensor& proj_input,
+    std::array<bool, 3> output_mask) {
   Args a = prepare("fastrnn.lstm_backward", Cell::LSTM, false, input, w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr,
                    hx, cx, batch_sizes, reverse);
   BackwardOut g = backward(a, grad_output, grad_hy, grad_cy, output, gates, cells, proj_input);
+  drop_unmasked(g, GradMask(output_mask), input.options());
   return {g.grad_input, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_w_hr, g.grad_hx, g.grad_cx};
 }
 
@@ -424,11 +426,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& input, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
     const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
     const Tensor& hx, const OptT& batch_sizes, bool reverse, const Tensor& output, const Tensor& gates,
-    const Tensor& hn) {
+    const Tensor& hn, std::array<bool, 3> output_mask) {
   Args a = prepare("fastrnn.gru_backward", Cell::GRU, false, input, w_ih, w_hh, c10::nullopt, c10::nullopt,
                    c10::nullopt, hx, c10::nullopt, batch_sizes, reverse);
   const Tensor none = at::empty({0}, input.options());
   BackwardOut g = backward(a, grad_output, grad_hy, c10::nullopt, output, gates, hn, none);
+  drop_unmasked(g, GradMask(output_mask), input.options());
   return {g.grad_input, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_hx};
 }
 
@@ -443,11 +446,13 @@ std::tuple<Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& w_ih, 
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
     const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& hx, const OptT& batch_sizes, bool reverse, bool relu, const Tensor& output) {
+    const Tensor& hx, const OptT& batch_sizes, bool reverse, bool relu, const Tensor& output,
+    std::array<bool, 3> output_mask) {
   Args a = prepare("fastrnn.rnn_backward", Cell::RNN, relu, input, w_ih, w_hh, c10::nullopt, c10::nullopt,
                    c10::nullopt, hx, c10::nullopt, batch_sizes, reverse);
   const Tensor none = at::empty({0}, input.options());
   BackwardOut g = backward(a, grad_output, grad_hy, c10::nullopt, output, none, none, none);
+  drop_unmasked(g, GradMask(output_mask), input.options());
   return {g.grad_input, g.grad_w_ih, g.grad_w_hh, g.grad_b_ih, g.grad_b_hh, g.grad_hx};
 }
 
