@@ -466,16 +466,17 @@ struct OneStepGrad {
   const T* w_hh;  // [GH, P]
   T* gw_ih;       // [GH, I]
   T* gw_hh;       // [GH, P]
-  T* dx;          // [slices, m, I], zeroed: slice sl's share of dgx W_ih
-  T* dh;          // [slices, m, P], zeroed: slice sl's share of dgh W_hh
+  T* dx;          // [slices, m, I], zeroed: slice sl's share of dgx W_ih (null: not needed)
+  T* dh;          // [slices, m, P], zeroed: slice sl's share of dgh W_hh (null: not needed)
+  bool weights;   // whether gw_ih and gw_hh are needed
 };
 
 template <typename T>
 FASTRNN_INLINE void one_step_grad_impl(const OneStepGrad<T>& s, int64_t sl0, int64_t sl1) {
   const int64_t I = s.I, P = s.P, GH = s.GH;
   for (int64_t sl = sl0; sl < sl1; ++sl) {
-    T* FASTRNN_RESTRICT dx = s.dx + sl * s.m * I;
-    T* FASTRNN_RESTRICT dh = s.dh + sl * s.m * P;
+    T* FASTRNN_RESTRICT dx = s.dx ? s.dx + sl * s.m * I : nullptr;
+    T* FASTRNN_RESTRICT dh = s.dh ? s.dh + sl * s.m * P : nullptr;
     for (int64_t g = GH * sl / s.slices; g < GH * (sl + 1) / s.slices; ++g) {
       const T* FASTRNN_RESTRICT wi = s.w_ih + g * I;
       const T* FASTRNN_RESTRICT wh = s.w_hh + g * P;
@@ -485,17 +486,22 @@ FASTRNN_INLINE void one_step_grad_impl(const OneStepGrad<T>& s, int64_t sl0, int
         const T a = s.dgx[b * GH + g], c = s.dgh[b * GH + g];
         const T* FASTRNN_RESTRICT xb = s.x + b * I;
         const T* FASTRNN_RESTRICT hb = s.h + b * P;
-        T* FASTRNN_RESTRICT dxb = dx + b * I;
-        T* FASTRNN_RESTRICT dhb = dh + b * P;
-        if (b == 0) {
+        T* FASTRNN_RESTRICT dxb = dx ? dx + b * I : nullptr;
+        T* FASTRNN_RESTRICT dhb = dh ? dh + b * P : nullptr;
+        if (!s.weights) {
+        } else if (b == 0) {
           for (int64_t i = 0; i < I; ++i) gwi[i] = a * xb[i];
           for (int64_t p = 0; p < P; ++p) gwh[p] = c * hb[p];
         } else {
           for (int64_t i = 0; i < I; ++i) gwi[i] += a * xb[i];
           for (int64_t p = 0; p < P; ++p) gwh[p] += c * hb[p];
         }
-        for (int64_t i = 0; i < I; ++i) dxb[i] += a * wi[i];
-        for (int64_t p = 0; p < P; ++p) dhb[p] += c * wh[p];
+        // (W_ih and W_hh are read only for these: a step over data with a detached state, as in
+        // streaming training, reads neither)
+        if (s.dx)
+          for (int64_t i = 0; i < I; ++i) dxb[i] += a * wi[i];
+        if (s.dh)
+          for (int64_t p = 0; p < P; ++p) dhb[p] += c * wh[p];
       }
     }
   }
@@ -968,22 +974,28 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     backward_rows(rows, 0, N);
     const int64_t slices = std::max<int64_t>(
         1, std::min<int64_t>(at::get_num_threads(), (GH * (a.I + P) * N) / (int64_t(64) << 10)));
-    at::Tensor dx_part = at::zeros({slices, N, a.I}, a.opts), dh_part = at::zeros({slices, N, P}, a.opts);
-    g.grad_w_ih = empty_big({GH, a.I}, a.opts);
-    g.grad_w_hh = empty_big({GH, P}, a.opts);
+    const at::Tensor dx_part = need.input ? at::zeros({slices, N, a.I}, a.opts) : at::Tensor();
+    const at::Tensor dh_part = need.state ? at::zeros({slices, N, P}, a.opts) : at::Tensor();
+    if (need.weights) {
+      g.grad_w_ih = empty_big({GH, a.I}, a.opts);
+      g.grad_w_hh = empty_big({GH, P}, a.opts);
+    }
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     const OneStepGrad<T> st{N, a.I, P, GH, slices, dgx.data_ptr<T>(), dgh.data_ptr<T>(), a.x.data_ptr<T>(),
-                            a.hx.data_ptr<T>(), a.w_ih.data_ptr<T>(), a.w_hh.data_ptr<T>(),
-                            g.grad_w_ih.data_ptr<T>(), g.grad_w_hh.data_ptr<T>(), dx_part.data_ptr<T>(),
-                            dh_part.data_ptr<T>()};
+                            a.hx.data_ptr<T>(), a.w_ih.data_ptr<T>(), a.w_hh.data_ptr<T>(), ptr(g.grad_w_ih),
+                            ptr(g.grad_w_hh), ptr(dx_part), ptr(dh_part), need.weights};
     at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) { one_step_grad(st, s0, s1); });
     // The slices' partial products added up; the GRU's row pass left z * dh in dh, which the
     // recurrent product adds to (the other cells' dh is the product alone).
-    const at::Tensor dx = slices > 1 ? dx_part.sum(0) : dx_part[0];
-    const at::Tensor dhr = slices > 1 ? dh_part.sum(0) : dh_part[0];
-    g.grad_hx = a.cell == Cell::GRU ? dh.add_(dhr) : dhr;
-    g.grad_input = dx.reshape(lead_with(a, a.I));
-    g.grad_b_ih = dgx.sum(0);
-    g.grad_b_hh = a.cell == Cell::GRU ? dgh.sum(0) : g.grad_b_ih.clone();
+    if (need.input) g.grad_input = (slices > 1 ? dx_part.sum(0) : dx_part[0]).reshape(lead_with(a, a.I));
+    if (need.state) {
+      const at::Tensor dhr = slices > 1 ? dh_part.sum(0) : dh_part[0];
+      g.grad_hx = a.cell == Cell::GRU ? dh.add_(dhr) : dhr;
+    }
+    if (need.weights) {
+      g.grad_b_ih = dgx.sum(0);
+      g.grad_b_hh = a.cell == Cell::GRU ? dgh.sum(0) : g.grad_b_ih.clone();
+    }
     g.grad_w_hr = at::empty({0}, a.opts);
     g.grad_cx = dc.defined() ? dc : at::empty({0}, a.opts);
     timer.mark("one step");
