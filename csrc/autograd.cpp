@@ -69,6 +69,13 @@ variable_list masked(variable_list g, std::array<bool, 3> need, const GradSlots&
   return g;
 }
 
+// A forward op's workspace outputs (what backward reads) as the op returns them under autograd:
+// without a gradient. They are not marked non-differentiable in the Function (compiled autograd,
+// torch._dynamo.config.compiled_autograd, asserts that no Function output is), so each is a
+// Function output whose gradient, never formed, stays undefined (set_materialize_grads(false)),
+// handed out detached.
+Tensor workspace(const Tensor& t) { return t.detach(); }
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -147,7 +154,6 @@ struct LstmFunction : public torch::autograd::Function<LstmFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, hy, cy, gates, cells, pin] = op.call(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse,
                                                     train);
-    ctx->mark_non_differentiable({gates, cells, pin});
     save_biases_apart(ctx, {input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(w_hr), hx, cx, opt(batch_sizes), out, gates,
                             cells, pin}, {3, 4});
     ctx->saved_data["reverse"] = reverse;
@@ -178,7 +184,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autograd
     const Tensor& input, const Tensor& w_ih, const Tensor& w_hh, const OptT& b_ih, const OptT& b_hh, const OptT& w_hr,
     const Tensor& hx, const Tensor& cx, const OptT& batch_sizes, bool reverse, bool train) {
   variable_list r = LstmFunction::apply(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, batch_sizes, reverse, train);
-  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+  return {r[0], r[1], r[2], workspace(r[3]), workspace(r[4]), workspace(r[5])};
 }
 
 // ------------------------------------------------------------------------- bidirectional LSTM
@@ -207,7 +213,6 @@ struct LstmBidirFunction : public torch::autograd::Function<LstmBidirFunction> {
     T12 r = op.call(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, hx_r, cx_r,
                     batch_sizes, train);
     variable_list out = std::apply([](auto&&... t) { return variable_list{t...}; }, r);
-    ctx->mark_non_differentiable({out[3], out[4], out[5], out[9], out[10], out[11]});
     // Per direction, as LstmFunction saves: the op's tensor inputs, then output and workspace.
     save_biases_apart(ctx, {input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(w_hr), hx, cx, opt(batch_sizes), out[0],
                             out[3], out[4], out[5], input, w_ih_r, w_hh_r, opt(b_ih_r), opt(b_hh_r), opt(w_hr_r),
@@ -251,7 +256,8 @@ T12 lstm_bidir_forward_autograd(const Tensor& input, const Tensor& w_ih, const T
                                 bool train) {
   variable_list r = LstmBidirFunction::apply(input, w_ih, w_hh, b_ih, b_hh, w_hr, hx, cx, w_ih_r, w_hh_r, b_ih_r,
                                              b_hh_r, w_hr_r, hx_r, cx_r, batch_sizes, train);
-  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11]};
+  return {r[0], r[1], r[2], workspace(r[3]), workspace(r[4]), workspace(r[5]),
+          r[6], r[7], r[8], workspace(r[9]), workspace(r[10]), workspace(r[11])};
 }
 
 // ----------------------------------------------------------------------------------------- GRU
@@ -273,7 +279,6 @@ struct GruFunction : public torch::autograd::Function<GruFunction> {
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, hy, gates, hn] = op.call(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train);
-    ctx->mark_non_differentiable({gates, hn});
     save_biases_apart(ctx, {input, w_ih, w_hh, opt(b_ih), opt(b_hh), hx, opt(batch_sizes), out, gates, hn}, {3, 4});
     ctx->saved_data["reverse"] = reverse;
     return {out, hy, gates, hn};
@@ -301,7 +306,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_autograd(const Tensor& in
                                                                 const Tensor& hx, const OptT& batch_sizes, bool reverse,
                                                                 bool train) {
   variable_list r = GruFunction::apply(input, w_ih, w_hh, b_ih, b_hh, hx, batch_sizes, reverse, train);
-  return {r[0], r[1], r[2], r[3]};
+  return {r[0], r[1], workspace(r[2]), workspace(r[3])};
 }
 
 // ----------------------------------------------------------------------------------------- RNN
@@ -388,7 +393,6 @@ struct GruRnnBidirFunction : public torch::autograd::Function<GruRnnBidirFunctio
       out = std::apply([](auto&&... t) { return variable_list{t...}; },
                        op.call(input, w_ih, w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r, b_hh_r, hx_r, batch_sizes,
                                flag));
-      ctx->mark_non_differentiable({out[2], out[3], out[6], out[7]});
     } else {
       static const auto op = op_handle<RnnBidirFwdSig>("fastrnn::rnn_bidir_forward");
       out = std::apply([](auto&&... t) { return variable_list{t...}; },
@@ -445,7 +449,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_b
     const OptT& batch_sizes, bool train) {
   variable_list r = GruRnnBidirFunction<true>::apply(input, w_ih, w_hh, b_ih, b_hh, hx, w_ih_r, w_hh_r, b_ih_r,
                                                      b_hh_r, hx_r, batch_sizes, train);
-  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
+  return {r[0], r[1], workspace(r[2]), workspace(r[3]), r[4], r[5], workspace(r[6]), workspace(r[7])};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_bidir_forward_autograd(
@@ -491,7 +495,6 @@ struct VLstmFunction : public torch::autograd::Function<VLstmFunction> {
     auto [out, hy, cy, gates, cells, norm, stats] = op.call(input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb,
                                                             lncw, lncb, w_peep, hx, cx, mask, p, batch_sizes,
                                                             reverse, train);
-    ctx->mark_non_differentiable({gates, cells, norm, stats});
     // 0-13: the differentiable inputs in schema order, 14 mask, 15 batch_sizes, 16-20 outputs
     ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(lnxw), opt(lnxb), opt(lnhw), opt(lnhb),
                             opt(lncw), opt(lncb), opt(w_peep), hx, cx, opt(mask), opt(batch_sizes), out, gates, cells,
@@ -526,7 +529,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_lstm_
     bool train) {
   variable_list r = VLstmFunction::apply(input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, lncw, lncb, w_peep,
                                          hx, cx, mask, p, batch_sizes, reverse, train);
-  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
+  return {r[0], r[1], r[2], workspace(r[3]), workspace(r[4]), workspace(r[5]), workspace(r[6])};
 }
 
 using VGruFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
@@ -547,7 +550,6 @@ struct VGruFunction : public torch::autograd::Function<VGruFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, hy, gates, hn, norm, stats] =
         op.call(input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, hx, mask, p, batch_sizes, reverse, train);
-    ctx->mark_non_differentiable({gates, hn, norm, stats});
     // 0-9: the differentiable inputs in schema order, 10 mask, 11 batch_sizes, 12-16 outputs
     ctx->save_for_backward({input, w_ih, w_hh, opt(b_ih), opt(b_hh), opt(lnxw), opt(lnxb), opt(lnhw), opt(lnhb), hx,
                             opt(mask), opt(batch_sizes), out, gates, hn, norm, stats});
@@ -579,7 +581,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> variant_gru_forward_a
     const OptT& batch_sizes, bool reverse, bool train) {
   variable_list r = VGruFunction::apply(input, w_ih, w_hh, b_ih, b_hh, lnxw, lnxb, lnhw, lnhb, hx, mask, p,
                                         batch_sizes, reverse, train);
-  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+  return {r[0], r[1], workspace(r[2]), workspace(r[3]), workspace(r[4]), workspace(r[5])};
 }
 
 

@@ -151,3 +151,29 @@ def test_compiled_layer_names_a_wrong_hx_size(fullgraph):
     f = torch.compile(fastrnn.GRU(3, 4), fullgraph=fullgraph, backend="eager")
     with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 2, 4\), got \[1, 3, 4\]"):
         f(torch.randn(5, 2, 3), torch.zeros(1, 3, 4))
+
+
+@pytest.mark.parametrize("name,kw", [("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(proj_size=3)),
+                                     ("GRU", dict(bidirectional=True)), ("GRU", {}), ("RNN", {}),
+                                     ("LayerNormLSTM", {}), ("LayerNormGRU", {})])
+def test_compiled_autograd(name, kw):
+    """Backward under compiled autograd (torch._dynamo's compiled_autograd, which traces the
+    autograd graph itself) gives eager's gradients, as it does for torch.nn's layers: the layer
+    ops' autograd nodes may not mark outputs non-differentiable there (CppNode asserts)."""
+    torch.manual_seed(0)
+    m = getattr(fastrnn, name)(4, 5, **kw).double()
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for compiled in (False, True):
+        x.grad = None
+        m.zero_grad()
+        out, _ = m(x)
+        loss = (out * out).sum()
+        if compiled:
+            with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert_close(a, b)
