@@ -1,4 +1,5 @@
 """Drop-in layers vs torch.nn: outputs, states and every gradient on the same weights."""
+import contextlib
 import itertools
 
 import pytest
@@ -502,6 +503,26 @@ GRAD_CASES = [pytest.param(size, cfg, id=f"{size}-{cfg_id(cfg)}")
               for size in GRAD_SIZES for cfg in (GRAD_CFGS if size in ("step", "small") else GRAD_CFGS_1L)]
 
 
+def _grad_case(size, cfg):
+    """torch.nn's and fastrnn's layer of a GRAD_CFGS entry at GRAD_SIZES[size], a float64 input
+    and the sequence lengths of its packed form."""
+    T, B, I, H = GRAD_SIZES[size]
+    ref, ours = make_pair(cfg[0], I, H, **kwargs_of(cfg))
+    x0 = torch.randn(*((B, T, I) if ref.batch_first else (T, B, I)), dtype=torch.float64)
+    return ref, ours, x0, [T - (T * i) // (B + 1) for i in range(B)]
+
+
+@contextlib.contextmanager
+def two_threads():
+    """2 threads for the block: the backward's row split and team loops need them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("form", ["sum", "mean", "h_n", "transposed", "every_other"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("size,cfg", GRAD_CASES)
@@ -510,14 +531,9 @@ def test_grad_output_layouts_match_torch(size, cfg, form, packed):
     and an unused output's gradient is an expanded zero: every gradient must still be torch.nn's,
     in each of the backward's step loops."""
     kind = cfg[0]
-    T, B, I, H = GRAD_SIZES[size]
-    ref, ours = make_pair(kind, I, H, **kwargs_of(cfg))
+    ref, ours, x0, lengths = _grad_case(size, cfg)
     bf = ref.batch_first
-    x0 = torch.randn(B, T, I, dtype=torch.float64) if bf else torch.randn(T, B, I, dtype=torch.float64)
-    lengths = [T - (T * i) // (B + 1) for i in range(B)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with two_threads():
         grads = []
         for m in (ref, ours):
             x = x0.clone().requires_grad_(True)
@@ -533,8 +549,6 @@ def test_grad_output_layouts_match_torch(size, cfg, form, packed):
             else:
                 torch.autograd.backward([out, h_n], [g, gh])
             grads.append([x.grad] + [p.grad for p in m.parameters()])
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(grads[1], grads[0]):
         assert_close(a, b)
 
@@ -552,16 +566,12 @@ def test_gradients_of_some_inputs_match_torch(size, cfg, packed, needs):
     last step's recurrent product, a frozen layer needs no weight gradients: the backward skips
     each, and every gradient asked for must still be torch.nn's, in each of its step loops."""
     kind = cfg[0]
-    T, B, I, H = GRAD_SIZES[size]
-    ref, ours = make_pair(kind, I, H, **kwargs_of(cfg))
-    bf, D, L = ref.batch_first, 2 if ref.bidirectional else 1, ref.num_layers
-    x0 = torch.randn(B, T, I, dtype=torch.float64) if bf else torch.randn(T, B, I, dtype=torch.float64)
+    ref, ours, x0, lengths = _grad_case(size, cfg)
+    bf, D, L, H = ref.batch_first, 2 if ref.bidirectional else 1, ref.num_layers, ref.hidden_size
+    B = x0.shape[0] if bf else x0.shape[1]
     h0 = torch.randn(L * D, B, ref.proj_size or H, dtype=torch.float64)
     c0 = torch.randn(L * D, B, H, dtype=torch.float64)
-    lengths = [T - (T * i) // (B + 1) for i in range(B)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with two_threads():
         grads = []
         for m in (ref, ours):
             for p in m.parameters():
@@ -576,8 +586,6 @@ def test_gradients_of_some_inputs_match_torch(size, cfg, packed, needs):
             wrt = ([x] if "x" in needs else []) + (states if "h" in needs else []) + \
                 (list(m.parameters()) if "w" in needs else [])
             grads.append(torch.autograd.grad(loss, wrt))
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(grads[1], grads[0]):
         assert_close(a, b)
 
