@@ -174,8 +174,9 @@ def _caller_owned(out):
     so an in-place edit of it would fail backward's version check. torch.nn's native kernels let
     training code edit the returned output in place before backward (nn.ReLU(inplace=True),
     out += residual, masked_fill_), so with a graph the caller gets a copy (a bidirectional
-    layer's torch.cat already is one)."""
-    return out.clone() if out.requires_grad else out
+    layer's torch.cat already is one). While torch.jit.trace records, always: its check re-runs
+    the model under no_grad, and the two graphs must match (as _needs_grad)."""
+    return out.clone() if out.requires_grad or torch.jit.is_tracing() else out
 
 
 def _own_states(*states):

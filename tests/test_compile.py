@@ -177,3 +177,19 @@ def test_compiled_autograd(name, kw):
         grads.append([x.grad] + [p.grad for p in m.parameters()])
     for a, b in zip(*grads):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("make", [lambda: fastrnn.LayerNormLSTM(5, 7), lambda: fastrnn.PeepholeLSTM(5, 7),
+                                  lambda: fastrnn.LayerNormGRU(5, 7), lambda: fastrnn.LSTM(5, 7, zoneout=0.2).eval(),
+                                  lambda: fastrnn.GRU(5, 7, zoneout=0.2).eval()],
+                         ids=["LayerNormLSTM", "PeepholeLSTM", "LayerNormGRU", "LSTM-zoneout", "GRU-zoneout"])
+def test_jit_trace_of_variant_layers(make):
+    """torch.jit.trace's own check (a second run under no_grad) passes on the variant path, and
+    the traced layer gives the eager values."""
+    import warnings
+    m = make()
+    x = torch.randn(4, 3, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, (x,))
+    assert_close(traced(x)[0], m(x)[0])
