@@ -71,11 +71,6 @@ def single_step_ab():
         os.environ.pop("FASTRNN_FUSE_INPUT", None)
 
 
-# The standard grid's single-layer shapes (bench.py's cases), for data_input.
-GRID = {"fastrnns-default": (100, 64, 512, 512), "small-batch": (100, 1, 256, 256), "mid": (100, 16, 256, 256),
-        "large-hidden": (50, 32, 1024, 1024), "long-seq": (1000, 8, 128, 128)}
-
-
 def data_input():
     """Training where the layer's input is data (needs no gradient, as in a model whose first
     layer is the RNN): the backward ops then skip grad_input (their output_mask), and torch.nn's
@@ -83,7 +78,7 @@ def data_input():
     they time grad_input on both sides. Per grid shape and cell, both sides interleaved, 9 rounds."""
     print("training, input needs no gradient: nn ms, fastrnn ms, speedup (nn / fastrnn)")
     for cell in ("LSTM", "GRU", "RNN"):
-        for case, (T, B, I, H) in GRID.items():
+        for case, (T, B, I, H) in bench.CASES.items():  # (the grid's single-layer shapes)
             spec = bench.Spec(case, cell, T, B, I, H)
             base, fast = bench.make_modules(spec)
             x = bench.make_input(spec)  # (requires no grad)

@@ -20,25 +20,24 @@ TORCH_LIBRARY(fastrnn, m) {
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor w_ih, Tensor w_hh, "
       "Tensor? w_hr, Tensor hx, Tensor cx, Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, "
-      "Tensor cells, Tensor proj_input, bool[3] output_mask=[True, True, True]) -> (Tensor grad_input, Tensor grad_w_ih, "
-      "Tensor grad_w_hh, "
-      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_hx, Tensor grad_cx)");
+      "Tensor cells, Tensor proj_input, bool[3] output_mask=[True, True, True]) -> (Tensor grad_input, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_hx, "
+      "Tensor grad_cx)");
   m.def(
       "gru_forward(Tensor input, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor hx, "
       "Tensor? batch_sizes, bool reverse, bool train) -> (Tensor output, Tensor hy, Tensor gates, Tensor hn)");
   m.def(
       "gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor w_ih, Tensor w_hh, Tensor hx, "
-      "Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor hn, bool[3] output_mask=[True, True, True]) -> "
-      "(Tensor grad_input, "
-      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx)");
+      "Tensor? batch_sizes, bool reverse, Tensor output, Tensor gates, Tensor hn, "
+      "bool[3] output_mask=[True, True, True]) -> (Tensor grad_input, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx)");
   m.def(
       "rnn_forward(Tensor input, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor hx, "
       "Tensor? batch_sizes, bool reverse, bool relu) -> (Tensor output, Tensor hy)");
   m.def(
       "rnn_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor w_ih, Tensor w_hh, Tensor hx, "
       "Tensor? batch_sizes, bool reverse, bool relu, Tensor output, bool[3] output_mask=[True, True, True]) -> "
-      "(Tensor grad_input, Tensor grad_w_ih, "
-      "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx)");
+      "(Tensor grad_input, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx)");
   // Both directions of a bidirectional layer in one call (run at once where the CPU has
   // two threads): the arguments of lstm_forward / lstm_backward for the forward direction, then
   // the same for the reverse direction (suffix _r); input and batch_sizes are shared. The
@@ -54,11 +53,10 @@ TORCH_LIBRARY(fastrnn, m) {
       "Tensor grad_hy_r, Tensor grad_cy_r, Tensor input, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor hx, "
       "Tensor cx, Tensor w_ih_r, Tensor w_hh_r, Tensor? w_hr_r, Tensor hx_r, Tensor cx_r, Tensor? batch_sizes, "
       "Tensor output, Tensor gates, Tensor cells, Tensor proj_input, Tensor output_r, Tensor gates_r, "
-      "Tensor cells_r, Tensor proj_input_r, bool[3] output_mask=[True, True, True]) -> (Tensor grad_input, Tensor grad_w_ih, "
-      "Tensor grad_w_hh, "
-      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih_r, "
-      "Tensor grad_w_hh_r, Tensor grad_b_ih_r, Tensor grad_b_hh_r, Tensor grad_w_hr_r, Tensor grad_hx_r, "
-      "Tensor grad_cx_r)");
+      "Tensor cells_r, Tensor proj_input_r, bool[3] output_mask=[True, True, True]) -> (Tensor grad_input, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_hx, "
+      "Tensor grad_cx, Tensor grad_w_ih_r, Tensor grad_w_hh_r, Tensor grad_b_ih_r, Tensor grad_b_hh_r, "
+      "Tensor grad_w_hr_r, Tensor grad_hx_r, Tensor grad_cx_r)");
   // The same for the GRU and the Elman RNN.
   m.def(
       "gru_bidir_forward(Tensor input, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor hx, "
@@ -80,8 +78,8 @@ TORCH_LIBRARY(fastrnn, m) {
       "rnn_bidir_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_output_r, Tensor grad_hy_r, Tensor input, "
       "Tensor w_ih, Tensor w_hh, Tensor hx, Tensor w_ih_r, Tensor w_hh_r, Tensor hx_r, Tensor? batch_sizes, "
       "bool relu, Tensor output, Tensor output_r, bool[3] output_mask=[True, True, True]) -> (Tensor grad_input, "
-      "Tensor grad_w_ih, Tensor grad_w_hh, "
-      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx, Tensor grad_w_ih_r, Tensor grad_w_hh_r, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_hx, Tensor grad_w_ih_r, "
+      "Tensor grad_w_hh_r, "
       "Tensor grad_b_ih_r, Tensor grad_b_hh_r, Tensor grad_hx_r)");
   // x copied into a fresh contiguous tensor, with an identity gradient: what recurrent_stack
   // and fastrnn.functional give a layer op as its initial state while torch.compile traces (an

@@ -488,11 +488,10 @@ FASTRNN_INLINE void one_step_grad_impl(const OneStepGrad<T>& s, int64_t sl0, int
         const T* FASTRNN_RESTRICT hb = s.h + b * P;
         T* FASTRNN_RESTRICT dxb = dx ? dx + b * I : nullptr;
         T* FASTRNN_RESTRICT dhb = dh ? dh + b * P : nullptr;
-        if (!s.weights) {
-        } else if (b == 0) {
+        if (s.weights && b == 0) {
           for (int64_t i = 0; i < I; ++i) gwi[i] = a * xb[i];
           for (int64_t p = 0; p < P; ++p) gwh[p] = c * hb[p];
-        } else {
+        } else if (s.weights) {
           for (int64_t i = 0; i < I; ++i) gwi[i] += a * xb[i];
           for (int64_t p = 0; p < P; ++p) gwh[p] += c * hb[p];
         }
@@ -1027,8 +1026,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   const int backend = gemm_backend_override().load();
   // The weight gradients take the panel kernel from fewer rows than grad_input, whose W_ih it
   // would pack for the call: with few rows their product is bound by writing the [GH, I + P]
-  // result, which the panel kernel writes once, into pooled memory (oneDNN's result is fresh
-  // memory, its pages faulted in). Measured, training a layer, 2 threads, panel from 8 rows
+  // result, which the panel kernel writes into pooled memory (oneDNN's result is fresh memory
+  // whose pages fault in: the likely cost, not measured apart; at T=1, B=17, I=64, H=700, proj
+  // 350 its dW_hh took 0.65 ms, 51 GFLOP/s, in torch's profiler). Measured, training a layer, 2 threads, panel from 8 rows
   // against from 32 (two interleaved runs): T=1, I=H=1024, B=12 1.12x / 1.59x, B=31 1.49x /
   // 1.24x; I=H=512, B=24 1.48x / 1.35x; GRU I=H=256, B=16 1.05x / 1.04x; T=3, B=8, GRU I=H=300
   // 1.05x / 1.08x; but I=H=512, B=31 0.94x / 0.96x, I=128, H=1024, B=31 0.98x / 0.99x and T=2,
@@ -1206,7 +1206,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
         lp_dgh = a.cell == Cell::GRU ? empty_big({cap_rows, GH}, a.x.options()) : lp_dgx;
         lp_hprev = empty_big({cap_rows, P}, a.x.options());
       }
-      dgx_b = lp_dgx.narrow(0, 0, rows).copy_(dgx_c);
+      if (need.input || need.weights) dgx_b = lp_dgx.narrow(0, 0, rows).copy_(dgx_c);
       if (need.weights) {
         at::Tensor hprev = scratch(kScratchHprev, {rows, P}, a.opts);
         T* hpv = hprev.data_ptr<T>();
