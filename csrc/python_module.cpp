@@ -58,11 +58,19 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_isa",
       [](const std::string& name) {
-        if (name != "auto" && name != "baseline") throw py::value_error("isa must be 'auto' or 'baseline', got '" + name + "'");
-        fastrnn::isa_override_flag().store(name == "baseline" ? 1 : 0);
+        int v = name == "auto" ? 0 : name == "baseline" ? 1 : name == "avx2" ? 2 : -1;
+        if (v < 0) throw py::value_error("isa must be 'auto', 'avx2' or 'baseline', got '" + name + "'");
+        fastrnn::isa_override_flag().store(v);
       },
-      py::arg("name"), "Run the pointwise loops built for the widest ISA ('auto') or the baseline x86-64 build.");
-  m.def("get_isa", [] { return std::string(fastrnn::isa_override() == fastrnn::IsaOverride::Baseline ? "baseline" : "auto"); });
+      py::arg("name"),
+      "Run the kernels built for the widest ISA this CPU has ('auto'), for at most AVX2 ('avx2'; the same as "
+      "'auto' on a CPU without AVX-512) or for the baseline x86-64 ('baseline'). For tests.");
+  m.def("get_isa", [] {
+    auto o = fastrnn::isa_override();
+    return std::string(o == fastrnn::IsaOverride::Baseline ? "baseline" : o == fastrnn::IsaOverride::Avx2 ? "avx2" : "auto");
+  });
+  m.def("kernel_vector_bytes", [] { return fastrnn::kernel_vector_bytes(); },
+        "The vector width (bytes) of the kernel build that runs now: 64 (AVX-512), 32 (AVX2) or 16 (baseline).");
   m.def("get_gemm_backend", [] {
     int v = fastrnn::gemm_backend_override().load();
     return std::string(v == 0 ? "auto" : v == 1 ? "blas" : v == 2 ? "generic" : v == 3 ? "onednn" : "fused");

@@ -151,10 +151,23 @@ def gemm_backend(request):
     _C.set_gemm_backend(old)
 
 
-@pytest.fixture(params=["auto", "baseline"])
+def isa_builds():
+    """The kernel builds this CPU can run, by fastrnn._C.set_isa name: 'auto' (the widest),
+    'baseline' (x86-64 without AVX), and 'avx2' where that differs from 'auto' (AVX-512 CPUs)."""
+    from fastrnn import _C
+    old = _C.get_isa()
+    try:
+        _C.set_isa("auto")
+        widest = _C.kernel_vector_bytes()
+    finally:
+        _C.set_isa(old)
+    return ["auto", "baseline"] + (["avx2"] if widest > 32 else [])
+
+
+@pytest.fixture(params=isa_builds())
 def isa(request):
-    """Runs a test with the pointwise loops built for this CPU's widest ISA, and with the
-    baseline x86-64 build that CPUs without AVX2/AVX-512 get."""
+    """Runs a test with the kernels built for this CPU's widest ISA, with the baseline x86-64
+    build that CPUs without AVX2 get, and on AVX-512 CPUs with the AVX2 build."""
     from fastrnn import _C
     old = _C.get_isa()
     _C.set_isa(request.param)

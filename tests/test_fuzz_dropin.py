@@ -14,6 +14,7 @@ import contextlib
 import copy
 import io
 import itertools
+import math
 import pickle
 import random
 import warnings
@@ -728,6 +729,16 @@ def test_ops_reject_none_tensor_with_a_meta_argument():
 
 
 # ------------------------------------------------------------------------------ non-finite values
+def assert_as_accurate_as_torch(ours, theirs, truth, msg):
+    """Element by element, ours is within TOL of the float64 truth, or no farther from it than
+    torch.nn's worst element of the tensor is (twice: the two round in different orders, and at
+    these magnitudes which element loses its digits to cancellation is down to that order)."""
+    err, their_err = (ours.double() - truth).abs(), (theirs.double() - truth).abs()
+    tol = TOL[ours.dtype]
+    bound = (tol["rtol"] * truth.abs() + tol["atol"]).clamp_min(2 * their_err.max().item())
+    assert bool((err <= bound).all()), f"{msg}: max error {err.max().item():.3e} (torch.nn's {their_err.max().item():.3e})"
+
+
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_finite_values_propagate_like_torch(kind, dtype, gemm_backend, isa):
@@ -754,9 +765,19 @@ def test_non_finite_values_propagate_like_torch(kind, dtype, gemm_backend, isa):
             return (h, h * 1) if kind == "LSTM" else h
 
         o, r = flat(ours(x, hx())), flat(ref(x, hx()))
-        for a, b in zip(o, r):
-            torch.testing.assert_close(a, b, **TOL[dtype], equal_nan=True, msg=f"{where}={val}")
         go = torch.autograd.grad(sum(t.sum() for t in o), [x, h, *ours.parameters()])
         gr = torch.autograd.grad(sum(t.sum() for t in r), [x, h, *ref.parameters()])
-        for a, b in zip(go, gr):
-            torch.testing.assert_close(a, b, **TOL[dtype], equal_nan=True, msg=f"{where}={val}, gradient")
+        truth = [None] * len(o + list(go))
+        if math.isfinite(val) and dtype == F32:
+            # +-1e30 in float32: sums of terms near 1e27 that cancel, whose rounding depends on the
+            # order (torch.nn's misses the float64 truth by 1e-5 relative on an element, AVX2 build)
+            ref64 = copy.deepcopy(ref).double()
+            x64, h64 = x.detach().double().requires_grad_(True), h.detach().double().requires_grad_(True)
+            r64 = flat(ref64(x64, (h64, h64 * 1) if kind == "LSTM" else h64))
+            truth = r64 + list(torch.autograd.grad(sum(t.sum() for t in r64), [x64, h64, *ref64.parameters()]))
+        for i, (a, b, t) in enumerate(zip(o + list(go), r + list(gr), truth)):
+            msg = f"{where}={val}" + (", gradient" if i >= len(o) else "")
+            if t is None:
+                torch.testing.assert_close(a, b, **TOL[dtype], equal_nan=True, msg=msg)
+            else:
+                assert_as_accurate_as_torch(a, b, t, msg)

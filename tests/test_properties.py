@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import fastrnn
 from fastrnn import functional as FR
 from fastrnn import reference as R
-from conftest import assert_close, flat
+from conftest import assert_close, flat, isa_builds
 
 F64 = torch.float64
 MAX_EXAMPLES = {"layers": 60, "cells": 40, "ops": 60}
@@ -190,7 +190,7 @@ def op_cases(draw):
              P=draw(st.integers(1, H - 1)) if cell == "lstm_proj" else H, bias=draw(st.booleans()),
              reverse=draw(st.booleans()), packed=draw(st.booleans()),
              backend=draw(st.sampled_from(["auto", "blas", "generic", "onednn", "fused"])),
-             isa=draw(st.sampled_from(["auto", "baseline"])), seed=draw(st.integers(0, 2 ** 31 - 1)))
+             isa=draw(st.sampled_from(isa_builds())), seed=draw(st.integers(0, 2 ** 31 - 1)))
     if c["packed"]:
         lengths = draw(st.lists(st.integers(1, c["T"]), min_size=1, max_size=9))
         lengths = sorted(lengths, reverse=True)

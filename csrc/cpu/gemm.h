@@ -67,6 +67,23 @@ inline const c10::optional<c10::OperatorHandle>& onednn_linear_handle() {
 }
 inline bool has_onednn() { return onednn_linear_handle().has_value(); }
 
+// Whether oneDNN runs bfloat16 products on this CPU (torch's own check: AVX-512 BF16, AMX or the
+// like). Where it does not (AVX2 alone), it refuses to create the primitive.
+inline bool has_onednn_bf16() {
+  static const bool yes = [] {
+    const auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    if (!has_onednn() || !h.has_value()) return false;
+    try {
+      torch::jit::Stack stack;
+      h->callBoxed(stack);
+      return stack.size() == 1 && stack[0].toBool();
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return yes;
+}
+
 // Y[M, N] = X[M, K] W[N, K]^T (+ bias[N]); X may be a strided view.
 inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
   torch::jit::Stack stack;
@@ -269,27 +286,39 @@ at::Tensor weight_grad_rows(const at::Tensor& dy, const Row& row, int64_t B, at:
   return at::mm(dy.t(), x);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTRNN_NO_CLONES)
-#define FASTRNN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTRNN_ISA_CLONES
-#endif
-
-// One kernel family: the widest-ISA clones for float and double, the baseline build, and the
-// entry point that picks between them (FASTRNN_FORCE_GENERIC_ISA / fastrnn._C.set_isa).
-#define FASTRNN_ISA_KERNEL(name, Args, impl)                                                        \
-  FASTRNN_ISA_CLONES void name##_isa(const Args<float>& s, int64_t b, int64_t e) { impl(s, b, e); }  \
-  FASTRNN_ISA_CLONES void name##_isa(const Args<double>& s, int64_t b, int64_t e) { impl(s, b, e); } \
-  template <typename T>                                                                             \
-  __attribute__((noinline)) void name##_baseline(const Args<T>& s, int64_t b, int64_t e) {          \
-    impl(s, b, e);                                                                                  \
-  }                                                                                                 \
-  template <typename T>                                                                             \
-  void name(const Args<T>& s, int64_t b, int64_t e) {                                               \
-    if (isa_override() == IsaOverride::Baseline)                                                    \
-      name##_baseline(s, b, e);                                                                     \
-    else                                                                                            \
-      name##_isa(s, b, e);                                                                          \
+// One kernel family: impl<T, NB> built for AVX-512 (64-byte vectors), AVX2 (32) and the baseline
+// ISA (16), and the entry point that runs the build kernel_vector_bytes() names (the CPU's widest;
+// FASTRNN_FORCE_GENERIC_ISA / fastrnn._C.set_isa cap it). Each build's loops are compiled with its
+// own vector width: GCC's target_clones would compile one source, and so one width, for all.
+#if FASTRNN_ISA_BUILDS
+#define FASTRNN_ISA_BUILD(name, suffix, isa, NB, Args, impl)                              \
+  __attribute__((target(isa), noinline)) void name##suffix(const Args<float>& s, int64_t b, int64_t e) {  \
+    impl<float, NB>(s, b, e);                                                                   \
+  }                                                                                             \
+  __attribute__((target(isa), noinline)) void name##suffix(const Args<double>& s, int64_t b, int64_t e) { \
+    impl<double, NB>(s, b, e);                                                                  \
   }
+#define FASTRNN_ISA_KERNEL(name, Args, impl)                                                    \
+  FASTRNN_ISA_BUILD(name, _v4, "arch=x86-64-v4", 64, Args, impl)                                \
+  FASTRNN_ISA_BUILD(name, _v3, "arch=x86-64-v3", 32, Args, impl)                                \
+  template <typename T>                                                                         \
+  __attribute__((noinline)) void name##_baseline(const Args<T>& s, int64_t b, int64_t e) {      \
+    impl<T, 16>(s, b, e);                                                                       \
+  }                                                                                             \
+  template <typename T>                                                                         \
+  void name(const Args<T>& s, int64_t b, int64_t e) {                                           \
+    switch (kernel_vector_bytes()) {                                                            \
+      case 64: name##_v4(s, b, e); break;                                                       \
+      case 32: name##_v3(s, b, e); break;                                                       \
+      default: name##_baseline(s, b, e); break;                                                 \
+    }                                                                                           \
+  }
+#else
+#define FASTRNN_ISA_KERNEL(name, Args, impl)                \
+  template <typename T>                                     \
+  void name(const Args<T>& s, int64_t b, int64_t e) {       \
+    impl<T, 16>(s, b, e);                                   \
+  }
+#endif
 
 }  // namespace fastrnn

@@ -17,7 +17,7 @@
 #include "fastrnn/panel_gemm.h"
 
 namespace fastrnn {
-namespace {  // each unit compiles its own ISA clones (GCC target_clones)
+namespace {  // each unit compiles its own ISA builds (FASTRNN_ISA_KERNEL)
 
 FASTRNN_ISA_KERNEL(panel_gemm, panel::GemmArgs, panel::gemm_impl)
 

@@ -130,7 +130,7 @@ void convert_w_hh(Args& a) {
 constexpr double kBf16RecMinMacs = 16.0 * 1024 * 1024;
 
 bool bf16_recurrent(const Args& a) {
-  if (!a.lowp) return false;
+  if (!a.lowp || !has_onednn_bf16()) return false;
   const int o = gemm_backend_override().load();
   if (o == 3) return true;  // "oneDNN for every GEMM": tests run this path at small sizes
   if (o != 0) return false;
@@ -145,7 +145,7 @@ void bf16_step_gemm(const float* a, int64_t m, int64_t k, const at::Tensor& w_nk
   if (m == 0) return;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor ab = at::from_blob(const_cast<float*>(a), {m, k}, f32).to(at::kBFloat16);
-  const at::Tensor prod = has_onednn() ? onednn_linear(ab, w_nk, at::Tensor()) : at::mm(ab, w_nk.t());
+  const at::Tensor prod = has_onednn_bf16() ? onednn_linear(ab, w_nk, at::Tensor()) : at::mm(ab, w_nk.t());
   at::Tensor cv = at::from_blob(c, {m, n}, f32);
   if (accumulate)
     cv.add_(prod);
@@ -158,9 +158,9 @@ std::vector<int64_t> lead_with(const Args& a, int64_t last) { return a.sched.lea
 
 // ---------------------------------------------------------------------------------------
 // The pointwise pass of one step over rows [b0, b1). Compiled for AVX-512, AVX2+FMA and the
-// baseline ISA (GCC target_clones picks one at load time by CPU features), so the gate loops of
+// baseline ISA (FASTRNN_ISA_KERNEL in cpu/gemm.h picks one by CPU features), so the gate loops of
 // fastrnn/cells.h vectorise as wide as the machine allows while the build stays portable.
-// FASTRNN_FORCE_GENERIC_ISA=1 in the environment pins the baseline clone (for testing it here).
+// FASTRNN_FORCE_GENERIC_ISA=1 in the environment pins the baseline build (for testing it here).
 // ---------------------------------------------------------------------------------------
 template <typename T>
 struct FwdRows {
@@ -180,7 +180,7 @@ struct FwdRows {
   const T* bhn;  // [H] GRU b_hn or null
 };
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void forward_rows_impl(const FwdRows<T>& s, int64_t b0, int64_t b1) {
   const int64_t H = s.H, GH = s.GH;
   for (int64_t b = b0; b < b1; ++b) {
@@ -228,7 +228,7 @@ struct BwdRows {
   int64_t dg_row0;
 };
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void backward_rows_impl(const BwdRows<T>& s, int64_t b0, int64_t b1) {
   const int64_t H = s.H, P = s.P, GH = s.GH;
   for (int64_t b = b0; b < b1; ++b) {
@@ -288,10 +288,10 @@ struct FusedStep {
 // 4H, gate k at k*H; hr: the row's 4*U products). A full
 // panel of float units is one vector a gate, with no loop (measured, 16 rows x 8 panels: 3.9 ->
 // 3.3 us a step); partial panels and double run the loop.
-template <bool Save, typename T>
+template <bool Save, typename T, int NB>
 FASTRNN_INLINE void lstm_panel_row(int64_t nu, int64_t U, const T* xr, int64_t H, const T* hr, T* c, T* h,
                                    T* gates, T* cell) {
-  using V = std::conditional_t<std::is_same_v<T, float>, typename panel::Vec<T>::type, T>;
+  using V = std::conditional_t<std::is_same_v<T, float>, typename panel::Native<T, NB>::type, T>;
   if (nu == U)
     lstm_forward_row<Save, T, V>(U, xr, H, hr, U, c, h, gates, H, cell);
   else
@@ -304,7 +304,7 @@ constexpr int units_vectors() {
   return G == 1 ? 4 : 1;
 }
 
-template <typename T, int G>
+template <typename T, int NB, int G>
 FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) {
   constexpr int UV = units_vectors<G>();
   constexpr int U = UV * panel::Vec<T>::L;
@@ -317,12 +317,12 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
       const int64_t i0 = panel::row_block(s.bs, ib), m = panel::row_block(s.bs, ib + 1) - i0;
       if (G != 3 && s.wx) {
         if constexpr (G != 3)
-          panel::product_rows<T, G * UV, false, G * UV, true>(s.hcur + i0 * H, H, m, H, wpan, C, G * U,
+          panel::product_rows<T, NB, G * UV, false, G * UV, true>(s.hcur + i0 * H, H, m, H, wpan, C, G * U,
                                                               s.x + (s.off + i0) * s.I, s.I, s.I,
                                                               s.wx + p * s.I * G * U);
       } else {
         panel::prefetch_gate_rows(s.xg + (s.off + i0 - s.xg_row0) * GH + j0, GH, m, G, H, nu);
-        panel::product_rows<T, G * UV>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
+        panel::product_rows<T, NB, G * UV>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
       }
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = i0 + i, row = s.off + b;
@@ -331,10 +331,10 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
         T* hn = s.hnext + b * H + j0;
         if constexpr (G == 4) {
           if (s.save)
-            lstm_panel_row<true, T>(nu, U, xr, H, hr, s.c + b * H + j0, hn, s.ws0 + row * GH + j0,
+            lstm_panel_row<true, T, NB>(nu, U, xr, H, hr, s.c + b * H + j0, hn, s.ws0 + row * GH + j0,
                                     s.ws1 + row * H + j0);
           else
-            lstm_panel_row<false, T>(nu, U, xr, H, hr, s.c + b * H + j0, hn, nullptr, nullptr);
+            lstm_panel_row<false, T, NB>(nu, U, xr, H, hr, s.c + b * H + j0, hn, nullptr, nullptr);
         } else if constexpr (G == 3) {
           const T* bh = s.bhn ? s.bhn + j0 : nullptr;
           if (s.save)
@@ -353,12 +353,12 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
   }
 }
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void fused_step_impl(const FusedStep<T>& s, int64_t p0, int64_t p1) {
   switch (s.cell) {
-    case Cell::LSTM: fused_panels<T, 4>(s, p0, p1); break;
-    case Cell::GRU: fused_panels<T, 3>(s, p0, p1); break;
-    case Cell::RNN: fused_panels<T, 1>(s, p0, p1); break;
+    case Cell::LSTM: fused_panels<T, NB, 4>(s, p0, p1); break;
+    case Cell::GRU: fused_panels<T, NB, 3>(s, p0, p1); break;
+    case Cell::RNN: fused_panels<T, NB, 1>(s, p0, p1); break;
   }
 }
 
@@ -391,7 +391,7 @@ struct OneStep {
   T* ws1;         // [rows, H] saved LSTM cells / GRU hn or null
 };
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void one_step_impl(const OneStep<T>& s, int64_t blk0, int64_t blk1) {
   constexpr int64_t U = kStepU, MR = panel::kDotMR;
   const int64_t G = s.GH / s.H, H = s.H, GH = s.GH;
@@ -402,8 +402,8 @@ FASTRNN_INLINE void one_step_impl(const OneStep<T>& s, int64_t blk0, int64_t blk
       const int64_t m = std::min<int64_t>(MR, s.rows - b0);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r0 = g * H + j0;
-        panel::dot_block<T>(s.x + b0 * s.I, s.I, m, s.w_ih + r0 * s.I, s.I, nu, s.I, xg + g * U, G * U);
-        panel::dot_block<T>(s.h + b0 * H, H, m, s.w_hh + r0 * H, H, nu, H, hg + g * U, G * U);
+        panel::dot_block<T, NB>(s.x + b0 * s.I, s.I, m, s.w_ih + r0 * s.I, s.I, nu, s.I, xg + g * U, G * U);
+        panel::dot_block<T, NB>(s.h + b0 * H, H, m, s.w_hh + r0 * H, H, nu, H, hg + g * U, G * U);
         if (s.b_ih) {
           const bool hh = !(s.cell == Cell::GRU && g == 2);  // b_hn sits inside r * (W_hn h + b_hn)
           for (int64_t i = 0; i < m; ++i)
@@ -471,7 +471,7 @@ struct OneStepGrad {
   bool weights;   // whether gw_ih and gw_hh are needed
 };
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void one_step_grad_impl(const OneStepGrad<T>& s, int64_t sl0, int64_t sl1) {
   const int64_t I = s.I, P = s.P, GH = s.GH;
   for (int64_t sl = sl0; sl < sl1; ++sl) {

@@ -176,7 +176,7 @@ T* ptr_or_null(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Row passes. Compiled for AVX-512, AVX2 and the baseline ISA (GCC target_clones), as the
+// Row passes. Compiled for AVX-512, AVX2 and the baseline ISA (FASTRNN_ISA_KERNEL), as the
 // plain cells' are; FASTRNN_FORCE_GENERIC_ISA / fastrnn._C.set_isa('baseline') pins the baseline.
 // ---------------------------------------------------------------------------------------
 template <typename T>
@@ -237,7 +237,7 @@ FASTRNN_INLINE void vfwd_rows_l(const VFwdRows<T>& s, int64_t b0, int64_t b1) {
     vfwd_rows_p<Save, false, T>(s, b0, b1);
 }
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void vforward_rows_impl(const VFwdRows<T>& s, int64_t b0, int64_t b1) {
   if (s.save)
     vfwd_rows_l<true, T>(s, b0, b1);
@@ -303,7 +303,7 @@ FASTRNN_INLINE void vbwd_rows_p(const VBwdRows<T>& s, int64_t b0, int64_t b1) {
     vbwd_rows_t<LN, false, T>(s, b0, b1);
 }
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void vbackward_rows_impl(const VBwdRows<T>& s, int64_t b0, int64_t b1) {
   if (s.ln)
     vbwd_rows_p<true, T>(s, b0, b1);
@@ -329,7 +329,7 @@ struct ColPass {
   T* partial;  // [chunks, 2, n]
 };
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void col_pass_impl(const ColPass<T>& s, int64_t c0, int64_t c1) {
   const int64_t n = s.n;
   for (int64_t c = c0; c < c1; ++c) {
@@ -372,7 +372,7 @@ struct FusedV {
   T* cells;  // [N, H]
 };
 
-template <typename T, int G, bool Save, bool Peep, bool Zone>
+template <typename T, int NB, int G, bool Save, bool Peep, bool Zone>
 FASTRNN_INLINE void fused_v_panels(const FusedV<T>& s, int64_t p0, int64_t p1) {
   constexpr int U = panel::Vec<T>::L;
   alignas(64) T C[panel::kMR * G * U];
@@ -383,7 +383,7 @@ FASTRNN_INLINE void fused_v_panels(const FusedV<T>& s, int64_t p0, int64_t p1) {
     for (int64_t ib = 0, nb = panel::row_blocks(s.bs); ib < nb; ++ib) {
       const int64_t i0 = panel::row_block(s.bs, ib), m = panel::row_block(s.bs, ib + 1) - i0;
       panel::prefetch_gate_rows(s.xg + (s.off + i0 - s.xg_row0) * GH + j0, GH, m, G, H, nu);
-      panel::product_rows<T, G>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
+      panel::product_rows<T, NB, G>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = i0 + i, row = s.off + b;
         const T* xr = s.xg + (row - s.xg_row0) * GH + j0;
@@ -405,28 +405,28 @@ FASTRNN_INLINE void fused_v_panels(const FusedV<T>& s, int64_t p0, int64_t p1) {
 }
 
 // Template switches: G (LSTM / GRU), Save (training), Peep, Zone (zoneout mask or p > 0).
-template <typename T, int G, bool Save, bool Peep>
+template <typename T, int NB, int G, bool Save, bool Peep>
 FASTRNN_INLINE void fused_v_zone(const FusedV<T>& s, int64_t p0, int64_t p1) {
   if (s.zone)
-    fused_v_panels<T, G, Save, Peep, true>(s, p0, p1);
+    fused_v_panels<T, NB, G, Save, Peep, true>(s, p0, p1);
   else
-    fused_v_panels<T, G, Save, Peep, false>(s, p0, p1);
+    fused_v_panels<T, NB, G, Save, Peep, false>(s, p0, p1);
 }
 
-template <typename T, int G, bool Save>
+template <typename T, int NB, int G, bool Save>
 FASTRNN_INLINE void fused_v_peep(const FusedV<T>& s, int64_t p0, int64_t p1) {
   if (s.has_peep)
-    fused_v_zone<T, G, Save, G == 4>(s, p0, p1);
+    fused_v_zone<T, NB, G, Save, G == 4>(s, p0, p1);
   else
-    fused_v_zone<T, G, Save, false>(s, p0, p1);
+    fused_v_zone<T, NB, G, Save, false>(s, p0, p1);
 }
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void fused_v_impl(const FusedV<T>& s, int64_t p0, int64_t p1) {
   if (s.lstm)
-    s.save ? fused_v_peep<T, 4, true>(s, p0, p1) : fused_v_peep<T, 4, false>(s, p0, p1);
+    s.save ? fused_v_peep<T, NB, 4, true>(s, p0, p1) : fused_v_peep<T, NB, 4, false>(s, p0, p1);
   else
-    s.save ? fused_v_peep<T, 3, true>(s, p0, p1) : fused_v_peep<T, 3, false>(s, p0, p1);
+    s.save ? fused_v_peep<T, NB, 3, true>(s, p0, p1) : fused_v_peep<T, NB, 3, false>(s, p0, p1);
 }
 
 FASTRNN_ISA_KERNEL(vforward_rows, VFwdRows, vforward_rows_impl)

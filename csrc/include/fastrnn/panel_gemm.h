@@ -2,8 +2,9 @@
 //
 // C[m, NR] (one panel) = A[m, K] @ Wp[K, NR]: Wp holds NR = V * L consecutive columns of the
 // logical right-hand matrix, row k of the panel contiguous (so a k-step is V aligned vector loads
-// and an FMA per row and vector). Written with GCC vector extensions: the caller's target_clones
-// compile it to AVX-512, AVX2 or SSE. No torch headers: shapes and pointers only.
+// and an FMA per row and vector). Written with GCC vector extensions, instantiated per ISA with
+// that ISA's vector width (Native below; cpu/gemm.h's FASTRNN_ISA_KERNEL). No torch headers:
+// shapes and pointers only.
 //
 // Why: at the batch sizes of recurrent nets (B = 1..64) a step's GEMM is a few microseconds of
 // work; the BLAS libraries torch ships spend as much again in dispatch and threading, and
@@ -20,26 +21,34 @@
 namespace fastrnn {
 namespace panel {
 
+// The layout vector: panels are packed in units of Vec<T>::L lanes (64 bytes), whatever the CPU.
 template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-  static constexpr int L = 16;
+struct Vec {
+  static constexpr int L = 64 / int(sizeof(T));
 };
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-  static constexpr int L = 8;
+
+// The compute vector of the build that runs (the kernel entry points of cpu/gemm.h instantiate the
+// loops once per ISA): NB bytes, 64 with AVX-512, 32 with AVX2, 16 for the baseline x86-64 build.
+// A vector wider than the CPU's registers is no vector to GCC: it lives on the stack and every
+// operation goes through memory, element by element for a scalar times a vector (measured, AVX2
+// Zen 3, when every build used 64-byte vectors: a 1600x256x1024 product at 6 GFLOP/s, 20x below
+// torch.mm). R: compute vectors per layout vector. kAcc: accumulators a micro-kernel keeps in
+// registers (32 vector registers with AVX-512, 16 below; the rest hold the panel's row and A).
+template <typename T, int NB>
+struct Native {
+  typedef T type __attribute__((vector_size(NB)));
+  static constexpr int L = NB / int(sizeof(T));
+  static constexpr int R = 64 / NB;
+  static constexpr int kAcc = NB == 64 ? 24 : 12;
 };
 
 // acc[i][v] += A[i, :K] @ the panel's vector v, for MR rows of A (row stride lda) and the first V
-// vectors of a panel whose rows are WS vectors apart.
-template <typename T, int V, int MR, int WS>
-FASTRNN_INLINE void accumulate(typename Vec<T>::type (&acc)[MR][V], const T* FASTRNN_RESTRICT A, int64_t lda,
+// compute vectors of a panel whose rows are WS compute vectors apart.
+template <typename T, int NB, int V, int MR, int WS>
+FASTRNN_INLINE void accumulate(typename Native<T, NB>::type (&acc)[MR][V], const T* FASTRNN_RESTRICT A, int64_t lda,
                                int64_t K, const T* FASTRNN_RESTRICT W) {
-  using vec = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
+  using vec = typename Native<T, NB>::type;
+  constexpr int L = Native<T, NB>::L;
   for (int64_t k = 0; k < K; ++k) {
     vec w[V];
     for (int v = 0; v < V; ++v) std::memcpy(&w[v], W + (k * WS + v) * L, sizeof(vec));
@@ -50,20 +59,14 @@ FASTRNN_INLINE void accumulate(typename Vec<T>::type (&acc)[MR][V], const T* FAS
   }
 }
 
-// C rows [0, MR) = A[MR rows] @ panel, or += when Add; A row stride lda, C row stride ldc. The
-// panel's rows are WS vectors apart; the product takes the first V vectors of each (V < WS: the
-// occupied columns of a panel that is partly past N). Two: a second product A2[MR, K2] @ W2 (a
-// panel of the same width) is added in the same accumulators, as if A2 continued A's columns and
-// W2 W's rows (the fused forward's x W_ih^T + h W_hh^T of a step, one pass, no partial sums stored).
-// (Not a lambda called twice: GCC compiled that form so that a row rounded differently in a block
-// of 2 rows than in a block of 5, and a float32 forward depended on the thread count, which
-// splits a panel's rows; tests/test_threads.py.)
-template <typename T, int V, int MR, bool Add = false, int WS = V, bool Two = false>
-FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, const T* FASTRNN_RESTRICT W,
-                          T* FASTRNN_RESTRICT C, int64_t ldc, const T* FASTRNN_RESTRICT A2 = nullptr,
-                          int64_t lda2 = 0, int64_t K2 = 0, const T* FASTRNN_RESTRICT W2 = nullptr) {
-  using vec = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
+// micro's product on V compute vectors of columns (those from the pointers given), all in
+// registers.
+template <typename T, int NB, int V, int MR, bool Add, int WS, bool Two>
+FASTRNN_INLINE void micro_cols(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, const T* FASTRNN_RESTRICT W,
+                               T* FASTRNN_RESTRICT C, int64_t ldc, const T* FASTRNN_RESTRICT A2, int64_t lda2,
+                               int64_t K2, const T* FASTRNN_RESTRICT W2) {
+  using vec = typename Native<T, NB>::type;
+  constexpr int L = Native<T, NB>::L;
   vec acc[MR][V];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < V; ++v) {
@@ -72,10 +75,39 @@ FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, c
       else
         acc[i][v] = vec{};
     }
-  accumulate<T, V, MR, WS>(acc, A, lda, K, W);
-  if constexpr (Two) accumulate<T, V, MR, WS>(acc, A2, lda2, K2, W2);
+  accumulate<T, NB, V, MR, WS>(acc, A, lda, K, W);
+  if constexpr (Two) accumulate<T, NB, V, MR, WS>(acc, A2, lda2, K2, W2);
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < V; ++v) std::memcpy(C + i * ldc + v * L, &acc[i][v], sizeof(vec));
+}
+
+// Compute vectors [V0, VN) of micro's columns, as many at a time as the registers hold
+// (kAcc / MR a row; all of a 4-vector panel with AVX-512, a vector or two with AVX2).
+template <typename T, int NB, int VN, int MR, bool Add, int WS, bool Two, int V0 = 0>
+FASTRNN_INLINE void micro_groups(const T* A, int64_t lda, int64_t K, const T* W, T* C, int64_t ldc, const T* A2,
+                                 int64_t lda2, int64_t K2, const T* W2) {
+  constexpr int per = Native<T, NB>::kAcc / MR > 0 ? Native<T, NB>::kAcc / MR : 1;
+  constexpr int n = VN - V0 < per ? VN - V0 : per;
+  constexpr int64_t off = int64_t(V0) * Native<T, NB>::L;
+  micro_cols<T, NB, n, MR, Add, WS, Two>(A, lda, K, W + off, C + off, ldc, A2, lda2, K2, Two ? W2 + off : W2);
+  if constexpr (V0 + n < VN) micro_groups<T, NB, VN, MR, Add, WS, Two, V0 + n>(A, lda, K, W, C, ldc, A2, lda2, K2, W2);
+}
+
+// C rows [0, MR) = A[MR rows] @ panel, or += when Add; A row stride lda, C row stride ldc. The
+// panel's rows are WS layout vectors apart; the product takes the first V layout vectors of each
+// (V < WS: the occupied columns of a panel that is partly past N). Two: a second product
+// A2[MR, K2] @ W2 (a panel of the same width) is added in the same accumulators, as if A2
+// continued A's columns and W2 W's rows (the fused forward's x W_ih^T + h W_hh^T of a step, one
+// pass, no partial sums stored).
+// (Not a lambda called twice: GCC compiled that form so that a row rounded differently in a block
+// of 2 rows than in a block of 5, and a float32 forward depended on the thread count, which
+// splits a panel's rows; tests/test_threads.py.)
+template <typename T, int NB, int V, int MR, bool Add = false, int WS = V, bool Two = false>
+FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, const T* FASTRNN_RESTRICT W,
+                          T* FASTRNN_RESTRICT C, int64_t ldc, const T* FASTRNN_RESTRICT A2 = nullptr,
+                          int64_t lda2 = 0, int64_t K2 = 0, const T* FASTRNN_RESTRICT W2 = nullptr) {
+  constexpr int R = Native<T, NB>::R;
+  micro_groups<T, NB, V * R, MR, Add, WS * R, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2);
 }
 
 constexpr int kMR = 6;
@@ -89,17 +121,17 @@ inline int64_t row_block(int64_t m, int64_t i) { return m * i / row_blocks(m); }
 
 // C[m, V*L] = A[m, K] @ panel (+= when Add; + A2[m, K2] @ W2 when Two, see micro) for
 // m <= kMR rows; panel rows WS vectors apart.
-template <typename T, int V, bool Add = false, int WS = V, bool Two = false>
+template <typename T, int NB, int V, bool Add = false, int WS = V, bool Two = false>
 FASTRNN_INLINE void product_rows(const T* A, int64_t lda, int64_t m, int64_t K, const T* W, T* C, int64_t ldc,
                                  const T* A2 = nullptr, int64_t lda2 = 0, int64_t K2 = 0, const T* W2 = nullptr) {
   static_assert(kMR == 6, "product_rows handles up to 6 rows");
   switch (m) {
-    case 6: micro<T, V, 6, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
-    case 5: micro<T, V, 5, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
-    case 4: micro<T, V, 4, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
-    case 3: micro<T, V, 3, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
-    case 2: micro<T, V, 2, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
-    case 1: micro<T, V, 1, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 6: micro<T, NB, V, 6, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 5: micro<T, NB, V, 5, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 4: micro<T, NB, V, 4, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 3: micro<T, NB, V, 3, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 2: micro<T, NB, V, 2, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 1: micro<T, NB, V, 1, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
     default: break;
   }
 }
@@ -143,18 +175,18 @@ FASTRNN_INLINE T hsum_lanes(const T* s) {
   }
 }
 
-template <typename T>
-FASTRNN_INLINE T hsum(typename Vec<T>::type v) {
-  T s[Vec<T>::L];
+template <typename T, int NB>
+FASTRNN_INLINE T hsum(typename Native<T, NB>::type v) {
+  T s[Native<T, NB>::L];
   std::memcpy(s, &v, sizeof(v));
-  return hsum_lanes<T, Vec<T>::L>(s);
+  return hsum_lanes<T, Native<T, NB>::L>(s);
 }
 
-template <typename T, int MR, int NR>
+template <typename T, int NB, int MR, int NR>
 FASTRNN_INLINE void dot_rows(const T* FASTRNN_RESTRICT A, int64_t lda, const T* FASTRNN_RESTRICT W, int64_t ldw,
                              int64_t K, T* FASTRNN_RESTRICT C, int64_t ldc) {
-  using vec = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
+  using vec = typename Native<T, NB>::type;
+  constexpr int L = Native<T, NB>::L;
   vec acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = vec{};
@@ -170,7 +202,7 @@ FASTRNN_INLINE void dot_rows(const T* FASTRNN_RESTRICT A, int64_t lda, const T* 
   }
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) {
-      T s = hsum<T>(acc[i][r]);
+      T s = hsum<T, NB>(acc[i][r]);
       for (int64_t q = k; q < K; ++q) s += A[i * lda + q] * W[r * ldw + q];
       C[i * ldc + r] = s;
     }
@@ -178,24 +210,26 @@ FASTRNN_INLINE void dot_rows(const T* FASTRNN_RESTRICT A, int64_t lda, const T* 
 
 constexpr int kDotMR = 4;
 
-// C[i, r] for i < m <= kDotMR rows of A and r < n rows of W (any n).
-template <typename T, int MR>
+// C[i, r] for i < m <= kDotMR rows of A and r < n rows of W (any n); NW rows of W at a time, as
+// many as keep MR * NW accumulators in registers.
+template <typename T, int NB, int MR>
 FASTRNN_INLINE void dot_block_m(const T* A, int64_t lda, const T* W, int64_t ldw, int64_t n, int64_t K, T* C,
                                 int64_t ldc) {
+  constexpr int NW = NB == 64 ? 4 : 2;
   int64_t r = 0;
-  for (; r + 4 <= n; r += 4) dot_rows<T, MR, 4>(A, lda, W + r * ldw, ldw, K, C + r, ldc);
-  for (; r < n; ++r) dot_rows<T, MR, 1>(A, lda, W + r * ldw, ldw, K, C + r, ldc);
+  for (; r + NW <= n; r += NW) dot_rows<T, NB, MR, NW>(A, lda, W + r * ldw, ldw, K, C + r, ldc);
+  for (; r < n; ++r) dot_rows<T, NB, MR, 1>(A, lda, W + r * ldw, ldw, K, C + r, ldc);
 }
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void dot_block(const T* A, int64_t lda, int64_t m, const T* W, int64_t ldw, int64_t n, int64_t K,
                               T* C, int64_t ldc) {
   static_assert(kDotMR == 4, "dot_block handles up to 4 rows");
   switch (m) {
-    case 4: dot_block_m<T, 4>(A, lda, W, ldw, n, K, C, ldc); break;
-    case 3: dot_block_m<T, 3>(A, lda, W, ldw, n, K, C, ldc); break;
-    case 2: dot_block_m<T, 2>(A, lda, W, ldw, n, K, C, ldc); break;
-    case 1: dot_block_m<T, 1>(A, lda, W, ldw, n, K, C, ldc); break;
+    case 4: dot_block_m<T, NB, 4>(A, lda, W, ldw, n, K, C, ldc); break;
+    case 3: dot_block_m<T, NB, 3>(A, lda, W, ldw, n, K, C, ldc); break;
+    case 2: dot_block_m<T, NB, 2>(A, lda, W, ldw, n, K, C, ldc); break;
+    case 1: dot_block_m<T, NB, 1>(A, lda, W, ldw, n, K, C, ldc); break;
     default: break;
   }
 }
@@ -235,20 +269,20 @@ FASTRNN_INLINE int panel_vecs(int64_t N, int64_t p) {
 
 // product_rows on a kGemmV-vector panel's first `vecs` vectors: a last panel partly past N runs
 // only its occupied columns (P = 96: 2 panels as 64 + 32 columns, not 128).
-template <typename T, bool Add>
+template <typename T, int NB, bool Add>
 FASTRNN_INLINE void product_vecs(int vecs, const T* A, int64_t lda, int64_t m, int64_t K, const T* W, T* C,
                                  int64_t ldc) {
   static_assert(kGemmV == 4, "product_vecs handles panels of up to 4 vectors");
   switch (vecs) {
-    case 4: product_rows<T, 4, Add>(A, lda, m, K, W, C, ldc); break;
-    case 3: product_rows<T, 3, Add, 4>(A, lda, m, K, W, C, ldc); break;
-    case 2: product_rows<T, 2, Add, 4>(A, lda, m, K, W, C, ldc); break;
-    case 1: product_rows<T, 1, Add, 4>(A, lda, m, K, W, C, ldc); break;
+    case 4: product_rows<T, NB, 4, Add>(A, lda, m, K, W, C, ldc); break;
+    case 3: product_rows<T, NB, 3, Add, 4>(A, lda, m, K, W, C, ldc); break;
+    case 2: product_rows<T, NB, 2, Add, 4>(A, lda, m, K, W, C, ldc); break;
+    case 1: product_rows<T, NB, 1, Add, 4>(A, lda, m, K, W, C, ldc); break;
     default: break;
   }
 }
 
-template <typename T>
+template <typename T, int NB>
 FASTRNN_INLINE void gemm_impl(const GemmArgs<T>& g, int64_t p0, int64_t p1) {
   constexpr int NR = kGemmV * Vec<T>::L;
   alignas(64) T tile[kGemmMC * NR];
@@ -268,9 +302,9 @@ FASTRNN_INLINE void gemm_impl(const GemmArgs<T>& g, int64_t p0, int64_t p1) {
           const T* wk = panel + k0 * NR;
           T* ti = tile + i0 * NR;
           if (k0 == 0)
-            product_vecs<T, false>(vecs, ai, g.lda, mr, kc, wk, ti, NR);
+            product_vecs<T, NB, false>(vecs, ai, g.lda, mr, kc, wk, ti, NR);
           else
-            product_vecs<T, true>(vecs, ai, g.lda, mr, kc, wk, ti, NR);
+            product_vecs<T, NB, true>(vecs, ai, g.lda, mr, kc, wk, ti, NR);
         }
       }
       for (int64_t i = 0; i < mc; ++i) {
