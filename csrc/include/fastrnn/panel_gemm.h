@@ -49,11 +49,17 @@ FASTRNN_INLINE void accumulate(typename Native<T, NB>::type (&acc)[MR][V], const
                                int64_t K, const T* FASTRNN_RESTRICT W) {
   using vec = typename Native<T, NB>::type;
   constexpr int L = Native<T, NB>::L;
+  // (The unroll pragmas keep acc and w in registers: GCC left the loops over v rolled in some
+  // instantiations, and the arrays on the stack: AVX2 build, T=1000, B=8, H=128 LSTM inference
+  // on one thread took 120 ms against 31 with them.)
   for (int64_t k = 0; k < K; ++k) {
     vec w[V];
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) std::memcpy(&w[v], W + (k * WS + v) * L, sizeof(vec));
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const T a = A[i * lda + k];
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[i][v] += a * w[v];
     }
   }
@@ -68,7 +74,9 @@ FASTRNN_INLINE void micro_cols(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t
   using vec = typename Native<T, NB>::type;
   constexpr int L = Native<T, NB>::L;
   vec acc[MR][V];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       if constexpr (Add)
         std::memcpy(&acc[i][v], C + i * ldc + v * L, sizeof(vec));
@@ -77,7 +85,9 @@ FASTRNN_INLINE void micro_cols(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t
     }
   accumulate<T, NB, V, MR, WS>(acc, A, lda, K, W);
   if constexpr (Two) accumulate<T, NB, V, MR, WS>(acc, A2, lda2, K2, W2);
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) std::memcpy(C + i * ldc + v * L, &acc[i][v], sizeof(vec));
 }
 
@@ -188,15 +198,20 @@ FASTRNN_INLINE void dot_rows(const T* FASTRNN_RESTRICT A, int64_t lda, const T* 
   using vec = typename Native<T, NB>::type;
   constexpr int L = Native<T, NB>::L;
   vec acc[MR][NR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[i][r] = vec{};
   int64_t k = 0;
   for (; k + L <= K; k += L) {
     vec w[NR];
+#pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) std::memcpy(&w[r], W + r * ldw + k, sizeof(vec));
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       vec a;
       std::memcpy(&a, A + i * lda + k, sizeof(vec));
+#pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) acc[i][r] += a * w[r];
     }
   }
