@@ -23,6 +23,7 @@ def build_info():
     info["torch"] = torch.__version__
     info["gemm_backend"] = _C.get_gemm_backend()
     info["pointwise_isa"] = _C.get_isa()
+    info["kernel_vector_bytes"] = _C.kernel_vector_bytes()  # 64 AVX-512, 32 AVX2, 16 baseline build
     return info
 
 

@@ -9,6 +9,7 @@ one for the other. On devices fastrnn has no kernel for, they call torch's imple
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -248,8 +249,15 @@ def _stack(layer_fn, input, states, params, has_biases, num_layers, dropout, tra
 # kernels switch to per-step bfloat16 GEMMs) runs torch's own oneDNN LSTM primitive, which is
 # faster there (measured, T=100, B=64, I=H=512, 2 threads: 31 ms against fastrnn's 37-48 ms) and
 # gives torch.nn's values. Not while compiling (torch's LSTM breaks the graph) nor in training
-# (even there: 133 vs 137 ms, and fastrnn's backward keeps training's memory lower).
+# (even there: 133 vs 137 ms, and fastrnn's backward keeps training's memory lower). Only where
+# oneDNN has bfloat16 (AVX-512 BF16 and the like): on an AVX2 CPU torch's bfloat16 LSTM is a slow
+# generic path (measured, Zen 3: 1.78 s at that shape, fastrnn's kernels 0.2 s).
 _BF16_TORCH_MIN_MACS = 16 * 1024 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _bf16_inference_prefers_torch(input, hx, params, batch_sizes, has_proj):
@@ -259,7 +267,7 @@ def _bf16_inference_prefers_torch(input, hx, params, batch_sizes, has_proj):
     if _needs_grad(input, *hx, *params) or hx[1].dim() < 2:
         return False  # (malformed states: _stack's check names them)
     B, H = hx[1].size(-2), hx[1].size(-1)
-    return B * 4 * H * H >= _BF16_TORCH_MIN_MACS
+    return B * 4 * H * H >= _BF16_TORCH_MIN_MACS and _onednn_bf16()
 
 
 def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, batch_sizes=None):

@@ -347,6 +347,28 @@ def test_build_info():
         fastrnn._C.set_gemm_backend("fast")
 
 
+def test_kernel_build_follows_the_cpu():
+    """The kernels run the build for the CPU's widest vectors (AVX-512: 64 bytes, AVX2: 32, else
+    16; every build used 64 until session 17, which made an AVX2 CPU's panel products 20x slow),
+    and set_isa caps it."""
+    from fastrnn import _C
+    isa, old = fastrnn.build_info()["cpu_isa"], _C.get_isa()
+    try:
+        _C.set_isa("auto")
+        widest = _C.kernel_vector_bytes()
+        # (an AVX-512F CPU without the rest of x86-64-v4, BW/DQ/VL, runs the AVX2 build)
+        assert widest in ({"avx512": (64, 32), "avx2": (32,)}.get(isa, (16,)))
+        assert fastrnn.build_info()["kernel_vector_bytes"] == widest
+        _C.set_isa("avx2")
+        assert (_C.get_isa(), _C.kernel_vector_bytes()) == ("avx2", min(widest, 32))
+        _C.set_isa("baseline")
+        assert (_C.get_isa(), _C.kernel_vector_bytes()) == ("baseline", 16)
+        with pytest.raises(ValueError, match="isa must be"):
+            _C.set_isa("avx9")
+    finally:
+        _C.set_isa(old)
+
+
 @pytest.mark.parametrize("H", [16, 128], ids=["H16", "H128"])
 @pytest.mark.parametrize("mutate", ["data", "no_grad_inplace", "inference_mode"])
 def test_packed_weight_cache_sees_every_write(mutate, H, gemm_backend):

@@ -137,6 +137,14 @@ bool bf16_recurrent(const Args& a) {
   return double(a.sched.B) * double(a.G * a.H) * double(a.P) >= kBf16RecMinMacs;
 }
 
+// Whether a bfloat16 call runs its large GEMMs (projection, weight gradients, grad_input) in
+// bfloat16. Without oneDNN's bfloat16 (AVX2 CPUs) torch's bfloat16 mm is a slow generic loop
+// (measured, Zen 3: LSTM fastrnns-default training 19.8 s in bfloat16 against 0.63 s in float32;
+// nn.LSTM in bfloat16 38 s), so the operands are widened and the GEMMs run in float32: the same
+// products (bfloat16 times bfloat16 is exact in float32) with float32 accumulation, dG and the
+// results not rounded to bfloat16 in between.
+bool lowp_gemms(const Args& a) { return a.lowp && has_onednn_bf16(); }
+
 // c[m, n] (=, or += when accumulate) bf16(a[m, k]) @ w_nk^T, w_nk a contiguous bfloat16 [n, k].
 // oneDNN's linear takes the weight as it lies; at::mm on w_nk.t() ran 100 steps of B=64, H=512
 // in 22-29 ms against 18 (2 threads, this machine).
@@ -550,6 +558,7 @@ class ChunkedProjection {
     if (!a.lowp && (o == 0 || o == 4) && a.sched.N >= kPanelProjectionMinRows && a.I >= kPanelProjectionMinK &&
         GH * a.I <= kPanelMaxWeightElems)
       panel_ = std::make_unique<PanelGemm<T>>(a.w_ih, /*trans_b=*/true, GH, a.I, train ? -1 : 2000);
+    if (a.lowp && !lowp_gemms(a)) w_ih_f32_ = a.w_ih.to(at::kFloat);
   }
   int64_t steps_per_chunk() const { return steps_; }
   // Projections of the rows of processing steps [s0, s1).
@@ -560,7 +569,9 @@ class ChunkedProjection {
     XgChunk c;
     c.row0 = s.off[lo];
     const at::Tensor x = a_.x.narrow(0, c.row0, s.off[hi] + s.bs[hi] - c.row0);
-    if (a_.lowp) {
+    if (w_ih_f32_.defined()) {
+      c.rows = fast_linear(x.to(at::kFloat), w_ih_f32_, bias_).contiguous();  // (lowp_gemms)
+    } else if (a_.lowp) {
       // bfloat16 X W_ih^T (oneDNN; torch's CPU mm has no float32-output variant for bfloat16),
       // widened to float32 and the biases added. Into buffers every chunk of the call reuses: a
       // fresh chunk costs its page faults (measured: widening 6400x2048 into a new tensor 22 ms,
@@ -597,6 +608,7 @@ class ChunkedProjection {
   int64_t steps_ = 1;
   std::unique_ptr<PanelGemm<T>> panel_;
   mutable at::Tensor ybuf_, fbuf_;  // a chunk's projections (bfloat16 calls: bf16, and widened)
+  at::Tensor w_ih_f32_;             // bfloat16 calls without lowp_gemms: W_ih widened
 };
 
 // ---------------------------------------------------------------------------------------
@@ -1180,6 +1192,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   if (need.input) g.grad_input = empty_big({N, a.I}, a.x.options());
   if (need.weights) g.grad_b_ih = at::zeros({GH}, a.opts);
   at::Tensor lp_dgx, lp_dgh, lp_hprev;  // bfloat16 calls: per-chunk bf16 operands
+  const bool lp_gemms = lowp_gemms(a);
+  const at::Tensor w_ih_f32 = a.lowp && !lp_gemms && need.input ? a.w_ih.to(at::kFloat) : at::Tensor();
   at::Tensor grad_b_hn = a.cell == Cell::GRU && need.weights ? at::zeros({GH}, a.opts) : at::Tensor();
   bool first = true;
   for (int64_t c_hi = s.T; c_hi > 0; c_hi -= chunk_steps) {
@@ -1196,8 +1210,20 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       return prev >= 0 ? outp + prev * P : hx + (-1 - prev) * P;
     };
     at::Tensor dgx_c = dgx.narrow(0, 0, rows), dgh_c = dgh.narrow(0, 0, rows);
+    auto gather_hprev = [&] {  // (float32, for the bfloat16 calls' GEMMs)
+      at::Tensor hprev = scratch(kScratchHprev, {rows, P}, a.opts);
+      T* hpv = hprev.data_ptr<T>();
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(hpv + r * P, hprev_row(r), sizeof(T) * P);
+      return hprev;
+    };
     at::Tensor gw_hh, gw_ih, dgx_b;
-    if (a.lowp) {
+    if (a.lowp && !lp_gemms) {
+      if (need.weights) {  // float32 GEMMs on the widened operands (lowp_gemms)
+        const at::Tensor hprev = gather_hprev();
+        gw_hh = at::mm(dgh_c.t(), hprev);
+        gw_ih = at::mm(dgx_c.t(), a.x.narrow(0, row0, rows).to(at::kFloat));
+      }
+    } else if (a.lowp) {
       // The chunk's GEMMs in bfloat16 (oneDNN, float32 accumulation inside each product; each
       // chunk's share is added up in float32 and rounded once at the end). The bf16 copies of
       // dG and h_prev go to buffers every chunk reuses (fresh ones fault their pages in).
@@ -1208,9 +1234,7 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       }
       if (need.input || need.weights) dgx_b = lp_dgx.narrow(0, 0, rows).copy_(dgx_c);
       if (need.weights) {
-        at::Tensor hprev = scratch(kScratchHprev, {rows, P}, a.opts);
-        T* hpv = hprev.data_ptr<T>();
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(hpv + r * P, hprev_row(r), sizeof(T) * P);
+        const at::Tensor hprev = gather_hprev();
         const at::Tensor dgh_b = a.cell == Cell::GRU ? lp_dgh.narrow(0, 0, rows).copy_(dgh_c) : dgx_b;
         gw_hh = at::mm(dgh_b.t(), lp_hprev.narrow(0, 0, rows).copy_(hprev)).to(at::kFloat);
         gw_ih = at::mm(dgx_b.t(), a.x.narrow(0, row0, rows)).to(at::kFloat);
@@ -1253,7 +1277,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
     timer.mark("dW sums");
     if (need.input) {
       at::Tensor gi_rows = g.grad_input.narrow(0, row0, rows);
-      if (a.lowp)
+      if (a.lowp && !lp_gemms)
+        gi_rows.copy_(at::mm(dgx_c, w_ih_f32));
+      else if (a.lowp)
         at::mm_out(gi_rows, dgx_b, a.w_ih);  // bfloat16 rows, rounded once
       else if (gi_panel)
         gi_panel->run(dgxp, rows, GH, gi_rows.data_ptr<T>(), a.I, false);
