@@ -32,6 +32,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     py::dict d;
     d["cpu_isa"] = cpu_isa();
+    d["isa_builds"] = bool(FASTRNN_ISA_BUILDS);  // AVX-512 and AVX2 builds of the kernels beside the baseline
     d["num_threads"] = at::get_num_threads();
     d["blas"] = fastrnn::has_blas();
     d["packed_gemm"] = fastrnn::has_packed_gemm();
@@ -66,8 +67,9 @@ PYBIND11_MODULE(_C, m) {
       "Run the kernels built for the widest ISA this CPU has ('auto'), for at most AVX2 ('avx2'; the same as "
       "'auto' on a CPU without AVX-512) or for the baseline x86-64 ('baseline'). For tests.");
   m.def("get_isa", [] {
-    auto o = fastrnn::isa_override();
-    return std::string(o == fastrnn::IsaOverride::Baseline ? "baseline" : o == fastrnn::IsaOverride::Avx2 ? "avx2" : "auto");
+    using fastrnn::IsaOverride;
+    const IsaOverride o = fastrnn::isa_override();
+    return std::string(o == IsaOverride::Baseline ? "baseline" : o == IsaOverride::Avx2 ? "avx2" : "auto");
   });
   m.def("kernel_vector_bytes", [] { return fastrnn::kernel_vector_bytes(); },
         "The vector width (bytes) of the kernel build that runs now: 64 (AVX-512), 32 (AVX2) or 16 (baseline).");

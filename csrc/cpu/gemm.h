@@ -291,27 +291,29 @@ at::Tensor weight_grad_rows(const at::Tensor& dy, const Row& row, int64_t B, at:
 // FASTRNN_FORCE_GENERIC_ISA / fastrnn._C.set_isa cap it). Each build's loops are compiled with its
 // own vector width: GCC's target_clones would compile one source, and so one width, for all.
 #if FASTRNN_ISA_BUILDS
-#define FASTRNN_ISA_BUILD(name, suffix, isa, NB, Args, impl)                              \
-  __attribute__((target(isa), noinline)) void name##suffix(const Args<float>& s, int64_t b, int64_t e) {  \
-    impl<float, NB>(s, b, e);                                                                   \
-  }                                                                                             \
-  __attribute__((target(isa), noinline)) void name##suffix(const Args<double>& s, int64_t b, int64_t e) { \
-    impl<double, NB>(s, b, e);                                                                  \
+#define FASTRNN_ISA_BUILD(name, suffix, isa, NB, Args, impl)                        \
+  __attribute__((target(isa), noinline)) void name##suffix(const Args<float>& s, int64_t b,  \
+                                                           int64_t e) {                      \
+    impl<float, NB>(s, b, e);                                                                \
+  }                                                                                          \
+  __attribute__((target(isa), noinline)) void name##suffix(const Args<double>& s, int64_t b, \
+                                                           int64_t e) {                      \
+    impl<double, NB>(s, b, e);                                                               \
   }
-#define FASTRNN_ISA_KERNEL(name, Args, impl)                                                    \
-  FASTRNN_ISA_BUILD(name, _v4, "arch=x86-64-v4", 64, Args, impl)                                \
-  FASTRNN_ISA_BUILD(name, _v3, "arch=x86-64-v3", 32, Args, impl)                                \
-  template <typename T>                                                                         \
-  __attribute__((noinline)) void name##_baseline(const Args<T>& s, int64_t b, int64_t e) {      \
-    impl<T, 16>(s, b, e);                                                                       \
-  }                                                                                             \
-  template <typename T>                                                                         \
-  void name(const Args<T>& s, int64_t b, int64_t e) {                                           \
-    switch (kernel_vector_bytes()) {                                                            \
-      case 64: name##_v4(s, b, e); break;                                                       \
-      case 32: name##_v3(s, b, e); break;                                                       \
-      default: name##_baseline(s, b, e); break;                                                 \
-    }                                                                                           \
+#define FASTRNN_ISA_KERNEL(name, Args, impl)                                                 \
+  FASTRNN_ISA_BUILD(name, _v4, "arch=x86-64-v4", 64, Args, impl)                             \
+  FASTRNN_ISA_BUILD(name, _v3, "arch=x86-64-v3", 32, Args, impl)                             \
+  template <typename T>                                                                      \
+  __attribute__((noinline)) void name##_baseline(const Args<T>& s, int64_t b, int64_t e) {   \
+    impl<T, 16>(s, b, e);                                                                    \
+  }                                                                                          \
+  template <typename T>                                                                      \
+  void name(const Args<T>& s, int64_t b, int64_t e) {                                        \
+    switch (kernel_vector_bytes()) {                                                         \
+      case 64: name##_v4(s, b, e); break;                                                    \
+      case 32: name##_v3(s, b, e); break;                                                    \
+      default: name##_baseline(s, b, e); break;                                              \
+    }                                                                                        \
   }
 #else
 #define FASTRNN_ISA_KERNEL(name, Args, impl)                \

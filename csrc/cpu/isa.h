@@ -26,7 +26,16 @@ inline int cpu_vector_bytes() {
 #if FASTRNN_ISA_BUILDS
   static const int v = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("x86-64-v4") ? 64 : __builtin_cpu_supports("x86-64-v3") ? 32 : 16;
+#if __GNUC__ >= 12
+    const bool v4 = __builtin_cpu_supports("x86-64-v4"), v3 = __builtin_cpu_supports("x86-64-v3");
+#else  // (GCC 11 knows the target levels, not their names here: their features one by one)
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+    const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                    __builtin_cpu_supports("avx512vl");
+#endif
+    return v4 ? 64 : v3 ? 32 : 16;
   }();
   return v;
 #else

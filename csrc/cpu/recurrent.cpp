@@ -153,7 +153,8 @@ void bf16_step_gemm(const float* a, int64_t m, int64_t k, const at::Tensor& w_nk
   if (m == 0) return;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor ab = at::from_blob(const_cast<float*>(a), {m, k}, f32).to(at::kBFloat16);
-  const at::Tensor prod = has_onednn_bf16() ? onednn_linear(ab, w_nk, at::Tensor()) : at::mm(ab, w_nk.t());
+  TORCH_INTERNAL_ASSERT(has_onednn_bf16());  // (bf16_recurrent)
+  const at::Tensor prod = onednn_linear(ab, w_nk, at::Tensor());
   at::Tensor cv = at::from_blob(c, {m, n}, f32);
   if (accumulate)
     cv.add_(prod);

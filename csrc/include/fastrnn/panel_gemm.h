@@ -91,8 +91,8 @@ FASTRNN_INLINE void micro_cols(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t
     for (int v = 0; v < V; ++v) std::memcpy(C + i * ldc + v * L, &acc[i][v], sizeof(vec));
 }
 
-// Compute vectors [V0, VN) of micro's columns, as many at a time as the registers hold
-// (kAcc / MR a row; all of a 4-vector panel with AVX-512, a vector or two with AVX2).
+// Compute vectors [V0, VN) of micro's columns, as many at a time as the registers hold (kAcc / MR
+// a row: with 6 rows, a whole 4-vector panel with AVX-512, 2 of its 8 compute vectors with AVX2).
 template <typename T, int NB, int VN, int MR, bool Add, int WS, bool Two, int V0 = 0>
 FASTRNN_INLINE void micro_groups(const T* A, int64_t lda, int64_t K, const T* W, T* C, int64_t ldc, const T* A2,
                                  int64_t lda2, int64_t K2, const T* W2) {
@@ -100,7 +100,8 @@ FASTRNN_INLINE void micro_groups(const T* A, int64_t lda, int64_t K, const T* W,
   constexpr int n = VN - V0 < per ? VN - V0 : per;
   constexpr int64_t off = int64_t(V0) * Native<T, NB>::L;
   micro_cols<T, NB, n, MR, Add, WS, Two>(A, lda, K, W + off, C + off, ldc, A2, lda2, K2, Two ? W2 + off : W2);
-  if constexpr (V0 + n < VN) micro_groups<T, NB, VN, MR, Add, WS, Two, V0 + n>(A, lda, K, W, C, ldc, A2, lda2, K2, W2);
+  if constexpr (V0 + n < VN)
+    micro_groups<T, NB, VN, MR, Add, WS, Two, V0 + n>(A, lda, K, W, C, ldc, A2, lda2, K2, W2);
 }
 
 // C rows [0, MR) = A[MR rows] @ panel, or += when Add; A row stride lda, C row stride ldc. The
