@@ -736,7 +736,8 @@ def assert_as_accurate_as_torch(ours, theirs, truth, msg):
     err, their_err = (ours.double() - truth).abs(), (theirs.double() - truth).abs()
     tol = TOL[ours.dtype]
     bound = (tol["rtol"] * truth.abs() + tol["atol"]).clamp_min(2 * their_err.max().item())
-    assert bool((err <= bound).all()), f"{msg}: max error {err.max().item():.3e} (torch.nn's {their_err.max().item():.3e})"
+    assert bool((err <= bound).all()), \
+        f"{msg}: max error {err.max().item():.3e} (torch.nn's {their_err.max().item():.3e})"
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])

@@ -1041,11 +1041,11 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
   // would pack for the call: with few rows their product is bound by writing the [GH, I + P]
   // result, which the panel kernel writes into pooled memory (oneDNN's result is fresh memory
   // whose pages fault in: the likely cost, not measured apart; at T=1, B=17, I=64, H=700, proj
-  // 350 its dW_hh took 0.65 ms, 51 GFLOP/s, in torch's profiler). Measured, training a layer, 2 threads, panel from 8 rows
-  // against from 32 (two interleaved runs): T=1, I=H=1024, B=12 1.12x / 1.59x, B=31 1.49x /
-  // 1.24x; I=H=512, B=24 1.48x / 1.35x; GRU I=H=256, B=16 1.05x / 1.04x; T=3, B=8, GRU I=H=300
-  // 1.05x / 1.08x; but I=H=512, B=31 0.94x / 0.96x, I=128, H=1024, B=31 0.98x / 0.99x and T=2,
-  // B=10, I=H=768 0.93x / 0.98x.
+  // 350 its dW_hh took 0.65 ms, 51 GFLOP/s, in torch's profiler). Measured, training a layer,
+  // 2 threads, panel from 8 rows against from 32 (two interleaved runs): T=1, I=H=1024, B=12
+  // 1.12x / 1.59x, B=31 1.49x / 1.24x; I=H=512, B=24 1.48x / 1.35x; GRU I=H=256, B=16 1.05x /
+  // 1.04x; T=3, B=8, GRU I=H=300 1.05x / 1.08x; but I=H=512, B=31 0.94x / 0.96x, I=128, H=1024,
+  // B=31 0.98x / 0.99x and T=2, B=10, I=H=768 0.93x / 0.98x.
   const bool panel_ok = !a.lowp && (backend == 0 || backend == 4) && a.I >= kNR && P >= kNR &&
                         GH * a.I <= kPanelMaxWeightElems;
   const bool panel_products = panel_ok && N >= kPanelProjectionMinRows && need.input;
