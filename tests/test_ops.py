@@ -6,7 +6,7 @@ import torch
 import fastrnn
 from fastrnn import functional as FR
 from fastrnn import reference as R
-from conftest import assert_close, assert_close_to_truth
+from conftest import assert_close, assert_close_to_truth, isa_builds
 
 CELLS = ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"]
 
@@ -402,6 +402,33 @@ def test_packed_weight_cache_sees_every_write(mutate, H, gemm_backend):
     ctx = torch.inference_mode() if mutate == "inference_mode" else torch.no_grad()
     with ctx:
         assert_close(m(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN", "PeepholeLSTM"])
+def test_packed_weight_cache_keys_the_kernel_build(cell):
+    """Packed panels are laid out for the kernel build that runs (panel::stripe_vecs: a panel's
+    whole rows with AVX-512, 64-byte stripes below), so a packing cached under one build must not
+    serve another: each build in turn, then the first again, on the same weights and cache. (Only
+    AVX-512 CPUs have two layouts; on others every build shares one and this checks each build.)
+    PeepholeLSTM, with zero peepholes, is an LSTM on the variant kernels' own packing."""
+    from fastrnn import _C
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, "LSTM" if cell == "PeepholeLSTM" else cell)(40, 48)
+    m = getattr(fastrnn, cell)(40, 48)
+    theirs = dict(ref.named_parameters())
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(theirs[n]) if n in theirs else p.zero_()
+    x = torch.randn(6, 9, 40)
+    builds, old = isa_builds(), _C.get_isa()
+    try:
+        with torch.no_grad():
+            want = ref(x)[0]
+            for name in builds + builds[:1]:
+                _C.set_isa(name)
+                assert_close(m(x)[0], want, msg=name)
+    finally:
+        _C.set_isa(old)
 
 
 @pytest.mark.parametrize("team", [True, False], ids=["team", "per-step"])

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu/isa.h"
 #include "cpu/workspace.h"
 #include "fastrnn/panel_gemm.h"
 
@@ -104,12 +105,18 @@ at::Tensor cached_packing(const at::Tensor& w, int64_t layout, const Pack& pack)
   return packed;
 }
 
+// The stripe width (panel::stripe_vecs) of a panel of WS layout vectors in the kernel build that
+// runs: packing and kernels agree as long as fastrnn._C.set_isa is not called while a call runs.
+inline int panel_stripe(int WS) { return panel::stripe_vecs(kernel_vector_bytes(), WS); }
+
 // W [G*H, K] (W_hh, K = H; or W_ih, K = I) -> panels [n_panels][K][gate g, unit u] of U units,
-// zero past the last unit: the layout of the fused forward kernels (a thread multiplies h, and x
-// where the input product is fused in, by a panel and has all G gates of U units at once).
+// in stripes (panel::striped), zero past the last unit: the layout of the fused forward kernels
+// (a thread multiplies h, and x where the input product is fused in, by a panel and has all G
+// gates of U units at once).
 template <typename T>
 at::Tensor pack_gate_panels(const at::Tensor& w, int64_t G, int64_t H, int64_t U) {
   const int64_t NR = G * U, n_panels = (H + U - 1) / U, K = w.size(1);
+  const int64_t SW = int64_t(panel_stripe(int(NR / panel::Vec<T>::L))) * panel::Vec<T>::L;  // a stripe's row
   at::Tensor wp = empty_big({n_panels, K, NR}, w.options());
   const T* src0 = w.data_ptr<T>();
   T* dst = wp.data_ptr<T>();
@@ -119,42 +126,56 @@ at::Tensor pack_gate_panels(const at::Tensor& w, int64_t G, int64_t H, int64_t U
       for (int64_t g = 0; g < G; ++g)
         for (int64_t u = 0; u < U && p * U + u < H; ++u) {
           const T* src = src0 + (g * H + p * U + u) * K;
-          T* d = dst + p * K * NR + g * U + u;
-          for (int64_t k = 0; k < K; ++k) d[k * NR] = src[k];
+          T* d = dst + p * K * NR + panel::striped<T>(K, int(SW / panel::Vec<T>::L), 0, g * U + u);
+          for (int64_t k = 0; k < K; ++k) d[k * SW] = src[k];
         }
     }
   });
   return wp;
 }
 
-// B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true) -> column
-// panels [n_panels][K][NR] for panel::gemm_impl, zero past N.
-template <typename T>
-at::Tensor pack_columns(const at::Tensor& weight, bool trans_b, int64_t N, int64_t K) {
+// The column panels of panel::gemm_impl, [n_panels][K][NR] in stripes, zero past N, for a [K, N]
+// matrix given by its rows (row(k): N contiguous elements, anywhere) or, with Cols, by its
+// columns (col(j): K contiguous elements; a weight [N, K] used transposed). Loops in the order
+// that reads the source contiguously. Not zero-filled, only the columns past N are (a fresh zeroed
+// 16 MB took ~1 ms of a backward's setup at I=H=1024).
+template <typename T, bool Cols, typename Src>
+void pack_panels(T* dst, int64_t K, int64_t N, const Src& src) {
   constexpr int64_t NR = panel::kGemmV * panel::Vec<T>::L;
-  const int64_t n_panels = (N + NR - 1) / NR;
-  // Not zero-filled, only the columns past N are (a fresh zeroed 16 MB took ~1 ms of a backward's
-  // setup at I=H=1024), and from the pool (no page faults: backward packs W_hh every call).
-  at::Tensor packed = empty_big({n_panels, K, NR}, weight.options());
-  const T* w = weight.data_ptr<T>();
-  T* dst = packed.data_ptr<T>();
-  // Loops in the order that reads W contiguously.
+  const int S = panel_stripe(panel::kGemmV);
+  const int64_t SW = int64_t(S) * panel::Vec<T>::L, n_panels = (N + NR - 1) / NR;
   at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t nc = std::min<int64_t>(NR, N - p * NR);
-      T* d = dst + p * K * NR;
-      if (nc < NR)
-        for (int64_t k = 0; k < K; ++k) std::fill(d + k * NR + nc, d + (k + 1) * NR, T(0));
-      if (trans_b) {
-        for (int64_t q = 0; q < nc; ++q) {
-          const T* src = w + (p * NR + q) * K;
-          for (int64_t k = 0; k < K; ++k) d[k * NR + q] = src[k];
+      for (int64_t q0 = 0; q0 < NR; q0 += SW) {  // a stripe: the panel's columns [q0, q0 + SW)
+        T* d = dst + p * K * NR + panel::striped<T>(K, S, 0, q0);
+        const int64_t n = std::max<int64_t>(0, std::min<int64_t>(SW, nc - q0)), j0 = p * NR + q0;
+        if (n < SW)
+          for (int64_t k = 0; k < K; ++k) std::fill(d + k * SW + n, d + (k + 1) * SW, T(0));
+        if constexpr (Cols) {
+          for (int64_t q = 0; q < n; ++q) {
+            const T* c = src(j0 + q);
+            for (int64_t k = 0; k < K; ++k) d[k * SW + q] = c[k];
+          }
+        } else if (n > 0) {
+          for (int64_t k = 0; k < K; ++k) std::memcpy(d + k * SW, src(k) + j0, sizeof(T) * n);
         }
-      } else {
-        for (int64_t k = 0; k < K; ++k) std::memcpy(d + k * NR, w + k * N + p * NR, sizeof(T) * nc);
       }
     }
   });
+}
+
+// B = W [K, N] row-major (trans_b=false) or W [N, K] used transposed (trans_b=true) -> column
+// panels for panel::gemm_impl, in the pool (no page faults: backward packs W_hh every call).
+template <typename T>
+at::Tensor pack_columns(const at::Tensor& weight, bool trans_b, int64_t N, int64_t K) {
+  constexpr int64_t NR = panel::kGemmV * panel::Vec<T>::L;
+  at::Tensor packed = empty_big({(N + NR - 1) / NR, K, NR}, weight.options());
+  const T* w = weight.data_ptr<T>();
+  if (trans_b)
+    pack_panels<T, true>(packed.data_ptr<T>(), K, N, [&](int64_t j) { return w + j * K; });
+  else
+    pack_panels<T, false>(packed.data_ptr<T>(), K, N, [&](int64_t k) { return w + k * N; });
   return packed;
 }
 
@@ -163,7 +184,8 @@ at::Tensor pack_columns(const at::Tensor& weight, bool trans_b, int64_t N, int64
 template <typename T>
 at::Tensor gate_panels(const at::Tensor& w, int64_t G, int64_t H, int64_t U) {
   constexpr auto compute = c10::CppTypeToScalarType<T>::value;
-  return cached_packing(w, 1000 + G * 100 + U, [&] {
+  const int S = panel_stripe(int(G * U / panel::Vec<T>::L));
+  return cached_packing(w, 100000 * S + 1000 + G * 100 + U, [&] {
     return pack_gate_panels<T>(w.scalar_type() == compute ? w : w.to(compute), G, H, U);
   });
 }

@@ -30,7 +30,8 @@ class PanelGemm {
  public:
   PanelGemm(const at::Tensor& w, bool trans_b, int64_t N, int64_t K, int cache_layout) : K_(K), N_(N) {
     auto pack = [&] { return pack_columns<T>(w, trans_b, N, K); };
-    packed_ = cache_layout >= 0 ? cached_packing(w, cache_layout, pack) : pack();
+    // (The cache key includes the stripe width of the build that runs, panel::stripe_vecs.)
+    packed_ = cache_layout >= 0 ? cached_packing(w, 100000 * panel_stripe(panel::kGemmV) + cache_layout, pack) : pack();
     n_panels_ = packed_.size(0);
   }
   int64_t panels() const { return n_panels_; }

@@ -276,12 +276,12 @@ struct FusedStep {
   bool save;
   Nonlinearity act;
   int64_t H, GH, U, n_panels, bs, off;
-  const T* wp;     // [n_panels, H, G*U] packed W_hh^T
+  const T* wp;     // [n_panels, H, G*U] packed W_hh^T (in stripes, panel::striped)
   const T* xg;     // input projections of rows [xg_row0, ...), xg_ld apart (xg_ld = 0: one bias row)
   int64_t xg_row0, xg_ld;
   // The input product fused into the step (LSTM and RNN; null: xg holds it): each row's
   // x W_ih^T is summed with h W_hh^T in one pass, and xg is the folded bias, xg_ld = 0.
-  const T* wx;     // [n_panels, I, G*U] packed W_ih^T
+  const T* wx;     // [n_panels, I, G*U] packed W_ih^T (in stripes)
   const T* x;      // [N, I] input rows
   int64_t I;
   const T* hcur;   // [B, H]
@@ -317,6 +317,7 @@ template <typename T, int NB, int G>
 FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) {
   constexpr int UV = units_vectors<G>();
   constexpr int U = UV * panel::Vec<T>::L;
+  constexpr int64_t SW = int64_t(panel::stripe_vecs(NB, G * UV)) * panel::Vec<T>::L;  // a stripe's row
   alignas(64) T C[panel::kMR * G * U];
   const int64_t H = s.H, GH = s.GH;
   for (int64_t p = p0; p < p1; ++p) {
@@ -326,12 +327,12 @@ FASTRNN_INLINE void fused_panels(const FusedStep<T>& s, int64_t p0, int64_t p1) 
       const int64_t i0 = panel::row_block(s.bs, ib), m = panel::row_block(s.bs, ib + 1) - i0;
       if (G != 3 && s.wx) {
         if constexpr (G != 3)
-          panel::product_rows<T, NB, G * UV, false, G * UV, true>(s.hcur + i0 * H, H, m, H, wpan, C, G * U,
-                                                              s.x + (s.off + i0) * s.I, s.I, s.I,
-                                                              s.wx + p * s.I * G * U);
+          panel::product_rows<T, NB, G * UV, false, G * UV, true>(s.hcur + i0 * H, H, m, H, wpan, H * SW, C,
+                                                                  G * U, s.x + (s.off + i0) * s.I, s.I, s.I,
+                                                                  s.wx + p * s.I * G * U, s.I * SW);
       } else {
         panel::prefetch_gate_rows(s.xg + (s.off + i0 - s.xg_row0) * GH + j0, GH, m, G, H, nu);
-        panel::product_rows<T, NB, G * UV>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
+        panel::product_rows<T, NB, G * UV>(s.hcur + i0 * H, H, m, H, wpan, H * SW, C, G * U);
       }
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = i0 + i, row = s.off + b;
@@ -905,16 +906,7 @@ void panel_weight_grad(const at::Tensor& dgt, const Row& row, int64_t rows, int6
   const int64_t GH = dgt.size(0), n_panels = (C + NR - 1) / NR;
   at::Tensor packed = scratch(slot, {n_panels, rows, NR}, dgt.options());
   T* pk = packed.data_ptr<T>();
-  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t c0 = p * NR, nc = std::min<int64_t>(NR, C - c0);
-      T* d = pk + p * rows * NR;
-      for (int64_t r = 0; r < rows; ++r) {
-        std::memcpy(d + r * NR, row(r) + c0, sizeof(T) * nc);
-        if (nc < NR) std::fill(d + r * NR + nc, d + (r + 1) * NR, T(0));
-      }
-    }
-  });
+  pack_panels<T, false>(pk, rows, C, row);
   if (!accumulate) out = empty_big({GH, C}, dgt.options());
   const panel::GemmArgs<T> g{dgt.data_ptr<T>(), rows, GH, rows, C, pk, out.data_ptr<T>(), C, accumulate};
   PanelGemm<T>::run_split(g, n_panels);

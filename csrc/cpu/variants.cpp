@@ -356,7 +356,7 @@ template <typename T>
 struct FusedV {
   bool lstm, save, has_peep, zone;
   int64_t H, GH, bs, off;
-  const T* wp;  // [n_panels, H, G*U]
+  const T* wp;  // [n_panels, H, G*U] (in stripes, panel::striped)
   const T* xg;  // input projections of rows [xg_row0, ...)
   int64_t xg_row0;
   const T* bias_x;  // [GH]
@@ -375,6 +375,7 @@ struct FusedV {
 template <typename T, int NB, int G, bool Save, bool Peep, bool Zone>
 FASTRNN_INLINE void fused_v_panels(const FusedV<T>& s, int64_t p0, int64_t p1) {
   constexpr int U = panel::Vec<T>::L;
+  constexpr int64_t SW = int64_t(panel::stripe_vecs(NB, G)) * U;  // a stripe's row
   alignas(64) T C[panel::kMR * G * U];
   const int64_t H = s.H, GH = s.GH;
   for (int64_t p = p0; p < p1; ++p) {
@@ -383,7 +384,7 @@ FASTRNN_INLINE void fused_v_panels(const FusedV<T>& s, int64_t p0, int64_t p1) {
     for (int64_t ib = 0, nb = panel::row_blocks(s.bs); ib < nb; ++ib) {
       const int64_t i0 = panel::row_block(s.bs, ib), m = panel::row_block(s.bs, ib + 1) - i0;
       panel::prefetch_gate_rows(s.xg + (s.off + i0 - s.xg_row0) * GH + j0, GH, m, G, H, nu);
-      panel::product_rows<T, NB, G>(s.hcur + i0 * H, H, m, H, wpan, C, G * U);
+      panel::product_rows<T, NB, G>(s.hcur + i0 * H, H, m, H, wpan, H * SW, C, G * U);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t b = i0 + i, row = s.off + b;
         const T* xr = s.xg + (row - s.xg_row0) * GH + j0;

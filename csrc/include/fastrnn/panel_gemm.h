@@ -42,11 +42,29 @@ struct Native {
   static constexpr int kAcc = NB == 64 ? 24 : 12;
 };
 
-// acc[i][v] += A[i, :K] @ the panel's vector v, for MR rows of A (row stride lda) and the first V
-// compute vectors of a panel whose rows are WS compute vectors apart.
-template <typename T, int NB, int V, int MR, int WS>
+// Panels are kept in stripes: a panel of WS layout vectors, logically [K][WS * L], is stored as
+// WS / S stripes of S layout vectors, each [K][S * L] contiguous, stripe q at q * K * S * L (an
+// element's place: striped()). With AVX-512 a stripe is the whole panel (S = WS): the
+// micro-kernel holds a whole row of it in registers and a k-step reads one 256-byte row. Below
+// AVX-512 a stripe is one layout vector (S = 1): the micro-kernel takes a panel a column group at
+// a time, and a group's k-steps then read consecutive memory, not 64 bytes of every 256 (which
+// left most of each line read to be fetched again by the next group, from L2). Measured (AVX2,
+// Zen 3, one thread, per-panel product as in the fused LSTM step): m=64, K=512, N=1024 57.6 ->
+// 77.4 GFLOP/s; m=8 49.5 -> 69.1; m=16, K=256, N=512 58.5 -> 76.5 (medians of 15).
+constexpr int stripe_vecs(int NB, int WS) { return NB == 64 ? WS : 1; }
+
+// Offset of element (k, j) in a panel of K rows stored in stripes of S layout vectors.
+template <typename T>
+FASTRNN_INLINE int64_t striped(int64_t K, int S, int64_t k, int64_t j) {
+  const int64_t w = int64_t(S) * Vec<T>::L;
+  return (j / w) * K * w + k * w + j % w;
+}
+
+// acc[i][v] += A[i, :K] @ the panel's compute vector V0 + v, for MR rows of A (row stride lda) and
+// V compute vectors, in a panel stored in stripes of SC compute vectors, ss elements apart.
+template <typename T, int NB, int V0, int V, int MR, int SC>
 FASTRNN_INLINE void accumulate(typename Native<T, NB>::type (&acc)[MR][V], const T* FASTRNN_RESTRICT A, int64_t lda,
-                               int64_t K, const T* FASTRNN_RESTRICT W) {
+                               int64_t K, const T* FASTRNN_RESTRICT W, int64_t ss) {
   using vec = typename Native<T, NB>::type;
   constexpr int L = Native<T, NB>::L;
   // (The unroll pragmas keep acc and w in registers: GCC left the loops over v rolled in some
@@ -55,7 +73,8 @@ FASTRNN_INLINE void accumulate(typename Native<T, NB>::type (&acc)[MR][V], const
   for (int64_t k = 0; k < K; ++k) {
     vec w[V];
 #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) std::memcpy(&w[v], W + (k * WS + v) * L, sizeof(vec));
+    for (int v = 0; v < V; ++v)
+      std::memcpy(&w[v], W + ((V0 + v) / SC) * ss + (k * SC + (V0 + v) % SC) * L, sizeof(vec));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const T a = A[i * lda + k];
@@ -65,12 +84,11 @@ FASTRNN_INLINE void accumulate(typename Native<T, NB>::type (&acc)[MR][V], const
   }
 }
 
-// micro's product on V compute vectors of columns (those from the pointers given), all in
-// registers.
-template <typename T, int NB, int V, int MR, bool Add, int WS, bool Two>
+// micro's product on compute vectors [V0, V0 + V) of its columns, all in registers.
+template <typename T, int NB, int V0, int V, int MR, bool Add, int SC, bool Two>
 FASTRNN_INLINE void micro_cols(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, const T* FASTRNN_RESTRICT W,
-                               T* FASTRNN_RESTRICT C, int64_t ldc, const T* FASTRNN_RESTRICT A2, int64_t lda2,
-                               int64_t K2, const T* FASTRNN_RESTRICT W2) {
+                               int64_t ss, T* FASTRNN_RESTRICT C, int64_t ldc, const T* FASTRNN_RESTRICT A2,
+                               int64_t lda2, int64_t K2, const T* FASTRNN_RESTRICT W2, int64_t ss2) {
   using vec = typename Native<T, NB>::type;
   constexpr int L = Native<T, NB>::L;
   vec acc[MR][V];
@@ -79,46 +97,48 @@ FASTRNN_INLINE void micro_cols(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t
 #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       if constexpr (Add)
-        std::memcpy(&acc[i][v], C + i * ldc + v * L, sizeof(vec));
+        std::memcpy(&acc[i][v], C + i * ldc + (V0 + v) * L, sizeof(vec));
       else
         acc[i][v] = vec{};
     }
-  accumulate<T, NB, V, MR, WS>(acc, A, lda, K, W);
-  if constexpr (Two) accumulate<T, NB, V, MR, WS>(acc, A2, lda2, K2, W2);
+  accumulate<T, NB, V0, V, MR, SC>(acc, A, lda, K, W, ss);
+  if constexpr (Two) accumulate<T, NB, V0, V, MR, SC>(acc, A2, lda2, K2, W2, ss2);
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) std::memcpy(C + i * ldc + v * L, &acc[i][v], sizeof(vec));
+    for (int v = 0; v < V; ++v) std::memcpy(C + i * ldc + (V0 + v) * L, &acc[i][v], sizeof(vec));
 }
 
 // Compute vectors [V0, VN) of micro's columns, as many at a time as the registers hold (kAcc / MR
 // a row: with 6 rows, a whole 4-vector panel with AVX-512, 2 of its 8 compute vectors with AVX2).
-template <typename T, int NB, int VN, int MR, bool Add, int WS, bool Two, int V0 = 0>
-FASTRNN_INLINE void micro_groups(const T* A, int64_t lda, int64_t K, const T* W, T* C, int64_t ldc, const T* A2,
-                                 int64_t lda2, int64_t K2, const T* W2) {
+template <typename T, int NB, int VN, int MR, bool Add, int SC, bool Two, int V0 = 0>
+FASTRNN_INLINE void micro_groups(const T* A, int64_t lda, int64_t K, const T* W, int64_t ss, T* C, int64_t ldc,
+                                 const T* A2, int64_t lda2, int64_t K2, const T* W2, int64_t ss2) {
   constexpr int per = Native<T, NB>::kAcc / MR > 0 ? Native<T, NB>::kAcc / MR : 1;
   constexpr int n = VN - V0 < per ? VN - V0 : per;
-  constexpr int64_t off = int64_t(V0) * Native<T, NB>::L;
-  micro_cols<T, NB, n, MR, Add, WS, Two>(A, lda, K, W + off, C + off, ldc, A2, lda2, K2, Two ? W2 + off : W2);
+  micro_cols<T, NB, V0, n, MR, Add, SC, Two>(A, lda, K, W, ss, C, ldc, A2, lda2, K2, W2, ss2);
   if constexpr (V0 + n < VN)
-    micro_groups<T, NB, VN, MR, Add, WS, Two, V0 + n>(A, lda, K, W, C, ldc, A2, lda2, K2, W2);
+    micro_groups<T, NB, VN, MR, Add, SC, Two, V0 + n>(A, lda, K, W, ss, C, ldc, A2, lda2, K2, W2, ss2);
 }
 
 // C rows [0, MR) = A[MR rows] @ panel, or += when Add; A row stride lda, C row stride ldc. The
-// panel's rows are WS layout vectors apart; the product takes the first V layout vectors of each
-// (V < WS: the occupied columns of a panel that is partly past N). Two: a second product
-// A2[MR, K2] @ W2 (a panel of the same width) is added in the same accumulators, as if A2
-// continued A's columns and W2 W's rows (the fused forward's x W_ih^T + h W_hh^T of a step, one
-// pass, no partial sums stored).
+// panel is WS layout vectors wide, in stripes (stripe_vecs(NB, WS) layout vectors) ss elements
+// apart; W points at its row 0 (a block of rows k0.. of a panel: its row k0 in stripe 0); the
+// product takes the first V layout vectors (V < WS: the occupied columns of a panel that is partly
+// past N). Two: a second product A2[MR, K2] @ W2 (a panel of the same width, stripes ss2 apart)
+// is added in the same accumulators, as if A2 continued A's columns and W2 W's rows (the fused
+// forward's x W_ih^T + h W_hh^T of a step, one pass, no partial sums stored).
 // (Not a lambda called twice: GCC compiled that form so that a row rounded differently in a block
 // of 2 rows than in a block of 5, and a float32 forward depended on the thread count, which
 // splits a panel's rows; tests/test_threads.py.)
 template <typename T, int NB, int V, int MR, bool Add = false, int WS = V, bool Two = false>
 FASTRNN_INLINE void micro(const T* FASTRNN_RESTRICT A, int64_t lda, int64_t K, const T* FASTRNN_RESTRICT W,
-                          T* FASTRNN_RESTRICT C, int64_t ldc, const T* FASTRNN_RESTRICT A2 = nullptr,
-                          int64_t lda2 = 0, int64_t K2 = 0, const T* FASTRNN_RESTRICT W2 = nullptr) {
+                          int64_t ss, T* FASTRNN_RESTRICT C, int64_t ldc, const T* FASTRNN_RESTRICT A2 = nullptr,
+                          int64_t lda2 = 0, int64_t K2 = 0, const T* FASTRNN_RESTRICT W2 = nullptr,
+                          int64_t ss2 = 0) {
   constexpr int R = Native<T, NB>::R;
-  micro_groups<T, NB, V * R, MR, Add, WS * R, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2);
+  micro_groups<T, NB, V * R, MR, Add, stripe_vecs(NB, WS) * R, Two>(A, lda, K, W, ss, C, ldc, A2, lda2, K2, W2,
+                                                                     ss2);
 }
 
 constexpr int kMR = 6;
@@ -131,22 +151,51 @@ inline int64_t row_blocks(int64_t m) { return (m + kMR - 1) / kMR; }
 inline int64_t row_block(int64_t m, int64_t i) { return m * i / row_blocks(m); }
 
 // C[m, V*L] = A[m, K] @ panel (+= when Add; + A2[m, K2] @ W2 when Two, see micro) for
-// m <= kMR rows; panel rows WS vectors apart.
+// m <= kMR rows; a panel of WS layout vectors, stripes ss (ss2) elements apart.
 template <typename T, int NB, int V, bool Add = false, int WS = V, bool Two = false>
-FASTRNN_INLINE void product_rows(const T* A, int64_t lda, int64_t m, int64_t K, const T* W, T* C, int64_t ldc,
-                                 const T* A2 = nullptr, int64_t lda2 = 0, int64_t K2 = 0, const T* W2 = nullptr) {
+FASTRNN_INLINE void product_rows(const T* A, int64_t lda, int64_t m, int64_t K, const T* W, int64_t ss, T* C,
+                                 int64_t ldc, const T* A2 = nullptr, int64_t lda2 = 0, int64_t K2 = 0,
+                                 const T* W2 = nullptr, int64_t ss2 = 0) {
   static_assert(kMR == 6, "product_rows handles up to 6 rows");
   switch (m) {
-    case 6: micro<T, NB, V, 6, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
-    case 5: micro<T, NB, V, 5, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
-    case 4: micro<T, NB, V, 4, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
-    case 3: micro<T, NB, V, 3, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
-    case 2: micro<T, NB, V, 2, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
-    case 1: micro<T, NB, V, 1, Add, WS, Two>(A, lda, K, W, C, ldc, A2, lda2, K2, W2); break;
+    case 6: micro<T, NB, V, 6, Add, WS, Two>(A, lda, K, W, ss, C, ldc, A2, lda2, K2, W2, ss2); break;
+    case 5: micro<T, NB, V, 5, Add, WS, Two>(A, lda, K, W, ss, C, ldc, A2, lda2, K2, W2, ss2); break;
+    case 4: micro<T, NB, V, 4, Add, WS, Two>(A, lda, K, W, ss, C, ldc, A2, lda2, K2, W2, ss2); break;
+    case 3: micro<T, NB, V, 3, Add, WS, Two>(A, lda, K, W, ss, C, ldc, A2, lda2, K2, W2, ss2); break;
+    case 2: micro<T, NB, V, 2, Add, WS, Two>(A, lda, K, W, ss, C, ldc, A2, lda2, K2, W2, ss2); break;
+    case 1: micro<T, NB, V, 1, Add, WS, Two>(A, lda, K, W, ss, C, ldc, A2, lda2, K2, W2, ss2); break;
     default: break;
   }
 }
 
+// C[m, V*L] = A[m, K] @ panel (+ A2[m, K2] @ W2 when Two; see micro) for any m, in row blocks
+// (row_block). Where a stripe is narrower than the panel (below AVX-512) and the blocks have
+// >= 4 rows, the stripes are the outer loop: each row block then reads a stripe's K rows
+// (K * 64 bytes) just read by the one before, from L1, where a whole panel (K * 256 bytes) read
+// per block came from L2. Fewer rows run all stripes at once (a block of m <= 3 rows holds more
+// than one stripe's columns in its accumulators).
+template <typename T, int NB, int V, int WS = V, bool Two = false>
+FASTRNN_INLINE void product_block(const T* A, int64_t lda, int64_t m, int64_t K, const T* W, int64_t ss, T* C,
+                                  int64_t ldc, const T* A2 = nullptr, int64_t lda2 = 0, int64_t K2 = 0,
+                                  const T* W2 = nullptr, int64_t ss2 = 0) {
+  constexpr int S = stripe_vecs(NB, WS);
+  const int64_t nb = row_blocks(m);
+  if (S == WS || m < 8) {
+    for (int64_t ib = 0; ib < nb; ++ib) {
+      const int64_t i0 = row_block(m, ib), mr = row_block(m, ib + 1) - i0;
+      product_rows<T, NB, V, false, WS, Two>(A + i0 * lda, lda, mr, K, W, ss, C + i0 * ldc, ldc,
+                                             Two ? A2 + i0 * lda2 : A2, lda2, K2, W2, ss2);
+    }
+    return;
+  }
+  constexpr int L = Vec<T>::L;
+  for (int q = 0; q < V / S; ++q)
+    for (int64_t ib = 0; ib < nb; ++ib) {
+      const int64_t i0 = row_block(m, ib), mr = row_block(m, ib + 1) - i0;
+      product_rows<T, NB, S, false, S, Two>(A + i0 * lda, lda, mr, K, W + q * ss, ss, C + i0 * ldc + q * S * L, ldc,
+                                            Two ? A2 + i0 * lda2 : A2, lda2, K2, Two ? W2 + q * ss2 : W2, ss2);
+    }
+}
 
 // Asks the cache for m rows of G gate segments of n elements (gate g of row i at
 // x + i * ld + g * H): a fused step's input projections, which come from a chunk buffer of
@@ -251,8 +300,8 @@ FASTRNN_INLINE void dot_block(const T* A, int64_t lda, int64_t m, const T* W, in
 }
 
 // C[m, N] (=, or += when accumulate) A[m, K] @ B for B [K, N] packed in column panels of
-// NR = kGemmV * L columns (panel p holds columns [p*NR, (p+1)*NR), row k contiguous, zero past
-// N): panels [p0, p1) only, so threads can split them. For the per-step products at sizes where a
+// NR = kGemmV * L columns (panel p holds columns [p*NR, (p+1)*NR) at p * K * NR, in stripes
+// (see stripe_vecs), zero past N): panels [p0, p1) only, so threads can split them. For the per-step products at sizes where a
 // BLAS call costs more in dispatch and threading than the product itself.
 constexpr int kGemmV = 4;
 
@@ -286,14 +335,14 @@ FASTRNN_INLINE int panel_vecs(int64_t N, int64_t p) {
 // product_rows on a kGemmV-vector panel's first `vecs` vectors: a last panel partly past N runs
 // only its occupied columns (P = 96: 2 panels as 64 + 32 columns, not 128).
 template <typename T, int NB, bool Add>
-FASTRNN_INLINE void product_vecs(int vecs, const T* A, int64_t lda, int64_t m, int64_t K, const T* W, T* C,
-                                 int64_t ldc) {
+FASTRNN_INLINE void product_vecs(int vecs, const T* A, int64_t lda, int64_t m, int64_t K, const T* W, int64_t ss,
+                                 T* C, int64_t ldc) {
   static_assert(kGemmV == 4, "product_vecs handles panels of up to 4 vectors");
   switch (vecs) {
-    case 4: product_rows<T, NB, 4, Add>(A, lda, m, K, W, C, ldc); break;
-    case 3: product_rows<T, NB, 3, Add, 4>(A, lda, m, K, W, C, ldc); break;
-    case 2: product_rows<T, NB, 2, Add, 4>(A, lda, m, K, W, C, ldc); break;
-    case 1: product_rows<T, NB, 1, Add, 4>(A, lda, m, K, W, C, ldc); break;
+    case 4: product_rows<T, NB, 4, Add>(A, lda, m, K, W, ss, C, ldc); break;
+    case 3: product_rows<T, NB, 3, Add, 4>(A, lda, m, K, W, ss, C, ldc); break;
+    case 2: product_rows<T, NB, 2, Add, 4>(A, lda, m, K, W, ss, C, ldc); break;
+    case 1: product_rows<T, NB, 1, Add, 4>(A, lda, m, K, W, ss, C, ldc); break;
     default: break;
   }
 }
@@ -301,8 +350,9 @@ FASTRNN_INLINE void product_vecs(int vecs, const T* A, int64_t lda, int64_t m, i
 template <typename T, int NB>
 FASTRNN_INLINE void gemm_impl(const GemmArgs<T>& g, int64_t p0, int64_t p1) {
   constexpr int NR = kGemmV * Vec<T>::L;
+  constexpr int64_t SW = int64_t(stripe_vecs(NB, kGemmV)) * Vec<T>::L;  // a stripe's row
   alignas(64) T tile[kGemmMC * NR];
-  const int64_t KC = g.K > 2 * kGemmKC ? kGemmKC : g.K, MC = kGemmMC;
+  const int64_t KC = g.K > 2 * kGemmKC ? kGemmKC : g.K, MC = kGemmMC, ss = g.K * SW;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c0 = p * NR, nc = g.N - c0 < NR ? g.N - c0 : NR;
     const int vecs = panel_vecs<T>(g.N, p);
@@ -315,12 +365,12 @@ FASTRNN_INLINE void gemm_impl(const GemmArgs<T>& g, int64_t p0, int64_t p1) {
         for (int64_t ib = 0, nb = row_blocks(mc); ib < nb; ++ib) {
           const int64_t i0 = row_block(mc, ib), mr = row_block(mc, ib + 1) - i0;
           const T* ai = a + i0 * g.lda + k0;
-          const T* wk = panel + k0 * NR;
+          const T* wk = panel + k0 * SW;
           T* ti = tile + i0 * NR;
           if (k0 == 0)
-            product_vecs<T, NB, false>(vecs, ai, g.lda, mr, kc, wk, ti, NR);
+            product_vecs<T, NB, false>(vecs, ai, g.lda, mr, kc, wk, ss, ti, NR);
           else
-            product_vecs<T, NB, true>(vecs, ai, g.lda, mr, kc, wk, ti, NR);
+            product_vecs<T, NB, true>(vecs, ai, g.lda, mr, kc, wk, ss, ti, NR);
         }
       }
       for (int64_t i = 0; i < mc; ++i) {
