@@ -53,25 +53,27 @@ class PanelGemm {
     run_split(g, n_panels_);
   }
 
-  // Occupied vectors of the last panel (panel::product_vecs runs only those).
-  int64_t last_vecs() const { return panel::panel_vecs<T>(N_, n_panels_ - 1); }
-
-  // g over panels [0, n_panels) split over threads by work (team.h's share_panels: a narrow
-  // last panel counts for its vectors). Rows are split only where A has >= 96 of them: each
-  // piece reads the whole panel again, and a block of >= 48 rows keeps the micro-kernel's rate.
-  // P = 96 (64 + 32 columns) on 2 threads ran as 64 columns on one, 32 on the other before.
+  // g over panels [0, n_panels) split over threads in units of a panel, or where there are too few
+  // panels to even out the threads, of a panel's rows in pieces of >= 48 (a block of >= 48 rows
+  // keeps the micro-kernel's rate; each piece reads the whole panel again). Each thread runs its
+  // share, then takes what is left of the others' (team.h's StepUnits): a static split waited for
+  // the slower core.
   static void run_split(const panel::GemmArgs<T>& g, int64_t n_panels) {
-    const int64_t threads = at::get_num_threads(), last = panel::panel_vecs<T>(g.N, n_panels - 1);
+    const int64_t threads = at::get_num_threads();
+    const int64_t pieces = n_panels >= 4 * threads
+                               ? 1
+                               : std::max<int64_t>(1, std::min(g.m / 48, (4 * threads + n_panels - 1) / n_panels));
+    StepUnits units(threads);
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        share_panels(g.m, t, threads, n_panels, panel::kGemmV, last, g.m >= 96 ? g.m : 1,
-                     [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
-                       panel::GemmArgs<T> sub = g;
-                       sub.a = g.a + r0 * g.lda;
-                       sub.c = g.c + r0 * g.ldc;
-                       sub.m = r1 - r0;
-                       panel_gemm(sub, p0, p1);
-                     });
+        units.run(t, n_panels * pieces, 1, [&](int64_t u) {
+          const int64_t p = u / pieces, r0 = g.m * (u % pieces) / pieces, r1 = g.m * (u % pieces + 1) / pieces;
+          panel::GemmArgs<T> sub = g;
+          sub.a = g.a + r0 * g.lda;
+          sub.c = g.c + r0 * g.ldc;
+          sub.m = r1 - r0;
+          panel_gemm(sub, p, p + 1);
+        });
     });
   }
 

@@ -1118,6 +1118,8 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
       // As in the fused forward: one parallel region, two barriers a step (the row pass writes
       // dG that every panel reads; the panel pass writes columns of dh that every row reads).
       StepBarrier barrier;
+      StepUnits units(slices);  // the panel pass's (team.h)
+      const int64_t pieces = panel_pieces(rec_panel->panels(), slices), n_units = rec_panel->panels() * pieces;
       const bool gru = a.cell == Cell::GRU;
       at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
         int64_t target = 0;
@@ -1130,9 +1132,9 @@ void backward_kernel(const Args& a, const at::Tensor& grad_out_, const at::Tenso
           if (step == 0 && !need.state) break;  // (its dh would only be grad_hx)
           barrier.arrive_and_wait(s1 - s0, target += slices);
           for (int64_t sl = s0; sl < s1; ++sl)
-            share_panels(bs, sl, slices, rec_panel->panels(), panel::kGemmV, rec_panel->last_vecs(), 2,
-                         [&](int64_t q0, int64_t q1, int64_t p0, int64_t p1) {
-              rec_panel->run_panels(dghp + (off + q0 - row0) * GH, q1 - q0, GH, dhp + q0 * P, P, gru, p0, p1);
+            units.run(sl, n_units, uint32_t(c_hi - step), [&](int64_t u) {
+              const int64_t p = u / pieces, q0 = bs * (u % pieces) / pieces, q1 = bs * (u % pieces + 1) / pieces;
+              rec_panel->run_panels(dghp + (off + q0 - row0) * GH, q1 - q0, GH, dhp + q0 * P, P, gru, p, p + 1);
             });
           barrier.arrive_and_wait(s1 - s0, target += slices);
         }

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <thread>
 #include <utility>
 
@@ -91,46 +92,6 @@ void run_row_split_steps(int64_t c0, int64_t c1, int64_t B, int64_t H, int64_t s
   });
 }
 
-// Share sl of `slices` of a product over n_panels panels and m rows: part(r0, r1, p0, p1) runs
-// rows [r0, r1) of panels [p0, p1). A panel's rows cost full_w each (the last panel's last_w: a
-// panel partly past N runs only its occupied vectors, panel::product_vecs), and each share is an
-// equal part of the work in panel order, its ends rounded to a multiple of m / pieces rows (1:
-// whole panels; 2: half panels; m: any row). An odd number of panels no longer leaves one thread
-// a whole panel more (19 panels on 2 threads: 9.5 each, not 10 + 9; measured, T=100, B=16, I=100,
-// H=300 inference: time loop 3.16 -> 2.90-2.97 ms).
-template <typename Part>
-void share_panels(int64_t m, int64_t sl, int64_t slices, int64_t n_panels, int64_t full_w, int64_t last_w,
-                  int64_t pieces, const Part& part) {
-  if (m <= 0 || n_panels <= 0 || pieces <= 0) return;
-  const int64_t total = ((n_panels - 1) * full_w + last_w) * pieces;
-  // The (panel, row) where unit u starts (the end of a panel as the start of the next).
-  auto at_unit = [&](int64_t u) -> std::pair<int64_t, int64_t> {
-    const int64_t p = std::min(n_panels - 1, u / (full_w * pieces)), w = p == n_panels - 1 ? last_w : full_w;
-    const int64_t q = std::min(pieces, (u - p * full_w * pieces + w / 2) / w);
-    if (q == pieces && p + 1 < n_panels) return {p + 1, 0};
-    return {p, m * q / pieces};
-  };
-  auto [p0, r0] = at_unit(total * sl / slices);
-  const auto [p1, r1] = at_unit(total * (sl + 1) / slices);
-  if (p0 == p1) {
-    if (r1 > r0) part(r0, r1, p0, p0 + 1);
-    return;
-  }
-  if (r0 > 0) part(r0, m, p0, p0 + 1), ++p0;
-  if (r1 == m) {  // through the last panel's end
-    part(int64_t(0), m, p0, p1 + 1);
-    return;
-  }
-  if (p1 > p0) part(int64_t(0), m, p0, p1);
-  if (r1 > 0) part(int64_t(0), r1, p1, p1 + 1);
-}
-
-// Half panels of equal cost: a step's product split over a team.
-template <typename Part>
-void panel_share(int64_t bs, int64_t sl, int64_t slices, int64_t n_panels, const Part& part) {
-  share_panels(bs, sl, slices, n_panels, 1, 1, 2, part);
-}
-
 // ---------------------------------------------------------------------------------------
 // A persistent team for the time loop. With ATen's OpenMP backend every chunk of a
 // parallel_for runs on its own thread of one team, all at once, so the chunks can meet at a
@@ -165,6 +126,48 @@ class StepBarrier {
   std::atomic<int64_t> done_{0};
 };
 
+// The work units [0, n) of one step of a team: slice sl owns units [n * sl / slices,
+// n * (sl + 1) / slices) and runs them in order, then takes the next unclaimed units of the other
+// slices. A static split waits every step for its slowest thread; a core slower than its peer
+// (a VM's busy vCPU, an SMT sibling at work, an efficiency core) held up every step. Measured on
+// the 2-vCPU Zen 3 VM: the same product ran at 96 GFLOP/s on one vCPU and 71-84 on the other.
+// A unit runs on one thread, whichever, and computes the same either way. A slice's counter holds
+// (epoch, next unit): a count from an earlier step reads as the slice's first unit, so nothing is
+// reset between steps (the barrier orders the steps).
+class StepUnits {
+ public:
+  explicit StepUnits(int64_t slices) : slices_(slices), next_(new Counter[slices]) {}
+  // Runs run(u) for units of step `epoch` (>= 1, rising step by step) until none is left.
+  template <typename Run>
+  void run(int64_t sl, int64_t n, uint32_t epoch, const Run& run) {
+    for (int64_t k = 0; k < slices_; ++k)
+      for (int64_t u, o = (sl + k) % slices_; (u = claim(o, n, epoch)) >= 0;) run(u);
+  }
+
+ private:
+  struct alignas(64) Counter {
+    std::atomic<uint64_t> v{0};
+  };
+  int64_t claim(int64_t o, int64_t n, uint32_t epoch) {
+    const int64_t begin = n * o / slices_, end = n * (o + 1) / slices_;
+    std::atomic<uint64_t>& c = next_[o].v;
+    uint64_t v = c.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t u = uint32_t(v >> 32) == epoch ? int64_t(v & 0xffffffffu) : begin;
+      if (u >= end) return -1;
+      if (c.compare_exchange_weak(v, (uint64_t(epoch) << 32) | uint64_t(u + 1), std::memory_order_relaxed))
+        return u;
+    }
+  }
+  int64_t slices_;
+  std::unique_ptr<Counter[]> next_;
+};
+
+// Units a panel of a step's product is cut into for StepUnits: whole panels where there are
+// enough to even out the threads (each unit then reads its panel once), else half panels (the
+// rows halved).
+inline int64_t panel_pieces(int64_t n_panels, int64_t slices) { return n_panels >= 8 * slices ? 1 : 2; }
+
 // The time loop of a fused forward over steps [c0, c1): step_args(step) gives a step's kernel
 // arguments (with its batch size .bs), kernel(args, p0, p1) runs panels [p0, p1) of it; a panel
 // holds nr columns of a k-row weight (k = H, the width of the rows of h). Where threads pay (split), one parallel region runs all
@@ -179,12 +182,15 @@ void run_panel_steps(int64_t c0, int64_t c1, int64_t n_panels, int64_t k, int64_
     for (int64_t step = c0; step < c1; ++step) kernel(step_args(step), 0, n_panels);
   } else if (use_persistent_team(slices, c1 - c0)) {
     StepBarrier barrier;
+    StepUnits units(slices);
+    const int64_t pieces = panel_pieces(n_panels, slices), n = n_panels * pieces;
     at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t step = c0; step < c1; ++step) {
         const auto x = step_args(step);
         for (int64_t sl = s0; sl < s1; ++sl)
-          panel_share(x.bs, sl, slices, n_panels, [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
-            kernel(narrow_rows(x, r0, r1, k), p0, p1);
+          units.run(sl, n, uint32_t(step - c0 + 1), [&](int64_t u) {
+            const int64_t p = u / pieces, r0 = x.bs * (u % pieces) / pieces, r1 = x.bs * (u % pieces + 1) / pieces;
+            if (r1 > r0) kernel(narrow_rows(x, r0, r1, k), p, p + 1);
           });
         barrier.arrive_and_wait(s1 - s0, (step - c0 + 1) * slices);
       }

@@ -168,35 +168,6 @@ FASTRNN_INLINE void product_rows(const T* A, int64_t lda, int64_t m, int64_t K, 
   }
 }
 
-// C[m, V*L] = A[m, K] @ panel (+ A2[m, K2] @ W2 when Two; see micro) for any m, in row blocks
-// (row_block). Where a stripe is narrower than the panel (below AVX-512) and the blocks have
-// >= 4 rows, the stripes are the outer loop: each row block then reads a stripe's K rows
-// (K * 64 bytes) just read by the one before, from L1, where a whole panel (K * 256 bytes) read
-// per block came from L2. Fewer rows run all stripes at once (a block of m <= 3 rows holds more
-// than one stripe's columns in its accumulators).
-template <typename T, int NB, int V, int WS = V, bool Two = false>
-FASTRNN_INLINE void product_block(const T* A, int64_t lda, int64_t m, int64_t K, const T* W, int64_t ss, T* C,
-                                  int64_t ldc, const T* A2 = nullptr, int64_t lda2 = 0, int64_t K2 = 0,
-                                  const T* W2 = nullptr, int64_t ss2 = 0) {
-  constexpr int S = stripe_vecs(NB, WS);
-  const int64_t nb = row_blocks(m);
-  if (S == WS || m < 8) {
-    for (int64_t ib = 0; ib < nb; ++ib) {
-      const int64_t i0 = row_block(m, ib), mr = row_block(m, ib + 1) - i0;
-      product_rows<T, NB, V, false, WS, Two>(A + i0 * lda, lda, mr, K, W, ss, C + i0 * ldc, ldc,
-                                             Two ? A2 + i0 * lda2 : A2, lda2, K2, W2, ss2);
-    }
-    return;
-  }
-  constexpr int L = Vec<T>::L;
-  for (int q = 0; q < V / S; ++q)
-    for (int64_t ib = 0; ib < nb; ++ib) {
-      const int64_t i0 = row_block(m, ib), mr = row_block(m, ib + 1) - i0;
-      product_rows<T, NB, S, false, S, Two>(A + i0 * lda, lda, mr, K, W + q * ss, ss, C + i0 * ldc + q * S * L, ldc,
-                                            Two ? A2 + i0 * lda2 : A2, lda2, K2, Two ? W2 + q * ss2 : W2, ss2);
-    }
-}
-
 // Asks the cache for m rows of G gate segments of n elements (gate g of row i at
 // x + i * ld + g * H): a fused step's input projections, which come from a chunk buffer of
 // megabytes (L3), so that they arrive while the block's product runs. Measured (AMD EPYC Zen 4,
