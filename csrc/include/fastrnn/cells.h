@@ -189,22 +189,25 @@ FASTRNN_INLINE void lstm_backward_row(int64_t H, const T* FASTRNN_RESTRICT gates
 //   h_prev [n], h_out [n]: h_{t-1} and h_t (may be the same memory)
 //   gates (k*gs + j) r, z, n and hn_out [n] (W_hn h + b_hn): saved for backward when Save
 // ---------------------------------------------------------------------------------------
-template <bool Save, typename T>
+// V: as lstm_forward_row's (a GCC vector of T, n_units a multiple of its lanes; the same
+// formulas on vectors).
+template <bool Save, typename T, typename V = T>
 FASTRNN_INLINE void gru_forward_row(int64_t n_units, const T* FASTRNN_RESTRICT xg, int64_t xs,
                                     const T* FASTRNN_RESTRICT hg, int64_t hs, const T* FASTRNN_RESTRICT b_hn,
                                     const T* h_prev, T* h_out, T* FASTRNN_RESTRICT gates, int64_t gs,
                                     T* FASTRNN_RESTRICT hn_out) {
-  for (int64_t j = 0; j < n_units; ++j) {
-    T r = math::sigmoid(xg[j] + hg[j]);
-    T z = math::sigmoid(xg[xs + j] + hg[hs + j]);
-    T hn = hg[2 * hs + j] + (b_hn ? b_hn[j] : T(0));
-    T n = math::tanh(xg[2 * xs + j] + r * hn);
-    h_out[j] = (T(1) - z) * n + z * h_prev[j];
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  for (int64_t j = 0; j < n_units; j += L) {
+    V r = math::sigmoid(load<V>(xg + j) + load<V>(hg + j));
+    V z = math::sigmoid(load<V>(xg + xs + j) + load<V>(hg + hs + j));
+    V hn = load<V>(hg + 2 * hs + j) + (b_hn ? load<V>(b_hn + j) : V{});
+    V n = math::tanh(load<V>(xg + 2 * xs + j) + r * hn);
+    store(h_out + j, (T(1) - z) * n + z * load<V>(h_prev + j));
     if (Save) {
-      gates[j] = r;
-      gates[gs + j] = z;
-      gates[2 * gs + j] = n;
-      hn_out[j] = hn;
+      store(gates + j, r);
+      store(gates + gs + j, z);
+      store(gates + 2 * gs + j, n);
+      store(hn_out + j, hn);
     }
   }
 }
