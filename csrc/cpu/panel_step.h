@@ -1,8 +1,8 @@
 // The per-step product of the time loops on a weight packed into column panels
 // (panel::gemm_impl): backward's dh = dG W_hh in both kernels and the variants' forward product.
 // Where a step is a few microseconds of work, a BLAS call costs as much again in dispatch and
-// threading; panels also let each thread of a persistent team own a fixed slice of the weight,
-// which stays in its core's cache across steps.
+// threading; panels also let each thread of a persistent team start every step on its own slice
+// of the weight, which stays in its core's cache across steps.
 #pragma once
 
 #include <ATen/ATen.h>
