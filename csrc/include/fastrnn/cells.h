@@ -237,10 +237,12 @@ FASTRNN_INLINE void gru_backward_row(int64_t H, const T* FASTRNN_RESTRICT gates,
 // ---------------------------------------------------------------------------------------
 // Elman RNN: h_t = act(xg + hg), xg [H] with both biases folded in; h may alias hg.
 // ---------------------------------------------------------------------------------------
-template <typename T>
+// V: as lstm_forward_row's, for tanh (relu's loop is the compiler's to vectorise).
+template <typename T, typename V = T>
 FASTRNN_INLINE void rnn_forward_row(int64_t H, Nonlinearity act, const T* FASTRNN_RESTRICT xg, const T* hg, T* h) {
+  constexpr int64_t L = sizeof(V) / sizeof(T);
   if (act == Nonlinearity::Tanh) {
-    for (int64_t j = 0; j < H; ++j) h[j] = math::tanh(xg[j] + hg[j]);
+    for (int64_t j = 0; j < H; j += L) store(h + j, math::tanh(load<V>(xg + j) + load<V>(hg + j)));
   } else {
     for (int64_t j = 0; j < H; ++j) h[j] = math::relu(xg[j] + hg[j]);
   }
