@@ -136,7 +136,14 @@ class StepBarrier {
 // reset between steps (the barrier orders the steps).
 class StepUnits {
  public:
-  explicit StepUnits(int64_t slices) : slices_(slices), next_(new Counter[slices]) {}
+  // (Counters for up to kInline slices live in the object: a per-step product that builds one
+  // makes no allocation in the time loop.)
+  explicit StepUnits(int64_t slices)
+      : slices_(slices),
+        heap_(slices > kInline ? new Counter[slices] : nullptr),
+        next_(heap_ ? heap_.get() : inline_) {}
+  StepUnits(const StepUnits&) = delete;
+  StepUnits& operator=(const StepUnits&) = delete;
   // Runs run(u) for units of step `epoch` (>= 1, rising step by step) until none is left.
   template <typename Run>
   void run(int64_t sl, int64_t n, uint32_t epoch, const Run& run) {
@@ -159,8 +166,11 @@ class StepUnits {
         return u;
     }
   }
+  static constexpr int64_t kInline = 8;
   int64_t slices_;
-  std::unique_ptr<Counter[]> next_;
+  Counter inline_[kInline];
+  std::unique_ptr<Counter[]> heap_;
+  Counter* next_;
 };
 
 // Units a panel of a step's product is cut into for StepUnits: whole panels where there are

@@ -49,8 +49,8 @@ struct Native {
 // AVX-512 a stripe is one layout vector (S = 1): the micro-kernel takes a panel a column group at
 // a time, and a group's k-steps then read consecutive memory, not 64 bytes of every 256 (which
 // left most of each line read to be fetched again by the next group, from L2). Measured (AVX2,
-// Zen 3, one thread, per-panel product as in the fused LSTM step): m=64, K=512, N=1024 57.6 ->
-// 77.4 GFLOP/s; m=8 49.5 -> 69.1; m=16, K=256, N=512 58.5 -> 76.5 (medians of 15).
+// Zen 3, one thread, gemm_impl on both layouts in one binary, medians of 15, m x K x N):
+// 64x2048x512 51 -> 90 GFLOP/s; 8x512x1024 62 -> 84; 64x512x2048 50 -> 64; 16x256x1024 55 -> 65.
 constexpr int stripe_vecs(int NB, int WS) { return NB == 64 ? WS : 1; }
 
 // Offset of element (k, j) in a panel of K rows stored in stripes of S layout vectors.
@@ -276,8 +276,9 @@ FASTRNN_INLINE void dot_block(const T* A, int64_t lda, int64_t m, const T* W, in
 
 // C[m, N] (=, or += when accumulate) A[m, K] @ B for B [K, N] packed in column panels of
 // NR = kGemmV * L columns (panel p holds columns [p*NR, (p+1)*NR) at p * K * NR, in stripes
-// (see stripe_vecs), zero past N): panels [p0, p1) only, so threads can split them. For the per-step products at sizes where a
-// BLAS call costs more in dispatch and threading than the product itself.
+// (see stripe_vecs), zero past N): panels [p0, p1) only, so threads can split them. For the
+// per-step products at sizes where a BLAS call costs more in dispatch and threading than the
+// product itself.
 constexpr int kGemmV = 4;
 
 template <typename T>
