@@ -668,10 +668,12 @@ def test_forward_mode_ad_as_torch(kind):
 def test_single_step_inference_of_many_rows_matches_torch(dtype, monkeypatch, capfd):
     """One step of inference with 32 rows or more runs the fused step (both products in one
     pass over cached packings) instead of two GEMMs: the same values as torch.nn, for the LSTM,
-    the RNN and a cell, on a batch that is not a multiple of the vector width; fewer rows keep
-    the single-step kernel (FASTRNN_PROFILE names the kernel that ran)."""
+    the RNN, the GRU (whose input product is a GEMM before the fused step; H=40: two full panels
+    on the vector gate math, one partial on the scalar loop) and a cell, on a batch that is not a
+    multiple of the vector width; fewer rows keep the single-step kernel (FASTRNN_PROFILE names
+    the kernel that ran)."""
     monkeypatch.setenv("FASTRNN_PROFILE", "1")
-    for kind, B in (("LSTM", 37), ("RNN", 64), ("LSTM", 8)):
+    for kind, B in (("LSTM", 37), ("RNN", 64), ("GRU", 37), ("LSTM", 8), ("GRU", 8)):
         ref, ours = make_pair(kind, 24, 40, dtype=dtype)
         gen = torch.Generator().manual_seed(B)
         x = torch.randn(1, B, 24, dtype=dtype, generator=gen)
@@ -683,13 +685,14 @@ def test_single_step_inference_of_many_rows_matches_torch(dtype, monkeypatch, ca
         assert ("fused forward" in capfd.readouterr().err) == (B >= 32)
         for g, w in zip(got, want):
             assert_close(g, w)
-    ref, ours = nn.LSTMCell(24, 40).to(dtype), fastrnn.LSTMCell(24, 40).to(dtype)
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(48, 24, dtype=dtype)
-    with torch.no_grad():
-        for g, w in zip(ours(x), ref(x)):
-            assert_close(g, w)
-    assert "fused forward" in capfd.readouterr().err
+    for cell in ("LSTMCell", "GRUCell"):
+        ref, ours = getattr(nn, cell)(24, 40).to(dtype), getattr(fastrnn, cell)(24, 40).to(dtype)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(48, 24, dtype=dtype)
+        with torch.no_grad():
+            for g, w in zip(flat(ours(x)), flat(ref(x))):
+                assert_close(g, w)
+        assert "fused forward" in capfd.readouterr().err, cell
 
 
 def test_input_dtype_mismatch_raises_the_class_torch_raises():

@@ -404,6 +404,36 @@ def test_packed_weight_cache_sees_every_write(mutate, H, gemm_backend):
         assert_close(m(x)[0], ref(x)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_panel_products_past_one_k_block(dtype, isa):
+    """Backward's dh = dG W_hh and grad_input = dG W_ih on the panel kernel with K = 4H = 2080 >
+    2048 rows, which panel::gemm_impl takes 1024 rows at a time (the partial sums of each block
+    kept in its tile; each block starts k0 rows into every stripe of a panel), and outputs of 520
+    and 64 columns (a last panel with one occupied vector, and a single panel). Against torch.nn,
+    forward and every gradient, in each kernel build."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(64, 520).double()
+    m = fastrnn.LSTM(64, 520).double()
+    m.load_state_dict(ref.state_dict())
+    m = m.to(dtype)
+    x = torch.randn(8, 5, 64, dtype=torch.float64)  # 40 rows: the panel products' minimum is 32
+    outs, ref_outs = [], []
+    for model, xin, sink in ((m, x.to(dtype), outs), (ref, x, ref_outs)):
+        xin = xin.detach().requires_grad_()
+        y, (h, c) = model(xin)
+        g = torch.Generator().manual_seed(1)
+        cot = [torch.randn(t.shape, dtype=torch.float64, generator=g).to(t.dtype) for t in (y, h, c)]
+        grads = torch.autograd.grad((y, h, c), [xin, *model.parameters()], cot)
+        sink += [t.detach() for t in (y, h, c, *grads)]
+    assert len(outs) == len(ref_outs) == 3 + 1 + 4
+    for i, (a, b) in enumerate(zip(outs, ref_outs)):
+        assert a.dtype == dtype
+        if dtype == torch.float64:
+            assert_close(a, b, msg=f"result {i}")
+        else:  # (float32 sums of 2080 terms: normwise against the float64 truth)
+            assert_close_to_truth(a, b)
+
+
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN", "PeepholeLSTM"])
 def test_packed_weight_cache_keys_the_kernel_build(cell):
     """Packed panels are laid out for the kernel build that runs (panel::stripe_vecs: a panel's
