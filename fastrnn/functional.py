@@ -56,6 +56,17 @@ def _transforms_active() -> bool:
     return _forward_ad_active() or (not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active())
 
 
+def _plain_eager() -> bool:
+    """An eager call no tool records or transforms: not while torch.compile or torch.jit.trace
+    records, not inside a torch.func transform or forward-AD level, not in a CPU autocast region.
+    The layers' and cells' fast path (a few cheap tests, then one call of the fused op: a
+    step-at-a-time caller pays the general path's checks every call) runs only then.
+    is_compiling first: dynamo folds it to True and traces no further."""
+    return not (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+                or _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+                or torch.is_autocast_enabled("cpu"))
+
+
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 # The LSTM/GRU/RNN CPU kernels also take bfloat16 (float32 state and gate math, bfloat16 GEMMs).
 _RECURRENT_DTYPES = _NATIVE_DTYPES + (torch.bfloat16,)

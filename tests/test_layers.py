@@ -337,6 +337,99 @@ def test_rnncell_relu():
     assert repr(ours).split("(", 1)[1] == repr(ref).split("(", 1)[1]
 
 
+def _count_general_calls(monkeypatch):
+    """A list that gets the class name of each layer or cell call taking the general path (its
+    _prepare) rather than the fast one (_fast_states, _fast)."""
+    from fastrnn.modules import cells, rnn
+    calls = []
+    for cls in (rnn._RNNBase, cells._CellBase):
+        def spy(self, *args, _prepare=cls._prepare):
+            calls.append(type(self).__name__)
+            return _prepare(self, *args)
+        monkeypatch.setattr(cls, "_prepare", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_common_calls_take_the_fast_path(monkeypatch, dtype):
+    """The common call (batched dense CPU input of the weights' dtype; the layers' states as
+    expected or none, the cells' given) runs the fused op after one pass of cheap tests, not the
+    general path, with torch.nn's values and gradients: with and without a graph, stacked,
+    bidirectional, batch_first, without biases, with proj_size."""
+    calls = _count_general_calls(monkeypatch)
+    configs = [{}, {"num_layers": 2, "bidirectional": True, "batch_first": True}, {"bias": False}]
+    for kind in ("LSTM", "GRU", "RNN"):
+        extra = {"LSTM": [{"proj_size": 3}], "GRU": [], "RNN": [{"nonlinearity": "relu"}]}[kind]
+        for kw in configs + extra:
+            ref, ours = make_pair(kind, 4, 6, dtype=dtype, **kw)
+            x = torch.randn(5, 3, 4, dtype=dtype, requires_grad=True)
+            for hx in (None, states_for(kind, ref, 5 if ref.batch_first else 3, dtype)):
+                leaves = [x] + ([] if hx is None else list(hx) if kind == "LSTM" else [hx])
+                compare(ref, ours, x, hx, dtype, leaves)
+                with torch.no_grad():
+                    for a, b in zip(flat(ours(x, hx)), flat(ref(x, hx))):
+                        assert not a.requires_grad
+                        assert_close(a, b, dtype=dtype)
+    for kind, (tcls, fcls) in CELL_PAIRS.items():
+        for bias in (True, False):
+            ref, ours = tcls(4, 6, bias=bias).to(dtype), fcls(4, 6, bias=bias).to(dtype)
+            ours.load_state_dict(ref.state_dict())
+            x = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+            hs = [torch.randn(3, 6, dtype=dtype, requires_grad=True) for _ in range(2 if kind == "LSTMCell" else 1)]
+            compare(ref, ours, x, tuple(hs) if kind == "LSTMCell" else hs[0], dtype, [x] + hs)
+    assert calls == []
+
+
+def test_other_calls_take_the_general_path(monkeypatch):
+    """Whatever the fast path's tests do not cover runs the general path (and gives torch.nn's
+    result or error there): unbatched and packed input, a dtype or shape that torch.nn refuses,
+    autocast, forward-mode AD, a tensor subclass, zoneout, and for the cells omitted states and
+    a c_0 of another dtype."""
+    calls = _count_general_calls(monkeypatch)
+
+    class Sub(torch.Tensor):
+        pass
+
+    ref, ours = make_pair("LSTM", 4, 6, dtype=torch.float32)
+    x = torch.randn(5, 3, 4)
+    hx = (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6))
+    runs = [
+        lambda: ours(x[:, 0]),  # unbatched
+        lambda: ours(pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])),
+        lambda: ours(x.as_subclass(Sub)),
+        lambda: fastrnn.LSTM(4, 6, zoneout=0.1)(x),
+    ]
+    for run in runs:
+        n = len(calls)
+        run()
+        assert calls[n:] == ["LSTM"]
+    with pytest.raises(ValueError, match="input dtype"):
+        ours(x.double())
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size"):
+        ours(x, (torch.zeros(1, 2, 6), hx[1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (as torch.nn: test_bf16 compares the values)
+        assert ours(x, hx)[0].dtype == torch.bfloat16
+    import torch.autograd.forward_ad as fwAD
+    ref64, ours64 = make_pair("LSTM", 4, 6)  # (float64: torch's float32 LSTM has no forward AD)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.double(), torch.ones_like(x.double()))
+        out = fwAD.unpack_dual(ours64(dual)[0])
+        expected = fwAD.unpack_dual(ref64(dual)[0])
+        assert_close(out.primal, expected.primal, dtype=torch.float64)
+        assert_close(out.tangent, expected.tangent, dtype=torch.float64)
+    assert calls.count("LSTM") == 8
+
+    cell = fastrnn.LSTMCell(4, 6)
+    h = torch.zeros(3, 6)
+    cell(x[0])  # no states
+    cell(x[0, 0], (h[0], h[0]))  # unbatched
+    h64, c64 = cell(x[0], (h, h.double()))  # torch.nn promotes c_0
+    assert h64.dtype == c64.dtype == torch.float64
+    with pytest.raises(RuntimeError, match="input_size"):
+        cell(torch.zeros(3, 5), (h, h))
+    assert calls[-4:] == ["LSTMCell"] * 4
+
+
 def test_cell_loop_equals_layer():
     """Stepping LSTMCell over time gives the single-layer LSTM's result."""
     layer = fastrnn.LSTM(3, 5).double()
@@ -439,13 +532,23 @@ def test_stacked_layers_are_one_op_call(monkeypatch):
             calls.append(name)
             return getattr(torch.ops.fastrnn, name)
 
+    from fastrnn.modules import rnn
+    stack = rnn._STACK
+
+    def fast_stack(*args):  # (the layers' fast path calls the op itself: _fast_states)
+        calls.append("recurrent_stack")
+        return stack(*args)
+
     monkeypatch.setattr(FR, "_ops", Ops())
-    for cls in (fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN):
-        m = cls(4, 6, num_layers=3, bidirectional=True)
-        out, _ = m(torch.randn(5, 2, 4))
-        out.sum().backward()
-        assert m.weight_hh_l2_reverse.grad is not None
-    assert calls == ["recurrent_stack"] * 3
+    monkeypatch.setattr(rnn, "_STACK", fast_stack)
+    # Batched input takes the fast path; unbatched input the general one (_prepare, FR.lstm).
+    for x in (torch.randn(5, 2, 4), torch.randn(5, 4)):
+        for cls in (fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN):
+            m = cls(4, 6, num_layers=3, bidirectional=True)
+            out, _ = m(x)
+            out.sum().backward()
+            assert m.weight_hh_l2_reverse.grad is not None
+    assert calls == ["recurrent_stack"] * 6
 
 
 @pytest.mark.parametrize("frozen", ["layer0", "layer1"])

@@ -16,6 +16,21 @@ from ._compat import TorchNNTwin, autocast_enabled, fx_leaf
 
 __all__ = ["LSTMCell", "GRUCell", "RNNCell"]
 
+_ABSENT = object()
+# The layer ops' default overloads, called by the fast path (an overload packet resolves the
+# overload at every call).
+_LSTM, _GRU, _RNN = (torch.ops.fastrnn.lstm_forward.default, torch.ops.fastrnn.gru_forward.default,
+                     torch.ops.fastrnn.rnn_forward.default)
+
+
+def _run(op, train, *args):
+    """op(*args), below autograd when no graph is recorded (FR._call, for the fast path: not
+    compiling)."""
+    if train:
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
 
 class _CellBase(TorchNNTwin, nn.Module):
     __constants__ = ["input_size", "hidden_size", "bias"]
@@ -50,6 +65,35 @@ class _CellBase(TorchNNTwin, nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             init.uniform_(weight, -stdv, stdv)
+
+    def _fast(self, input, states, n_states: int):
+        """The common call's (weights, train) in one pass of cheap tests, for one call of the fused
+        op (a decoder pays the general path's checks at every step): a plain eager call
+        (FR._plain_eager), a 2-D CPU input of the weights' dtype (float32 or float64) and
+        input_size, n_states states each [batch, hidden_size] of that dtype on the CPU, plain
+        tensors, registered parameters. None otherwise: forward then takes the general path,
+        which checks one by one and names what is wrong. train: as FR._needs_grad."""
+        if not FR._plain_eager():
+            return None
+        p = self._parameters
+        w_ih, w_hh, b_ih, b_hh = (p.get("weight_ih", _ABSENT), p.get("weight_hh", _ABSENT),
+                                  p.get("bias_ih", _ABSENT), p.get("bias_hh", _ABSENT))
+        if (input.__class__ is not Tensor or input.dim() != 2 or len(states) != n_states or w_ih is _ABSENT
+                or w_hh is _ABSENT or b_ih is _ABSENT or b_hh is _ABSENT or w_ih is None or w_hh is None):
+            return None
+        dtype, hidden = input.dtype, self.hidden_size
+        if (dtype not in FR._NATIVE_DTYPES or w_ih.dtype != dtype or not input.is_cpu or not w_ih.is_cpu
+                or input.size(1) != self.input_size or hidden == 0):
+            return None
+        shape = (input.size(0), hidden)
+        grad = torch.is_grad_enabled() and (input.requires_grad or w_ih.requires_grad or w_hh.requires_grad or
+                                            (b_ih is not None and b_ih.requires_grad) or
+                                            (b_hh is not None and b_hh.requires_grad))
+        for s in states:
+            if s.__class__ is not Tensor or s.dtype != dtype or not s.is_cpu or s.shape != shape:
+                return None
+            grad = grad or (s.requires_grad and torch.is_grad_enabled())
+        return (w_ih, w_hh, b_ih, b_hh), grad
 
     def _fused(self, x: Tensor) -> bool:
         # hidden_size=0 (empty states, as torch.nn returns) runs torch's implementation.
@@ -113,6 +157,12 @@ class LSTMCell(_CellBase):
 
     @fx_leaf
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        fast = self._fast(input, hx, 2) if isinstance(hx, (tuple, list)) else None
+        if fast is not None:
+            (w_ih, w_hh, b_ih, b_hh), train = fast
+            h, c = hx
+            out = _run(_LSTM, train, input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, None, h, c, None, False, train)
+            return out[1], out[2]
         x, (h, c), is_batched = self._prepare(input, hx, 2)
         # A c_0 of another dtype (float64 beside float32 input and h_0) is promoted by torch.nn,
         # which then returns states of the promoted dtype: its implementation runs such calls.
@@ -135,6 +185,10 @@ class GRUCell(_CellBase):
 
     @fx_leaf
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        fast = self._fast(input, (hx,), 1)
+        if fast is not None:
+            (w_ih, w_hh, b_ih, b_hh), train = fast
+            return _run(_GRU, train, input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, hx, None, False, train)[1]
         x, (h,), is_batched = self._prepare(input, hx, 1)
         if not self._fused(x):
             h = torch._VF.gru_cell(x[0], h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
@@ -157,6 +211,11 @@ class RNNCell(_CellBase):
 
     @fx_leaf
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        relu = self.nonlinearity == "relu"
+        fast = self._fast(input, (hx,), 1) if relu or self.nonlinearity == "tanh" else None
+        if fast is not None:
+            (w_ih, w_hh, b_ih, b_hh), train = fast
+            return _run(_RNN, train, input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, hx, None, False, relu)[1]
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         if hx is not None and hx.dim() not in (1, 2):

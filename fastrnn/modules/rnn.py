@@ -24,6 +24,10 @@ __all__ = ["LSTM", "GRU", "RNN"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _ABSENT = object()
+# The fused stack op's default overload, called by the layers' fast path (_fast_states; an
+# overload packet resolves the overload at every call).
+_STACK = torch.ops.fastrnn.recurrent_stack.default
+_RNN_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
 
 
 def _apply_permutation(tensor: Tensor, permutation: Tensor, dim: int = 1) -> Tensor:
@@ -389,6 +393,33 @@ class _RNNBase(TorchNNTwin, nn.Module):
                 return None
         return input, None, None, None, list(states), True
 
+    def _fast_states(self, input, hx, n_states, weights):
+        """The fast path's initial states (a list of n_states), for one call of the fused stack op
+        (fastrnn::recurrent_stack) with nothing else done in Python: a plain eager call
+        (FR._plain_eager), no zoneout or weight_drop, a batched dense CPU input of the first
+        weight's dtype (float32 or float64) and device, with at least one step and input_size
+        features, states of the expected shapes, dtype and device (or none: zeros), plain tensors.
+        None otherwise: forward takes the general path (_prepare, then the functional form)."""
+        if not FR._plain_eager() or input.__class__ is not Tensor or input.dim() != 3 or _variant_active(self):
+            return None
+        w = weights[0]
+        dtype = input.dtype
+        if (w is None or dtype not in FR._NATIVE_DTYPES or w.dtype != dtype or not input.is_cpu or not w.is_cpu
+                or input.size(2) != self.input_size or input.size(0) == 0 or input.size(1) == 0):
+            return None
+        B = input.size(0) if self.batch_first else input.size(1)
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        shapes = ((LD, B, self.proj_size or self.hidden_size), (LD, B, self.hidden_size))
+        if hx is None:
+            return [input.new_zeros(shapes[k]) for k in range(n_states)]
+        states = (hx,) if n_states == 1 else hx
+        if n_states == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            return None
+        for h, shape in zip(states, shapes):
+            if h.__class__ is not Tensor or h.dtype != dtype or not h.is_cpu or h.shape != shape:
+                return None
+        return list(states)
+
     def _finish(self, output, states, batch_sizes, sorted_indices, unsorted_indices, is_batched):
         if batch_sizes is not None:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -449,6 +480,11 @@ class LSTM(_RNNBase):
     @fx_leaf
     def forward(self, input, hx=None):
         weights = self._weights()  # (first, as torch.nn's _update_flat_weights)
+        fast = self._fast_states(input, hx, 2, weights)
+        if fast is not None:
+            out, h, c = _STACK("LSTM", input, fast[0], fast[1], weights, self.bias, self.num_layers, self.dropout,
+                               self.training, self.bidirectional, self.batch_first, None)
+            return out, (h, c)
         data, batch_sizes, sidx, uidx, (h0, c0), is_batched = self._prepare(input, hx, 2)
         if _variant_active(self):
             out, h, c = FR.variant_lstm(data, (h0, c0), weights, self.bias, self.num_layers, self.dropout,
@@ -481,6 +517,11 @@ class GRU(_RNNBase):
     @fx_leaf
     def forward(self, input, hx=None):
         weights = self._weights()  # (first, as torch.nn's _update_flat_weights)
+        fast = self._fast_states(input, hx, 1, weights)
+        if fast is not None:
+            out, h, _ = _STACK("GRU", input, fast[0], None, weights, self.bias, self.num_layers, self.dropout,
+                               self.training, self.bidirectional, self.batch_first, None)
+            return out, h
         data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
         if _variant_active(self):
             out, h = FR.variant_gru(data, h0, weights, self.bias, self.num_layers, self.dropout,
@@ -524,6 +565,12 @@ class RNN(_RNNBase):
     @fx_leaf
     def forward(self, input, hx=None):
         weights = self._weights()  # (first, as torch.nn's _update_flat_weights)
+        mode = _RNN_MODES.get(self.nonlinearity)  # (as the general path: FR.rnn's nonlinearity)
+        fast = self._fast_states(input, hx, 1, weights) if mode is not None else None
+        if fast is not None:
+            out, h, _ = _STACK(mode, input, fast[0], None, weights, self.bias, self.num_layers, self.dropout,
+                               self.training, self.bidirectional, self.batch_first, None)
+            return out, h
         data, batch_sizes, sidx, uidx, (h0,), is_batched = self._prepare(input, hx, 1)
         out, h = FR.rnn(data, h0, weights, self.bias, self.num_layers, self.dropout, self.training,
                         self.bidirectional, self.batch_first, batch_sizes, nonlinearity=self.nonlinearity)
