@@ -862,23 +862,22 @@ void one_step_kernel(const Args& a, bool train, ForwardOut& o) {
 }
 
 
-// A single step cannot amortise packing W_hh (or the check of a cached packing), except in
-// inference with many rows and both weights in one fused pass (fuse_input: up to 2 MB), where
-// the packings stay cached between calls and the one pass beats the two GEMMs (Zen 4, 2
-// threads, T=1, I=H=256: B=64 0.45 -> 0.40 ms, B=256 1.53 -> 1.38 ms; training and larger
-// weights ran slower). The GRU, whose input product is never fused, runs its step on the
-// cached panels too: measured (Zen 3, 2 threads, inference, the BLAS step, then the fused one
-// forced, in one process), T=1: B=128, I=8, H=100 364 -> 289 us; B=64, I=H=256 843 -> 704;
-// B=48, I=32, H=700 2612 -> 1821; B=512, I=H=100 1263 -> 1168; but B=32, I=H=512 1372 -> 1445.
-constexpr int64_t kFusedSingleStepMinRows = 32;
-
+// A single step in training keeps the BLAS GEMMs: the panels would be packed (or their cached
+// packing checked, a read of W and its copy) for one step. In inference a step of more rows than
+// the dot path takes (kStepMaxRows) runs on the fused panels, which stay cached between calls (a
+// decoder's cell, a streaming layer): every cell, any weight size the panels take. Measured (Zen
+// 3, 2 threads, T=1 inference, the BLAS step, then the fused one forced, in one process, us):
+// LSTM B=17, I=H=256 403 -> 263; B=32, I=100, H=384 (3 MB of weights) 714 -> 588; B=128, I=256,
+// H=384 2783 -> 1841; B=512, I=100, H=700 22753 -> 17982; B=9, I=32, H=64 86 -> 54; B=17, I=512,
+// H=1024 3479 -> 3330; GRU B=17, I=8, H=256 271 -> 153; B=12, I=H=100 152 -> 122; B=64, I=256,
+// H=700 2661 -> 2486; RNN B=17, I=100, H=64 85 -> 46; even: RNN B=64, I=8, H=256 155 / 158 and
+// B=128, I=32, H=64 65 / 65. (The same path twice, GRU B=32, I=H=512: 918 and 997, this VM's
+// noise.) Earlier, on a Zen 4 (LSTM, I=H=256): B=64 0.45 -> 0.40 ms, B=256 1.53 -> 1.38 ms.
 bool prefer_fused(const Args& a, bool train) {
   const int o = gemm_backend_override().load();
   if (o == 4) return true;
   if (o != 0) return false;
-  if (a.sched.T == 1 &&
-      (train || a.sched.B < kFusedSingleStepMinRows || (a.cell != Cell::GRU && !fuse_input(a, false))))
-    return false;
+  if (a.sched.T == 1 && train) return false;
   return a.G * a.H * a.H <= kPanelMaxWeightElems;
 }
 
