@@ -862,22 +862,26 @@ void one_step_kernel(const Args& a, bool train, ForwardOut& o) {
 }
 
 
-// A single step in training keeps the BLAS GEMMs: the panels would be packed (or their cached
-// packing checked, a read of W and its copy) for one step. In inference a step of more rows than
-// the dot path takes (kStepMaxRows) runs on the fused panels, which stay cached between calls (a
-// decoder's cell, a streaming layer): every cell, any weight size the panels take. Measured (Zen
-// 3, 2 threads, T=1 inference, the BLAS step, then the fused one forced, in one process, us):
-// LSTM B=17, I=H=256 403 -> 263; B=32, I=100, H=384 (3 MB of weights) 714 -> 588; B=128, I=256,
-// H=384 2783 -> 1841; B=512, I=100, H=700 22753 -> 17982; B=9, I=32, H=64 86 -> 54; B=17, I=512,
-// H=1024 3479 -> 3330; GRU B=17, I=8, H=256 271 -> 153; B=12, I=H=100 152 -> 122; B=64, I=256,
-// H=700 2661 -> 2486; RNN B=17, I=100, H=64 85 -> 46; even: RNN B=64, I=8, H=256 155 / 158 and
-// B=128, I=32, H=64 65 / 65. (The same path twice, GRU B=32, I=H=512: 918 and 997, this VM's
-// noise.) Earlier, on a Zen 4 (LSTM, I=H=256): B=64 0.45 -> 0.40 ms, B=256 1.53 -> 1.38 ms.
-bool prefer_fused(const Args& a, bool train) {
+// A single step of more rows than the dot path takes (kStepMaxRows) runs on the fused panels too,
+// which stay cached between calls (a decoder's cell, a streaming layer), for every cell and any
+// weight size the panels take, in inference and training. Until session 19 it took two BLAS
+// GEMMs and a gate pass, unless it was inference with 32 rows or more and (LSTM, RNN) weights
+// within 2 MB. Measured (Zen 3, 2 threads, one process, us), inference, the BLAS step, then
+// the fused one forced: LSTM B=17, I=H=256 403 -> 263; B=32, I=100, H=384 (3 MB of weights)
+// 714 -> 588; B=128, I=256, H=384 2783 -> 1841; B=512, I=100, H=700 22753 -> 17982; B=9, I=32,
+// H=64 86 -> 54; B=17, I=512, H=1024 3479 -> 3330; GRU B=17, I=8, H=256 271 -> 153; B=12,
+// I=H=100 152 -> 122; B=64, I=256, H=700 2661 -> 2486; RNN B=17, I=100, H=64 85 -> 46; even:
+// RNN B=64, I=8, H=256 155 / 158 and B=128, I=32, H=64 65 / 65 (the same path twice, GRU B=32,
+// I=H=512: 918 and 997, this VM's noise). Training (forward and backward of a cell, interleaved
+// with nn's): LSTM B=17, I=H=256 1614 -> 1529; B=32, I=100, H=384 2623 -> 2382; B=128, I=256,
+// H=384 7663 -> 6609; GRU B=17, I=8, H=256 846 -> 719; B=64, I=256, H=700 9792 -> 8849; and with
+// W_hh changed before every call (each packing missed): LSTM B=17, I=H=256 1830 -> 1826, B=128,
+// I=256, H=384 8262 -> 7405. Earlier, on a Zen 4 (LSTM inference, I=H=256): B=64 0.45 -> 0.40
+// ms, B=256 1.53 -> 1.38 ms.
+bool prefer_fused(const Args& a) {
   const int o = gemm_backend_override().load();
   if (o == 4) return true;
   if (o != 0) return false;
-  if (a.sched.T == 1 && train) return false;
   return a.G * a.H * a.H <= kPanelMaxWeightElems;
 }
 
@@ -889,7 +893,7 @@ ForwardOut forward(Args a, bool train) {
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   ForwardOut o;
   a.bf16_rec = bf16_recurrent(a);
-  const bool fused = !a.w_hr.defined() && !a.bf16_rec && prefer_fused(a, train);
+  const bool fused = !a.w_hr.defined() && !a.bf16_rec && prefer_fused(a);
   // The single-step kernel reads x and W_ih as they lie, in the compute dtype: bfloat16 steps
   // take the GEMM path (bfloat16 projection) instead.
   const bool one_step = !a.lowp && !a.w_hr.defined() && a.sched.T == 1 && a.sched.N <= kStepMaxRows &&
