@@ -584,7 +584,7 @@ def main(argv=None) -> int:
                    help=f"smoke test: 1 warm-up, 1 round, T<={QUICK_T}; numbers are meaningless")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default benchmarks/results)")
     p.add_argument("--no-extras", action="store_true",
-                   help="skip the streaming (T=1) and training peak-memory measurements")
+                   help="skip the streaming (T=1), cell-step and training peak-memory measurements")
     p.add_argument("--no-variants", action="store_true",
                    help=f"skip the variant-cell rows ({', '.join(V.VARIANT_CELLS)} at "
                         f"{', '.join(V.VARIANT_CASES)}, when those cases are selected)")
@@ -655,11 +655,13 @@ def main(argv=None) -> int:
     finally:
         bar.close()
 
-    stream_rows, mem_rows = [], []
+    stream_rows, cell_rows, mem_rows = [], [], []
     if not args.no_extras:
-        print("streaming and peak-memory measurements ...", file=sys.stderr, flush=True)
+        print("streaming, cell and peak-memory measurements ...", file=sys.stderr, flush=True)
         stream_rows = extras.streaming_rows(time_pair, args.rounds, args.warmup,
                                             0.0 if args.quick else MIN_ROUND_S, args.quick)
+        cell_rows = extras.cell_rows(time_pair, args.rounds, args.warmup, 0.0 if args.quick else MIN_ROUND_S,
+                                     args.quick)
         mem_rows = extras.peak_memory_rows(args.quick)
     def side_rows(label, side_cases, side_cells, bench_fn):
         """Rows of a side table (variant cells, bfloat16): bench_fn(cell, case, shape, mode, ...) per
@@ -709,6 +711,11 @@ def main(argv=None) -> int:
         extra_md += ["## Streaming: one step a call (T=1, B=1, carried state)", "", extras.streaming_table(stream_rows),
                      "", "Per call, median of the timed rounds, interleaved; the LSTMCell pairing is timed separately "
                      "(its own fastrnn column). Training = forward + backward of the output's sum.", ""]
+    if cell_rows:
+        extra_md += ["## Cells: one step over a batch (a decoder's step, carried state)", "",
+                     extras.cell_table(cell_rows), "", "torch.nn.LSTMCell / GRUCell / RNNCell against fastrnn's, per "
+                     "call, median of the timed rounds, interleaved. Training = forward + backward of the output's "
+                     "sum.", ""]
     if mem_rows:
         extra_md += ["## Training peak memory", "", extras.memory_table(mem_rows), "",
                      "Peak resident memory of a steady-state forward+backward (the third) above the resident memory "
@@ -733,6 +740,7 @@ def main(argv=None) -> int:
                      "min_round_s": 0.0 if args.quick else MIN_ROUND_S, "seed": SEED,
                      "check_atol": CHECK_ATOL, "check_rtol": CHECK_RTOL},
         "machine": info, "sgemm_peak": peak, "rows": rows, "variant_rows": variant_rows, "streaming": stream_rows,
+        "cells": cell_rows,
         "peak_memory": mem_rows, "bf16_rows": bf16_rows,
     }
     with open(out_dir / "results.json", "w") as f:

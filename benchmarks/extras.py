@@ -2,6 +2,8 @@
 
 * streaming: one call with T=1, B=1 and a carried state (a frame at a time), fastrnn.LSTM
   against nn.LSTM and nn.LSTMCell, interleaved in one process, inference and training;
+* cells: one step of nn.LSTMCell / GRUCell / RNNCell against fastrnn's over a batch with a
+  carried state (a decoder's step), interleaved, inference and training;
 * training peak memory at fastrnns-default: each side in its own fresh process, peak resident
   memory (VmHWM, reset through /proc/self/clear_refs) above the resident memory just before the
   measured forward+backward, with glibc told to return freed blocks at once
@@ -57,6 +59,48 @@ def streaming_rows(time_pair, rounds: int, warmup: int, min_round_s: float, quic
                      "speedup_vs_lstm": nn_us / f_us, "nn_cell_us": cell_us, "fastrnn_us_2": f2_us,
                      "speedup_vs_cell": cell_us / f2_us})
     return rows
+
+
+# One cell step over a batch, as a decoder takes it (cell, B, I, H): one row, a batch of a
+# seq2seq model, a larger batch; LSTM, GRU and tanh RNN.
+CELL_SHAPES = [("LSTMCell", 1, 256, 256), ("LSTMCell", 32, 256, 512), ("GRUCell", 32, 256, 512),
+               ("RNNCell", 64, 128, 256), ("LSTMCell", 128, 512, 512)]
+QUICK_CELL_SHAPES = [("LSTMCell", 3, 8, 16), ("GRUCell", 12, 8, 16)]
+
+
+def cell_rows(time_pair, rounds: int, warmup: int, min_round_s: float, quick: bool) -> list[dict]:
+    rows = []
+    for cell, B, I, H in QUICK_CELL_SHAPES if quick else CELL_SHAPES:
+        torch.manual_seed(0)
+        base = getattr(nn, cell)(I, H)
+        fast = getattr(fastrnn, cell)(I, H)
+        fast.load_state_dict(base.state_dict())
+        x = torch.randn(B, I)
+        h = torch.randn(B, H)
+        state = (h, torch.randn(B, H)) if cell == "LSTMCell" else h
+        for mode in ("inference", "training"):
+            def step(m, train=mode == "training"):
+                def run():
+                    if not train:
+                        with torch.no_grad():
+                            m(x, state)
+                    else:
+                        out = m(x, state)
+                        (out[0] if isinstance(out, tuple) else out).sum().backward()
+                return run
+            ta, tb, _ = time_pair(step(base), step(fast), rounds, warmup, min_round_s)
+            nn_us, f_us = statistics.median(ta) * 1e6, statistics.median(tb) * 1e6
+            rows.append({"cell": cell, "mode": mode, "shape": f"(B={B}, I={I}, H={H})", "nn_us": nn_us,
+                         "fastrnn_us": f_us, "speedup": nn_us / f_us})
+    return rows
+
+
+def cell_table(rows: list[dict]) -> str:
+    out = ["| cell | mode | shape | torch.nn µs | fastrnn µs | speedup |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['cell']} | {r['mode']} | {r['shape']} | {r['nn_us']:.1f} | {r['fastrnn_us']:.1f} | "
+                   f"{r['speedup']:.2f}x |")
+    return "\n".join(out)
 
 
 def streaming_table(rows: list[dict]) -> str:

@@ -26,6 +26,12 @@ def test_bench_quick_runs(tmp_path):
     assert {(row["cell"], row["mode"]) for row in brows} == {("LSTM", "inference"), ("LSTM", "training")}
     assert all(row.get("check_ok") for row in brows), brows
     assert "## bfloat16" in (tmp_path / "RESULTS.md").read_text()
+    # one cell step over a batch, torch.nn's cells against fastrnn's
+    crows = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert {(row["cell"], row["mode"]) for row in crows} == {(c, m) for c in ("LSTMCell", "GRUCell")
+                                                            for m in ("inference", "training")}
+    assert all(row["fastrnn_us"] > 0 for row in crows)
+    assert "## Cells: one step over a batch" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_bench_attention_quick_runs(tmp_path):

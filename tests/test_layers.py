@@ -803,6 +803,20 @@ def test_single_step_inference_of_many_rows_matches_torch(dtype, monkeypatch, ca
         assert "fused forward" in capfd.readouterr().err, cell
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_single_step_of_many_rows_backward_matches_torch(dtype):
+    """The backward of one step over more rows than the single-step kernel takes: every gradient,
+    the initial states' included (the recurrent product dh = dG W_hh, and with proj_size
+    dr = dh W_hr, run once, on BLAS as the weights lie), and without grad_hx (no recurrent
+    product at all)."""
+    for kind, kw in (("LSTM", {}), ("LSTM", {"proj_size": 5}), ("GRU", {}), ("RNN", {})):
+        ref, ours = make_pair(kind, 24, 40, dtype=dtype, **kw)
+        x = torch.randn(1, 17, 24, dtype=dtype, requires_grad=True)
+        hx = states_for(kind, ref, 17, dtype)
+        compare(ref, ours, x, hx, dtype, [x] + (list(hx) if kind == "LSTM" else [hx]))
+        compare(ref, ours, x, None, dtype, [x])
+
+
 def test_input_dtype_mismatch_raises_the_class_torch_raises():
     """An input of another dtype than the weights: torch.nn raises ValueError for the layers'
     dense and packed input, RuntimeError (from its kernels) for the cells and the packed LSTM;
