@@ -27,6 +27,18 @@ STREAM_H = 256
 MEMORY_SHAPE = (100, 64, 512, 512)  # fastrnns-default (T, B, I, H)
 
 
+def _step(m, inp, state, train: bool):
+    """One call of m on (inp, state): under no_grad, or (train) with the backward of its output's sum."""
+    def run():
+        if not train:
+            with torch.no_grad():
+                m(inp, state)
+        else:
+            out = m(inp, state)
+            (out[0] if isinstance(out, tuple) else out).sum().backward()
+    return run
+
+
 def streaming_rows(time_pair, rounds: int, warmup: int, min_round_s: float, quick: bool) -> list[dict]:
     H = 32 if quick else STREAM_H
     torch.manual_seed(0)
@@ -41,16 +53,9 @@ def streaming_rows(time_pair, rounds: int, warmup: int, min_round_s: float, quic
     cstate = (state[0][0], state[1][0])
     rows = []
     for mode in ("inference", "training"):
-        def step(m, inp, st):
-            def run():
-                if mode == "inference":
-                    with torch.no_grad():
-                        m(inp, st)
-                else:
-                    out = m(inp, st)
-                    (out[0] if isinstance(out, tuple) else out).sum().backward()
-            return run
-        run_nn, run_fast, run_cell = step(base, x, state), step(fast, x, state), step(cell, x[0], cstate)
+        train = mode == "training"
+        run_nn, run_fast = _step(base, x, state, train), _step(fast, x, state, train)
+        run_cell = _step(cell, x[0], cstate, train)
         ta, tb, _ = time_pair(run_nn, run_fast, rounds, warmup, min_round_s)
         tc, tb2, _ = time_pair(run_cell, run_fast, rounds, warmup, min_round_s)
         nn_us, f_us = statistics.median(ta) * 1e6, statistics.median(tb) * 1e6
@@ -79,16 +84,9 @@ def cell_rows(time_pair, rounds: int, warmup: int, min_round_s: float, quick: bo
         h = torch.randn(B, H)
         state = (h, torch.randn(B, H)) if cell == "LSTMCell" else h
         for mode in ("inference", "training"):
-            def step(m, train=mode == "training"):
-                def run():
-                    if not train:
-                        with torch.no_grad():
-                            m(x, state)
-                    else:
-                        out = m(x, state)
-                        (out[0] if isinstance(out, tuple) else out).sum().backward()
-                return run
-            ta, tb, _ = time_pair(step(base), step(fast), rounds, warmup, min_round_s)
+            train = mode == "training"
+            ta, tb, _ = time_pair(_step(base, x, state, train), _step(fast, x, state, train), rounds, warmup,
+                                  min_round_s)
             nn_us, f_us = statistics.median(ta) * 1e6, statistics.median(tb) * 1e6
             rows.append({"cell": cell, "mode": mode, "shape": f"(B={B}, I={I}, H={H})", "nn_us": nn_us,
                          "fastrnn_us": f_us, "speedup": nn_us / f_us})

@@ -21,15 +21,7 @@ _ABSENT = object()
 # overload at every call).
 _LSTM, _GRU, _RNN = (torch.ops.fastrnn.lstm_forward.default, torch.ops.fastrnn.gru_forward.default,
                      torch.ops.fastrnn.rnn_forward.default)
-
-
-def _run(op, train, *args):
-    """op(*args), below autograd when no graph is recorded (FR._call, for the fast path: not
-    compiling)."""
-    if train:
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+_run = FR._call
 
 
 class _CellBase(TorchNNTwin, nn.Module):

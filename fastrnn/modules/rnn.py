@@ -366,12 +366,32 @@ class _RNNBase(TorchNNTwin, nn.Module):
 
     def _prepare_common(self, input, hx, n_states):
         """_prepare's result for the common call, a batched dense input of the weights' dtype and
-        device with states of the expected shape, dtype and device (or none), in one pass of
-        cheap tests (a step-at-a-time caller pays them every call); None where any test fails,
-        and the general path then checks one by one and names what is wrong."""
+        device with states of the expected shapes, dtype and device (or none), in one pass of
+        cheap tests (_common_states); None where any test fails, and the general path then checks
+        one by one and names what is wrong."""
         if not isinstance(input, Tensor) or input.dim() != 3:
             return None
-        w = self._first_weight()
+        states = self._common_states(input, hx, n_states, self._first_weight())
+        return None if states is None else (input, None, None, None, states, True)
+
+    def _fast_states(self, input, hx, n_states, weights):
+        """The fast path's initial states (a list of n_states), for one call of the fused stack op
+        (fastrnn::recurrent_stack) with nothing else done in Python (a step-at-a-time caller pays
+        the general path's checks every call): a plain eager call (FR._plain_eager), no zoneout
+        or weight_drop, a batched dense CPU input (a plain tensor) of float32 or float64, and
+        what _common_states tests. None otherwise: forward takes the general path (_prepare,
+        then the functional form, which route the other calls)."""
+        if not FR._plain_eager() or input.__class__ is not Tensor or input.dim() != 3 or _variant_active(self):
+            return None
+        w = weights[0]
+        if w is None or input.dtype not in FR._NATIVE_DTYPES or not input.is_cpu:
+            return None
+        return self._common_states(input, hx, n_states, w)
+
+    def _common_states(self, input, hx, n_states, w):
+        """The initial states (a list; zeros if hx is None) where the 3-D input has w's dtype and
+        device, input_size features and at least one step, and the states have the expected
+        shapes, dtype and device; else None."""
         dtype, device = input.dtype, input.device
         if dtype != w.dtype or device != w.device:
             return None
@@ -383,40 +403,12 @@ class _RNNBase(TorchNNTwin, nn.Module):
         LD = self.num_layers * (2 if self.bidirectional else 1)
         shapes = ((LD, B, self.proj_size if self.proj_size > 0 else self.hidden_size), (LD, B, self.hidden_size))
         if hx is None:
-            return input, None, None, None, [torch.zeros(shapes[k], dtype=dtype, device=device)
-                                             for k in range(n_states)], True
+            return [torch.zeros(shapes[k], dtype=dtype, device=device) for k in range(n_states)]
         states = [hx] if n_states == 1 else hx
         if n_states == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             return None
         for h, shape in zip(states, shapes):
             if not isinstance(h, Tensor) or h.shape != shape or h.dtype != dtype or h.device != device:
-                return None
-        return input, None, None, None, list(states), True
-
-    def _fast_states(self, input, hx, n_states, weights):
-        """The fast path's initial states (a list of n_states), for one call of the fused stack op
-        (fastrnn::recurrent_stack) with nothing else done in Python: a plain eager call
-        (FR._plain_eager), no zoneout or weight_drop, a batched dense CPU input of the first
-        weight's dtype (float32 or float64) and device, with at least one step and input_size
-        features, states of the expected shapes, dtype and device (or none: zeros), plain tensors.
-        None otherwise: forward takes the general path (_prepare, then the functional form)."""
-        if not FR._plain_eager() or input.__class__ is not Tensor or input.dim() != 3 or _variant_active(self):
-            return None
-        w = weights[0]
-        dtype = input.dtype
-        if (w is None or dtype not in FR._NATIVE_DTYPES or w.dtype != dtype or not input.is_cpu or not w.is_cpu
-                or input.size(2) != self.input_size or input.size(0) == 0 or input.size(1) == 0):
-            return None
-        B = input.size(0) if self.batch_first else input.size(1)
-        LD = self.num_layers * (2 if self.bidirectional else 1)
-        shapes = ((LD, B, self.proj_size or self.hidden_size), (LD, B, self.hidden_size))
-        if hx is None:
-            return [input.new_zeros(shapes[k]) for k in range(n_states)]
-        states = (hx,) if n_states == 1 else hx
-        if n_states == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-            return None
-        for h, shape in zip(states, shapes):
-            if h.__class__ is not Tensor or h.dtype != dtype or not h.is_cpu or h.shape != shape:
                 return None
         return list(states)
 
