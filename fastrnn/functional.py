@@ -39,7 +39,12 @@ def _needs_grad(*tensors):
     # identical and the traced model differentiable.
     if torch.jit.is_tracing():
         return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # (a loop, not a generator: a cell's step calls this every time)
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _forward_ad_active() -> bool:

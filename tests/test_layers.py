@@ -418,6 +418,10 @@ def test_other_calls_take_the_general_path(monkeypatch):
         assert_close(out.primal, expected.primal, dtype=torch.float64)
         assert_close(out.tangent, expected.tangent, dtype=torch.float64)
     assert calls.count("LSTM") == 8
+    rnn = fastrnn.RNN(4, 6)
+    rnn.nonlinearity = ["tanh"]  # (nonsense set after construction: the general path's ValueError)
+    with pytest.raises(ValueError, match="nonlinearity"):
+        rnn(x)
 
     cell = fastrnn.LSTMCell(4, 6)
     h = torch.zeros(3, 6)

@@ -64,7 +64,8 @@ class _CellBase(TorchNNTwin, nn.Module):
         (FR._plain_eager), a 2-D CPU input of the weights' dtype (float32 or float64) and
         input_size, n_states states each [batch, hidden_size] of that dtype on the CPU, plain
         tensors, registered parameters. None otherwise: forward then takes the general path,
-        which checks one by one and names what is wrong. train: as FR._needs_grad."""
+        which checks one by one and names what is wrong. train: FR._needs_grad's, as the general
+        path's."""
         if not FR._plain_eager():
             return None
         p = self._parameters
@@ -78,14 +79,10 @@ class _CellBase(TorchNNTwin, nn.Module):
                 or input.size(1) != self.input_size or hidden == 0):
             return None
         shape = (input.size(0), hidden)
-        grad = torch.is_grad_enabled() and (input.requires_grad or w_ih.requires_grad or w_hh.requires_grad or
-                                            (b_ih is not None and b_ih.requires_grad) or
-                                            (b_hh is not None and b_hh.requires_grad))
         for s in states:
             if s.__class__ is not Tensor or s.dtype != dtype or not s.is_cpu or s.shape != shape:
                 return None
-            grad = grad or (s.requires_grad and torch.is_grad_enabled())
-        return (w_ih, w_hh, b_ih, b_hh), grad
+        return (w_ih, w_hh, b_ih, b_hh), FR._needs_grad(input, w_ih, w_hh, b_ih, b_hh, *states)
 
     def _fused(self, x: Tensor) -> bool:
         # hidden_size=0 (empty states, as torch.nn returns) runs torch's implementation.

@@ -557,7 +557,8 @@ class RNN(_RNNBase):
     @fx_leaf
     def forward(self, input, hx=None):
         weights = self._weights()  # (first, as torch.nn's _update_flat_weights)
-        mode = _RNN_MODES.get(self.nonlinearity)  # (as the general path: FR.rnn's nonlinearity)
+        # (As the general path: FR.rnn's nonlinearity, which raises for anything else.)
+        mode = _RNN_MODES.get(self.nonlinearity) if isinstance(self.nonlinearity, str) else None
         fast = self._fast_states(input, hx, 1, weights) if mode is not None else None
         if fast is not None:
             out, h, _ = _STACK(mode, input, fast[0], None, weights, self.bias, self.num_layers, self.dropout,
